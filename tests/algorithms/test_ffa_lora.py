@@ -3,6 +3,7 @@
 import itertools
 
 import torch
+from safetensors.torch import load_file
 from hetrank_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
     assert_finite_summary, make_server, no_plots, random_state, updates_for, weights_of,
 )
@@ -88,6 +89,10 @@ def test_clients_train_only_B_and_start_from_the_seeded_A(tmp_path):
 
 
 def test_end_to_end_run_finishes_with_finite_metrics(tmp_path):
-    _, summary = start_run(config_with(tiny_overrides(tmp_path, **{"algorithm.name": "ffa-lora"})), Progress())
+    run_dir, summary = start_run(config_with(tiny_overrides(tmp_path, **{"algorithm.name": "ffa-lora"})), Progress())
     assert_finite_summary(summary)
     assert summary["bytes_up_total"] > 0
+    exported = load_file(str(run_dir.path / "adapter" / "adapter_model.safetensors"))
+    frozen = sum(t.numel() for k, t in exported.items() if "lora_A" in k)
+    assert frozen > 0
+    assert summary["trainable_parameters"] == sum(t.numel() for t in exported.values()) - frozen, "A is frozen, so not counted"

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import atoll.experiment
 from atoll.algorithms import get_algorithm
@@ -193,4 +194,11 @@ def test_end_to_end_ravan_exports_a_peft_lora(tmp_path):
     assert all(math.isfinite(v) for v in summary["final_global"].values())
     assert math.isfinite(summary["final_local"]["accuracy"]) and math.isfinite(summary["final_local"]["loss"])
     adapter = json.loads((run_dir.path / "adapter" / "adapter_config.json").read_text())
-    assert adapter["r"] == 4 * default_head_rank(8, 4, [(64, 64)])
+    head_rank = default_head_rank(8, 4, [(64, 64)])
+    assert adapter["r"] == 4 * head_rank
+    exported = load_file(str(run_dir.path / "adapter" / "adapter_model.safetensors"))
+    layers = sum("lora_A" in k for k in exported)
+    head = sum(t.numel() for k, t in exported.items() if "lora_" not in k)
+    assert layers > 0 and head > 0
+    # clients train 4 cores H (r_h x r_h) and 4 scales per layer plus the task head, not the exported LoRA
+    assert summary["trainable_parameters"] == layers * 4 * (head_rank * head_rank + 1) + head

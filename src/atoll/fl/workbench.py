@@ -55,6 +55,7 @@ class Workbench:
         self.pad_id = int(tokenizer.pad_token_id)
         self.eval_batch_size = eval_batch_size
         self.max_new_tokens = max_new_tokens
+        self.max_trained_parameters = 0
         self._task_type = TaskType.CAUSAL_LM if spec.is_generative else TaskType.SEQ_CLS
         self._peft_config = lambda rank: LoraConfig(
             task_type=self._task_type,
@@ -132,11 +133,16 @@ class Workbench:
                 params.append(param)
         seed_everything(self.seed, "dropout", *rng_keys)
         batches = training_batches(self.data, indices, batch_size, self.pad_id, self.spec.kind, numpy_rng(self.seed, "batches", *rng_keys), group_by_length)
+        self.note_trained(params)
         try:
             return train_steps(self.model, params, batches, plan)
         finally:
             for param in live.all_parameters():
                 param.requires_grad_(True)
+
+    def note_trained(self, params: list) -> None:
+        """Remember the largest parameter set one local training call optimized (for the summary)."""
+        self.max_trained_parameters = max(self.max_trained_parameters, sum(p.numel() for p in params))
 
     def evaluate(self, indices: np.ndarray, max_generate: int = 0) -> dict[str, float]:
         return evaluate_model(
@@ -156,7 +162,9 @@ class Workbench:
             nested.rmdir()
 
     def trainable_parameter_count(self) -> int:
-        return sum(p.numel() for p in self.active.all_parameters())
+        """Parameters one client trains: the largest set a local training call optimized so far
+        (frozen factors excluded, branch adapters and routers included), else the live adapter."""
+        return self.max_trained_parameters or sum(p.numel() for p in self.active.all_parameters())
 
     @torch.no_grad()
     def base_parameter_count(self) -> int:

@@ -356,6 +356,7 @@ def train_parameters(
         workbench.data, indices, config.train.batch_size, workbench.pad_id, workbench.spec.kind,
         numpy_rng(workbench.seed, "batches", *rng_keys), config.train.group_by_length,
     )
+    workbench.note_trained(params)
     try:
         return train_steps(workbench.model, params, batches, plan)
     finally:
