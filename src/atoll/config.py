@@ -151,6 +151,9 @@ class RunConfig(Section):
     keep_checkpoints: int | None = Field(None, gt=0, description="keep only the newest N round checkpoints (null: all)")
     store_budget_mb: float = Field(512.0, gt=0, description="client private state kept in RAM before spilling to disk")
     plots: bool = Field(True, description="write PNG plots into the run directory")
+    export_personal: bool = Field(
+        False, description="also write each client's personal adapter to personal/client_K in PEFT format (local engine; personalized algorithms whose personal model is one LoRA)"
+    )
 
 
 class Config(Section):

@@ -71,3 +71,13 @@ def validate_params(config) -> None:
             f"algorithm '{server_cls.name}' cannot aggregate different LoRA ranks {sorted(ranks)}",
             "give every client the same rank (model.lora.client_ranks) or use flora, flexlora or hetlora",
         )
+    if config.run.export_personal:
+        if not server_cls.exports_personal():
+            exporting = ", ".join(name for name, cls in available().items() if cls.exports_personal())
+            raise ConfigError(
+                f"run.export_personal: algorithm '{server_cls.name}' has no personal model that is one LoRA adapter",
+                f"drop run.export_personal or use one of: {exporting}",
+            )
+        if config.engine != "local" or config.realistic.dry_run:
+            where = "engine: flower keeps personal state on the nodes" if config.engine != "local" else "a dry run trains nothing"
+            raise ConfigError(f"run.export_personal needs the local engine with training ({where})", "drop run.export_personal")

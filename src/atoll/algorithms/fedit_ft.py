@@ -62,6 +62,9 @@ class FedITFineTuneClient(BaseClient):
         personal.base = download.base
         return personal
 
+    def personal_adapter(self, download: AdapterState) -> AdapterState:
+        return self.personal(download)
+
     def evaluate(self, download: AdapterState, indices: np.ndarray | None = None) -> dict[str, float]:
         personal = self.personal(download)
         self.workbench.load(personal)

@@ -248,6 +248,12 @@ class BaseClient:
         """The adapter this client would use for inference (personal algorithms add their parts)."""
         return self.compose(0, download)
 
+    def personal_adapter(self, download: AdapterState) -> AdapterState:
+        """The client's inference model as one LoRA adapter, for export (``run.export_personal``).
+        Valid when ``evaluate`` is this class's (the inference adapter is ``evaluation_state``);
+        a client that evaluates otherwise overrides this or its server refuses the export."""
+        return self.evaluation_state(download)
+
     def evaluate(self, download: AdapterState, indices: np.ndarray | None = None) -> dict[str, float]:
         """Metrics on the client's local test split (or ``indices``) with its inference adapter."""
         self.workbench.load(self.evaluation_state(download))
@@ -282,6 +288,13 @@ class BaseServer:
         self.context = context
         self.params = params
         self.global_state: AdapterState = context.initial_state(context.global_rank)
+
+    @classmethod
+    def exports_personal(cls) -> bool:
+        """Whether each client's personal model is one LoRA adapter that ``personal_adapter`` gives
+        (personalized, and the client either evaluates with ``evaluation_state`` or says how)."""
+        client = cls.client_class
+        return cls.personalized and (client.evaluate is BaseClient.evaluate or client.personal_adapter is not BaseClient.personal_adapter)
 
     @classmethod
     def prepare_workbench(cls, workbench: Workbench, config: Config, params: BaseModel) -> None:

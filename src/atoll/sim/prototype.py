@@ -38,6 +38,15 @@ def weighted_mean(rows: list[tuple[float, dict[str, float]]]) -> dict[str, float
     return result
 
 
+def write_adapter(workbench, state, directory: Path) -> None:
+    """``state`` in PEFT format, plus base_delta.safetensors when it changes base weights."""
+    workbench.save_peft(state, directory)
+    if state.base:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.base.items()}, str(directory / "base_delta.safetensors"))
+
+
 class PrototypeRunner:
     def __init__(self, experiment: Experiment, run_dir: RunDir, progress: Progress):
         self.experiment = experiment
@@ -82,6 +91,14 @@ class PrototypeRunner:
         result = weighted_mean(rows)
         result.pop("examples", None)
         return result
+
+    def export_personal(self, directory: Path) -> None:
+        """Each client's personal adapter, as its local evaluation uses it, in PEFT format."""
+        server = self.experiment.server
+        round = self.records[-1]["round"] if self.records else self.config.federation.rounds
+        for client_id in self.experiment.real_client_ids:
+            state = self.experiment.clients[client_id].personal_adapter(server.configure(round, client_id))
+            write_adapter(self.experiment.workbench, state, directory / f"client_{client_id}")
 
     def main_metric(self) -> str:
         return {"classification": "accuracy", "math": "exact_match", "sft": "loss"}[self.experiment.spec.kind]
@@ -219,13 +236,11 @@ class PrototypeRunner:
                 experiment.splits.label_table, experiment.spec.label_names, self.run_dir.path / "label_distribution.png",
                 f"{self.config.partition.name} partition",
             )
+        if self.config.run.export_personal:
+            self.run_dir.replace_dir("personal", self.export_personal)
         if server.has_global_model:
             state = server.global_state
-            self.run_dir.replace_dir("adapter", lambda staging: experiment.workbench.save_peft(state, staging))
-            if state.base:
-                from safetensors.torch import save_file
-
-                save_file({k: v.contiguous() for k, v in state.base.items()}, str(self.run_dir.path / "adapter" / "base_delta.safetensors"))
+            self.run_dir.replace_dir("adapter", lambda staging: write_adapter(experiment.workbench, state, staging))
         return summary
 
 
