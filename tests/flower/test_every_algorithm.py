@@ -146,11 +146,12 @@ MEAN_ALGORITHMS = [n for n, cls in available().items() if n != "centralized" and
 PRIVACY = {
     # SecAgg+ quantizes uploads (2**22 levels over [-8, 8]): agreement to 1e-4
     "secagg": ({"flower.secagg.enabled": "true"}, 1e-4),
-    # DP wrappers with a bound no update reaches and no noise: the same numbers, through Flower's code
-    "dp-server": ({"flower.dp.mode": "server-fixed", "flower.dp.clipping_norm": 1e6, "flower.dp.noise_multiplier": 0.0}, TOLERANCE),
-    "dp-client": ({"flower.dp.mode": "client-fixed", "flower.dp.clipping_norm": 1e6, "flower.dp.noise_multiplier": 0.0}, TOLERANCE),
-    "dp-server-adaptive": ({"flower.dp.mode": "server-adaptive", "flower.dp.clipping_norm": 1e6, "flower.dp.noise_multiplier": 0.0}, TOLERANCE),
-    "dp-client-adaptive": ({"flower.dp.mode": "client-adaptive", "flower.dp.clipping_norm": 1e6, "flower.dp.noise_multiplier": 0.0}, TOLERANCE),
+    # DP wrappers with a bound no update reaches, no noise and the local engine's example weights:
+    # the same numbers, through Flower's code
+    "dp-server": ({"flower.dp.mode": "server-fixed", "flower.dp.weighting": "examples", "flower.dp.clipping_norm": 1e6, "flower.dp.noise_multiplier": 0.0}, TOLERANCE),
+    "dp-client": ({"flower.dp.mode": "client-fixed", "flower.dp.weighting": "examples", "flower.dp.clipping_norm": 1e6, "flower.dp.noise_multiplier": 0.0}, TOLERANCE),
+    "dp-server-adaptive": ({"flower.dp.mode": "server-adaptive", "flower.dp.weighting": "examples", "flower.dp.clipping_norm": 1e6, "flower.dp.noise_multiplier": 0.0}, TOLERANCE),
+    "dp-client-adaptive": ({"flower.dp.mode": "client-adaptive", "flower.dp.weighting": "examples", "flower.dp.clipping_norm": 1e6, "flower.dp.noise_multiplier": 0.0}, TOLERANCE),
 }
 CASES = [(name, privacy) for name in MEAN_ALGORITHMS for privacy in ("secagg", "dp-server", "dp-client")]
 CASES += [("fedit", "dp-server-adaptive"), ("fedit", "dp-client-adaptive")]

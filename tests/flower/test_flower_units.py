@@ -325,12 +325,13 @@ def flat(state):
     return torch.cat([t.float().flatten() for t in tensors.values()])
 
 
-def test_server_side_fixed_clipping_clips_each_update_before_the_algorithm_averages(experiment):
+@pytest.mark.parametrize("weighting", ["equal", "examples"])
+def test_server_side_fixed_clipping_clips_each_update_before_the_algorithm_averages(experiment, weighting):
     from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
     server = experiment.server
     start = server.global_state.clone()
-    inner = AlgorithmStrategy(server, uniform_download=True)
+    inner = AlgorithmStrategy(server, uniform_download=True, equal_weights=weighting == "equal")
     clip = 0.5
     strategy = DifferentialPrivacyServerSideFixedClipping(inner, noise_multiplier=0.0, clipping_norm=clip, num_sampled_clients=2)
     inner.plan = RoundPlan(1, {0: 10, 1: 11}, {0: server.configure(1, 0), 1: server.configure(1, 1)})
@@ -345,7 +346,10 @@ def test_server_side_fixed_clipping_clips_each_update_before_the_algorithm_avera
         delta = flat(state) - flat(start)
         return delta * min(1.0, clip / float(delta.norm()))
 
-    expected = 0.75 * clipped(uploads[0]) + 0.25 * clipped(uploads[1])
+    # equal: 1/m each, so one client moves the mean by at most C/m (the noise's calibration);
+    # examples (30 vs 10): the big client moves it by up to 0.75 C
+    p0 = 0.5 if weighting == "equal" else 0.75
+    expected = p0 * clipped(uploads[0]) + (1 - p0) * clipped(uploads[1])
     assert torch.allclose(flat(server.global_state) - flat(start), expected, atol=1e-6)
     assert float((flat(server.global_state) - flat(start)).norm()) <= clip + 1e-6
     scales = {n: f.scale for n, f in server.global_state.lora.items()}

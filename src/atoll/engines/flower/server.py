@@ -170,7 +170,9 @@ class FlowerRunner(PrototypeRunner):
         server = experiment.server
         dp = self.flower.dp
         action = {"client-fixed": protocol.ACTION_CLIP_FIXED, "client-adaptive": protocol.ACTION_CLIP_ADAPTIVE}.get(dp.mode, "")
-        self.algorithm_strategy = AlgorithmStrategy(server, train_action=action, uniform_download=dp.mode != "none")
+        self.algorithm_strategy = AlgorithmStrategy(
+            server, train_action=action, uniform_download=dp.mode != "none", equal_weights=dp.mode != "none" and dp.weighting == "equal",
+        )
         self.algorithm_strategy.ttl = self.flower.round_timeout + TTL_MARGIN
         self.strategy = self._with_dp(self.algorithm_strategy)
         self.secagg = SecAggStrategy(server) if self.flower.secagg.enabled else None

@@ -34,6 +34,9 @@ class DPSettings(_Section):
     )
     noise_multiplier: float = Field(1.0, ge=0, description="Gaussian noise std on the aggregate = noise_multiplier * clipping norm / sampled clients")
     clipping_norm: float = Field(1.0, gt=0, description="L2 norm bound of one client's update (adaptive modes: the initial bound)")
+    weighting: Literal["equal", "examples"] = Field(
+        "equal", description="how clipped updates are averaged: equal (1/m each, the sensitivity C/m the noise is calibrated to) or examples (sensitivity C*max p_k, above what the noise assumes)"
+    )
     target_clipped_quantile: float = Field(0.5, ge=0, le=1, description="adaptive modes: fraction of updates the norm bound should leave unclipped")
     clip_norm_lr: float = Field(0.2, gt=0, description="adaptive modes: learning rate of the norm bound")
 

@@ -14,6 +14,7 @@ that aggregate by a weighted mean; others are refused in :mod:`.checks`).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -89,11 +90,13 @@ def _message_strategy_base():
 class AlgorithmStrategy(_message_strategy_base()):  # type: ignore[misc]
     """BaseServer as a Message-API Strategy (train only; evaluation is driven by the runner)."""
 
-    def __init__(self, server: BaseServer, train_action: str = "", uniform_download: bool = False):
+    def __init__(self, server: BaseServer, train_action: str = "", uniform_download: bool = False, equal_weights: bool = False):
         super().__init__()
         self.server = server
         self.train_action = train_action  # "" -> message type "train"; "x" -> "train.x"
         self.uniform_download = uniform_download
+        # DP: the algorithm averages the clipped updates 1/m each (every update counts one example)
+        self.equal_weights = equal_weights
         self.plan: RoundPlan | None = None
         self.ttl: float | None = None  # seconds a message stays deliverable (None: Flower's 12 h)
 
@@ -126,7 +129,10 @@ class AlgorithmStrategy(_message_strategy_base()):  # type: ignore[misc]
         for update in updates:
             check_finite(update)
         started = time.perf_counter()
-        self.server.aggregate(server_round, updates)
+        if self.equal_weights:
+            self.server.aggregate(server_round, [dataclasses.replace(u, num_examples=1) for u in updates])
+        else:
+            self.server.aggregate(server_round, updates)
         plan.aggregate_seconds = time.perf_counter() - started
         plan.updates = updates
         tensors, _ = split_state(self.server.global_state)
