@@ -175,11 +175,19 @@ def bench_algorithms(
     out: Path = typer.Option(Path("docs"), help="where algorithms.md, .png and .json go"),
     runs: Path = typer.Option(Path("runs/bench"), help="where the individual run directories go"),
     set_: list[str] = typer.Option([], "--set", help="override a key in every run"),
+    render_only: bool = typer.Option(False, "--render-only", help="rewrite the table, plot and json from the finished runs in --runs"),
 ) -> None:
     """Every algorithm x partition x seed on one task: a markdown table and a plot."""
     quiet_libraries()
     from atoll import algorithms as registry
-    from atoll.report.compare import PARTITIONS, run_comparison
+    from atoll.report.compare import BENCH_RECORD, PARTITIONS, render, run_comparison
+
+    if render_only:
+        if not (runs / BENCH_RECORD).is_file():
+            fail(AtollError(f"'{runs}' holds no finished bench ({BENCH_RECORD} is missing)", "run `atoll bench algorithms` first or pass --runs"))
+        path = render(runs, out)
+        typer.echo(f"wrote {path} and {path.with_suffix('.png')}")
+        return
 
     names = [a.strip() for a in algorithms.split(",")] if algorithms else list(registry.available())
     chosen = [p.strip() for p in partitions.split(",")]

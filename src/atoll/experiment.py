@@ -61,13 +61,38 @@ class Experiment:
 
     def majority_rate(self) -> float | None:
         """Share of the most frequent class in the global test set (classification only)."""
-        if self.spec.kind != "classification":
-            return None
-        counts = np.bincount(self.data.labels[self.splits.global_test], minlength=self.spec.num_labels)
-        return float(counts.max() / counts.sum())
+        return majority_rates(self.spec, self.data, self.splits)[0]
+
+    def local_majority_rate(self) -> float | None:
+        """What a constant predictor of each client's own majority class scores on the local test
+        splits, weighted by their sizes as local evaluation weights them (classification only)."""
+        return majority_rates(self.spec, self.data, self.splits)[1]
 
     def close(self) -> None:
         self.store.close()
+
+
+def majority_rates(spec: TaskSpec, data: Tokenized, splits: Splits) -> tuple[float | None, float | None]:
+    """(global, local) majority-class rates: the accuracy a constant predictor gets on the global
+    test set, and with each client predicting its own test split's majority class."""
+    if spec.kind != "classification":
+        return None, None
+    counts = np.bincount(data.labels[splits.global_test], minlength=spec.num_labels)
+    local = [(len(t), np.bincount(data.labels[t], minlength=spec.num_labels).max()) for t in splits.client_test if len(t)]
+    local_rate = float(sum(top for _, top in local) / sum(n for n, _ in local)) if local else None
+    return float(counts.max() / counts.sum()), local_rate
+
+
+def load_data(config: Config) -> tuple[RawData, TaskSpec, object, Tokenized, Splits]:
+    """The data half of :func:`build`: source, task, tokenizer, tokenised pool and splits."""
+    raw = load_source(config.data.source)
+    spec = resolve_task(config.data, raw)
+    check_model_for_task(config.model.name, spec.is_generative)
+    raw, subset_key = _subset(raw, config.data.max_examples, config.seed)
+    cache_dir = Path(config.data.cache_dir).expanduser() if config.data.cache_dir else default_cache_dir()
+    tokenizer = load_tokenizer(config.model.name, lambda: spec.corpus(raw), cache_dir)
+    data = tokenize(spec, raw, tokenizer, config.model.max_length, cache_dir, subset_key)
+    return raw, spec, tokenizer, data, make_splits(config, data, raw, spec)
 
 
 def _subset(raw: RawData, max_examples: int | None, seed: int) -> tuple[RawData, str]:
@@ -116,15 +141,7 @@ def build(config: Config, store_dir: Path | None = None) -> Experiment:
     server_cls = get_algorithm(config.algorithm.name)
     params = parse_params(server_cls, config.algorithm.params())
 
-    raw = load_source(config.data.source)
-    spec = resolve_task(config.data, raw)
-    check_model_for_task(config.model.name, spec.is_generative)
-    raw, subset_key = _subset(raw, config.data.max_examples, config.seed)
-    cache_dir = Path(config.data.cache_dir).expanduser() if config.data.cache_dir else default_cache_dir()
-    tokenizer = load_tokenizer(config.model.name, lambda: spec.corpus(raw), cache_dir)
-    data = tokenize(spec, raw, tokenizer, config.model.max_length, cache_dir, subset_key)
-    splits = make_splits(config, data, raw, spec)
-
+    raw, spec, tokenizer, data, splits = load_data(config)
     model = load_base_model(config.model.name, spec.is_generative, spec.num_labels, tokenizer, config.model.dtype, config.seed)
     targets = target_modules(model, config.model.lora.target_modules)
     workbench = Workbench(

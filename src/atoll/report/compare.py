@@ -96,27 +96,93 @@ def run_comparison(
     extra: list[str],
     log=print,
 ) -> Path:
+    """Run every cell in worker processes, record the bench in ``runs_dir/bench.json``, then
+    render the table and plot from the run directories (:func:`render`)."""
     cells = [Cell(a, p, s) for p in partitions for a in algorithms for s in seeds]
-    results: dict[Cell, dict[str, Any]] = {}
-    failures: dict[Cell, str] = {}
+    seconds: dict[str, float] = {}
+    failures: dict[str, str] = {}
     started = time.perf_counter()
     context = get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         futures = {}
         for cell in cells:
             overrides = BENCH_DEFAULTS + PARTITIONS[cell.partition] + [f"algorithm.name={cell.algorithm}", f"seed={cell.seed}", f"name={cell.algorithm}"] + extra
-            run_dir = runs_dir / f"{cell.partition}" / f"{cell.algorithm}-seed{cell.seed}"
-            futures[pool.submit(_run_one, config_path, overrides, str(run_dir))] = cell
+            futures[pool.submit(_run_one, config_path, overrides, str(_cell_dir(runs_dir, cell)))] = cell
         for done, future in enumerate(as_completed(futures), 1):
             cell = futures[future]
             try:
-                results[cell] = future.result()
-                final = results[cell]["final_global"].get(results[cell]["metric"], float("nan"))
-                log(f"[{done}/{len(cells)}] {cell.partition} {cell.algorithm} seed {cell.seed}: {final:.4f} ({results[cell]['seconds']:.0f} s)")
+                result = future.result()
+                seconds[_key(cell)] = result["seconds"]
+                final = result["final_global"].get(result["metric"], float("nan"))
+                log(f"[{done}/{len(cells)}] {cell.partition} {cell.algorithm} seed {cell.seed}: {final:.4f} ({result['seconds']:.0f} s)")
             except Exception as exc:  # a failing algorithm is reported in the table, not fatal
-                failures[cell] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
-                log(f"[{done}/{len(cells)}] {cell.partition} {cell.algorithm} seed {cell.seed}: FAILED {failures[cell]}")
-    elapsed = time.perf_counter() - started
+                failures[_key(cell)] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+                log(f"[{done}/{len(cells)}] {cell.partition} {cell.algorithm} seed {cell.seed}: FAILED {failures[_key(cell)]}")
+    record = {
+        "algorithms": algorithms, "partitions": partitions, "seeds": seeds, "workers": workers, "target": target,
+        "extra": extra, "minutes": (time.perf_counter() - started) / 60, "seconds": seconds, "failures": failures,
+    }
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    (runs_dir / BENCH_RECORD).write_text(json.dumps(record, indent=1))
+    return render(runs_dir, out_dir)
+
+
+BENCH_RECORD = "bench.json"
+
+
+def _key(cell: Cell) -> str:
+    return f"{cell.partition}/{cell.algorithm}/{cell.seed}"
+
+
+def _cell_dir(runs_dir: Path, cell: Cell) -> Path:
+    return runs_dir / cell.partition / f"{cell.algorithm}-seed{cell.seed}"
+
+
+def _load_cell(runs_dir: Path, cell: Cell) -> dict[str, Any] | None:
+    """A finished run's summary plus its per-round global metric curve (None if it did not finish)."""
+    path = _cell_dir(runs_dir, cell)
+    if not (path / "summary.json").is_file():
+        return None
+    summary = json.loads((path / "summary.json").read_text())
+    metric = summary["metric"]
+    records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    summary["curve"] = [(r["round"], r["global"][metric]) for r in records if metric in (r.get("global") or {})]
+    return summary
+
+
+_LOCAL_MAJORITY: dict[tuple[str, int], float | None] = {}
+
+
+def _local_majority(runs_dir: Path, cell: Cell) -> float | None:
+    """The local majority-class rate of a run's splits, from its saved config (the splits depend
+    on the data, partition and seed only, so it is computed once per partition and seed)."""
+    key = (cell.partition, cell.seed)
+    if key not in _LOCAL_MAJORITY:
+        from atoll.config import load_config
+        from atoll.experiment import load_data, majority_rates
+
+        _, spec, _, data, splits = load_data(load_config(_cell_dir(runs_dir, cell) / "config.yaml"))
+        _LOCAL_MAJORITY[key] = majority_rates(spec, data, splits)[1]
+    return _LOCAL_MAJORITY[key]
+
+
+def render(runs_dir: Path, out_dir: Path) -> Path:
+    """algorithms.md, .png and .json from the run directories of a bench (``atoll bench
+    algorithms --render-only`` re-renders without re-running)."""
+    record = json.loads((runs_dir / BENCH_RECORD).read_text())
+    algorithms, partitions, seeds, target = record["algorithms"], record["partitions"], record["seeds"], record["target"]
+    results: dict[Cell, dict[str, Any]] = {}
+    failures: dict[Cell, str] = {}
+    for cell in (Cell(a, p, s) for p in partitions for a in algorithms for s in seeds):
+        loaded = _load_cell(runs_dir, cell)
+        if loaded is not None and _key(cell) not in record["failures"]:
+            loaded["seconds"] = record["seconds"].get(_key(cell))
+            results[cell] = loaded
+        else:
+            failures[cell] = record["failures"].get(_key(cell), "no finished run directory")
+    for cell, result in results.items():
+        if "local_majority_rate" not in result and "majority_class_rate" in result:
+            result["local_majority_rate"] = _local_majority(runs_dir, cell)  # runs made before summaries had it
     out_dir.mkdir(parents=True, exist_ok=True)
     table = _table(algorithms, partitions, seeds, results, failures, target)
     metric = next(iter(results.values()))["metric"] if results else "accuracy"
@@ -124,20 +190,23 @@ def run_comparison(
         "# Algorithm comparison",
         "",
         f"Every registered algorithm on the quickstart task (pretrained MiniLM + LoRA r=8, 3-class tweet sentiment, "
-        f"{_setting(BENCH_DEFAULTS + extra)}), under {', '.join(partitions)}, seeds {', '.join(map(str, seeds))}.",
+        f"{_setting(BENCH_DEFAULTS + record['extra'])}), under {', '.join(partitions)}, seeds {', '.join(map(str, seeds))}.",
         f"Global = the server's model on the held-out global test set (for algorithms without a global model: the mean of the clients' own models on it). "
         f"Personalized = the mean over clients of the model each client would use, on its own local test split. "
         f"Rounds to {target:.2f} = first round whose global {metric} reaches {target:.2f} (mean over the seeds that reach it; in brackets how many did). "
-        f"MB per round = bytes actually sent, per round, summed over clients.",
+        f"MB per round = bytes actually sent, per round, summed over clients. "
+        f"The first row of each table is the reference a constant predictor scores: the majority class of the global test set "
+        f"(global column) and of each client's local test split (personalized column).",
         "",
-        f"Made by `{_command(algorithms, partitions, seeds, workers, target)}` in {elapsed / 60:.1f} minutes on this 2-core machine.",
+        f"Made by `{_command(algorithms, partitions, seeds, record['workers'], target)}` in {record['minutes']:.1f} minutes on this 2-core machine.",
         "",
     ]
     (out_dir / "algorithms.md").write_text("\n".join(header) + table + "\n")
     _plot(algorithms, partitions, results, metric, out_dir / "algorithms.png")
+    keep = ("final_global", "final_local", "bytes_up_total", "bytes_down_total", "curve", "seconds", "majority_class_rate", "local_majority_rate")
     (out_dir / "algorithms.json").write_text(json.dumps(
-        {f"{c.partition}/{c.algorithm}/{c.seed}": {k: v for k, v in r.items() if k in ("final_global", "final_local", "bytes_up_total", "bytes_down_total", "curve", "seconds")} for c, r in results.items()}
-        | {f"{c.partition}/{c.algorithm}/{c.seed}": {"failed": f} for c, f in failures.items()},
+        {_key(c): {k: v for k, v in r.items() if k in keep} for c, r in results.items()}
+        | {_key(c): {"failed": f} for c, f in failures.items()},
         indent=1, sort_keys=True,
     ))
     return out_dir / "algorithms.md"
@@ -159,6 +228,12 @@ def _table(algorithms, partitions, seeds, results, failures, target) -> str:
     lines = []
     for partition in partitions:
         lines += [f"## {partition}", "", f"| algorithm | global | personalized | rounds to {target:.2f} | MB up / round | MB down / round |", "|---|---|---|---|---|---|"]
+        # the reference: one result per seed (every algorithm of a seed shares the data and splits)
+        by_seed = {c.seed: r for c, r in results.items() if c.partition == partition and "majority_class_rate" in r}
+        if by_seed:
+            global_rates = [r["majority_class_rate"] for r in by_seed.values()]
+            local_rates = [r["local_majority_rate"] for r in by_seed.values() if r.get("local_majority_rate") is not None]
+            lines.append(f"| *majority class (constant predictor)* | {_mean_std(global_rates)} | {_mean_std(local_rates)} | | | |")
         for algorithm in algorithms:
             cells = [Cell(algorithm, partition, s) for s in seeds]
             done = [results[c] for c in cells if c in results]

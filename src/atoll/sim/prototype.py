@@ -221,6 +221,9 @@ class PrototypeRunner:
             "global_test_examples": int(len(experiment.splits.global_test)),
             "run_dir": str(self.run_dir.path),
         }
+        local_majority = experiment.local_majority_rate()
+        if local_majority is not None:
+            summary["local_majority_rate"] = local_majority
         if majority is not None:
             summary["majority_class_rate"] = majority
             if metric in final_global:
