@@ -271,13 +271,19 @@ def _plot(algorithms, partitions, results, metric, path: Path) -> None:
                 means.append(statistics.mean(values) if values else math.nan)
                 stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
             axis.barh(positions + (offset - 0.5) * 0.38, means, height=0.38, xerr=stds, color=color, label="global" if offset == 0 else "personalized")
+        by_seed = {c.seed: r for c, r in results.items() if c.partition == partition and "majority_class_rate" in r}
+        for key, color, label in (("majority_class_rate", "tab:blue", "majority class, global test"), ("local_majority_rate", "tab:orange", "own majority class, local tests")):
+            rates = [r[key] for r in by_seed.values() if r.get(key) is not None]
+            if rates:
+                axis.axvline(statistics.mean(rates), color=color, linestyle="--", linewidth=1, label=label)
         axis.set_yticks(positions)
         axis.set_yticklabels(algorithms, fontsize=8)
-        axis.invert_yaxis()
         axis.set_xlabel(f"final {metric}")
         axis.set_title(partition)
         axis.grid(axis="x", alpha=0.3)
-        axis.legend(fontsize=8, loc="lower right")
-    figure.tight_layout()
+    axes[0][0].invert_yaxis()  # once: the axes share y, and a second inversion would undo it
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0, 1, 0.97))
     figure.savefig(path, dpi=110)
     plt.close(figure)
