@@ -249,34 +249,62 @@ def test_a_federation_with_no_availability_ends_instead_of_spinning(tmp_path):
     assert sim.stopped_by == "no_events" and len(sim.records) == 1
 
 
-def test_the_same_seed_gives_the_same_timeline_and_another_seed_does_not(tmp_path):
+def phone_week(tmp_path, folder: str, seed: int = 0, tokens: int = 32, **overrides):
+    """60 phones with daily windows and dropout: a dry run whose timeline exercises every event kind."""
     system = {
         "devices": {"mix": {"flagship-phone": 1, "budget-phone": 2}, "speed_sigma": 0.3},
         "networks": {"mix": {"wifi": 2, "4g": 1}},
         "availability": {"windows": "daily", "daily": {"start_hour": 1, "hours": 6, "jitter_hours": 1, "presence": 0.8},
                          "dropout": {"probability": 0.2, "rejoin_minutes": 10}},
-        "workload": {"examples": {"median": 100, "sigma": 1.0}, "tokens_per_example": 32},
+        "workload": {"examples": {"median": 100, "sigma": 1.0}, "tokens_per_example": tokens},
     }
-    runs = []
-    for seed, folder in ((0, "a"), (0, "b"), (1, "c")):
-        (tmp_path / folder).mkdir()
-        path = tmp_path / folder / "sys.yaml"
-        path.write_text(yaml.safe_dump(system))
-        config = config_with([f"{k}={v}" for k, v in {
-            "mode": "realistic", "system": str(path), "realistic.dry_run": "true", "model.name": "tiny-bert", "seed": seed,
-            "federation.clients": 60, "federation.rounds": 500, "federation.sample_rate": 0.1, "realistic.session_hours": 30,
-            "realistic.sync.wait": "deadline", "realistic.sync.deadline_seconds": 120, "run.root": str(tmp_path),
-        }.items()])
-        spec, fleet = load_for_run(config)
-        sim = build_simulation(config, spec, fleet, dry_backend(config, spec, fleet), record_events=True)
-        sim.run()
-        runs.append(sim)
-    first, second, other = runs
+    (tmp_path / folder).mkdir()
+    path = tmp_path / folder / "sys.yaml"
+    path.write_text(yaml.safe_dump(system))
+    values = {
+        "mode": "realistic", "system": str(path), "realistic.dry_run": "true", "model.name": "tiny-bert", "seed": seed,
+        "federation.clients": 60, "federation.rounds": 500, "federation.sample_rate": 0.1, "realistic.session_hours": 30,
+        "realistic.sync.wait": "deadline", "realistic.sync.deadline_seconds": 120, "run.root": str(tmp_path / folder),
+    }
+    values.update(overrides)
+    config = config_with([f"{k}={v}" for k, v in values.items()])
+    spec, fleet = load_for_run(config)
+    return build_simulation(config, spec, fleet, dry_backend(config, spec, fleet), record_events=True)
+
+
+def test_the_same_seed_gives_the_same_timeline_and_another_seed_does_not(tmp_path):
+    first, second, other = (phone_week(tmp_path, folder, seed).run() for seed, folder in ((0, "a"), (0, "b"), (1, "c")))
     assert first.events > 1000 and first.totals.dropouts > 0
     assert first.event_log == second.event_log and first.timeline == second.timeline
     assert first.timeline_digest() == second.timeline_digest()
     assert [r["virtual_time"] for r in first.records] == [r["virtual_time"] for r in second.records]
     assert first.event_log != other.event_log and first.timeline_digest() != other.timeline_digest()
+
+
+def client_counters(sim):
+    return [(c.state, c.token, c.window_id, c.available_seconds, c.train_seconds, c.transfer_seconds, c.wasted_seconds,
+             c.jobs, c.completed, c.lost, c.dropouts) for c in sim.clients]
+
+
+@pytest.mark.parametrize("paradigm", ["sync", "fedasync"])
+@pytest.mark.parametrize("max_events", [None, 6000])
+def test_the_inlined_window_events_behave_exactly_like_their_handlers(tmp_path, paradigm, max_events):
+    """The loop handles window openings and closings itself (the hot path); with inline_windows
+    off it calls _on_window_open / _on_window_close instead. Both must give the same run."""
+    extra = {"realistic.paradigm": paradigm, "federation.rounds": 100_000} | ({"realistic.max_events": max_events} if max_events else {})
+    # long jobs (4k tokens per example), so that closing windows cut some of them
+    inline, handlers = (phone_week(tmp_path, folder, tokens=4096, **extra) for folder in ("inline", "handlers"))
+    handlers.inline_windows = False
+    inline.run(), handlers.run()
+    if not max_events:  # the whole session: both loss paths ran
+        assert inline.totals.lost_jobs["window_close"] > 0 and inline.totals.dropouts > 0
+    assert inline.stopped_by == handlers.stopped_by == ("max_events" if max_events else "session")
+    assert inline.event_log == handlers.event_log and inline.timeline == handlers.timeline
+    assert (inline.events, inline.stale_events, inline.now) == (handlers.events, handlers.stale_events, handlers.now)
+    assert inline.timeline_digest() == handlers.timeline_digest()
+    assert inline.records == [dict(r, wall_seconds=x["wall_seconds"]) for r, x in zip(handlers.records, inline.records)]
+    assert client_counters(inline) == client_counters(handlers) and inline.totals == handlers.totals
+    assert sorted(inline.pool.items) == sorted(handlers.pool.items)
 
 
 def test_the_bucketed_queue_pops_exactly_like_one_heap():

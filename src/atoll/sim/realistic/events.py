@@ -15,6 +15,8 @@ than the bucket's start. The pop order is exactly that of a single heap.
 from __future__ import annotations
 
 import heapq
+import itertools
+import math
 from operator import itemgetter
 from enum import IntEnum
 
@@ -50,23 +52,25 @@ class EventQueue:
     sorted in bulk instead of sifting through a deep heap one by one. The pop order is exactly
     that of a single heap over (time, sequence)."""
 
-    __slots__ = ("heap", "sequence", "width", "front", "buckets", "keys", "pending", "run", "position")
+    __slots__ = ("heap", "next_sequence", "width", "front", "buckets", "keys", "run", "position")
 
     def __init__(self, width: float = 3600.0) -> None:
         self.heap: list[tuple[float, int, int, int, int]] = []
-        self.sequence = 0
+        self.next_sequence = itertools.count(1).__next__  # 1, 2, 3, ... (a C call, no Python frame)
         self.width = float(width)
-        self.front = 0  # buckets with index <= front are open (their events go to the heap)
-        self.buckets: dict[int, list[tuple[float, int, int, int, int]]] = {}
-        self.keys: list[int] = []  # heap of bucket indices not yet opened
-        self.pending = 0  # events waiting in buckets
+        # buckets are keyed by ``time // width`` as a float (no int() call per push); those with a
+        # key <= front are open (their events go to the heap)
+        self.front = 0.0
+        self.buckets: dict[float, list[tuple[float, int, int, int, int]]] = {}
+        self.keys: list[float] = []  # heap of bucket keys not yet opened
         self.run: list[tuple[float, int, int, int, int]] = []  # the open bucket, sorted
         self.position = 0  # next unread item of ``run``
 
     def push(self, time: float, kind: int, client: int = -1, token: int = 0) -> None:
-        self.sequence += 1
-        item = (time, self.sequence, kind, client, token)
-        bucket = int(time // self.width)
+        if not -INF < time < INF:  # also catches nan, which would corrupt the order silently
+            raise ValueError(f"event time must be finite, got {time!r}")
+        item = (time, self.next_sequence(), kind, client, token)
+        bucket = time // self.width
         if bucket <= self.front:
             heapq.heappush(self.heap, item)
             return
@@ -76,7 +80,6 @@ class EventQueue:
             heapq.heappush(self.keys, bucket)
         else:
             waiting.append(item)
-        self.pending += 1
 
     def _open_next_bucket(self) -> None:
         """Called only when the run and the heap are exhausted (every heap event belongs to an
@@ -84,7 +87,6 @@ class EventQueue:
         bucket = heapq.heappop(self.keys)
         items = self.buckets.pop(bucket)
         self.front = bucket
-        self.pending -= len(items)
         items.sort(key=_TIME)
         self.run = items
         self.position = 0
@@ -117,10 +119,11 @@ class EventQueue:
             self._open_next_bucket()
 
     def __len__(self) -> int:
-        return len(self.heap) + self.pending + len(self.run) - self.position
+        return len(self.heap) + sum(map(len, self.buckets.values())) + len(self.run) - self.position
 
-    def __bool__(self) -> bool:
-        return bool(self.heap) or self.pending > 0 or self.position < len(self.run)
+    def __bool__(self) -> bool:  # a bucket exists only while it holds an event
+        return bool(self.heap) or bool(self.keys) or self.position < len(self.run)
 
 
+INF = math.inf
 _TIME = itemgetter(0)  # sort key: an event's time (C, no Python call per item)
