@@ -1,4 +1,5 @@
-"""SCAFFOLD: gradient correction g + c - c_i on the live adapter, the option-II variate update,
+"""SCAFFOLD: gradient correction g + c - c_i on the live adapter, the option-I (default) and
+option-II variate updates,
 the server steps (x by eta_g * weighted mean of y_k - x, c by 1/N * sum dc), c = mean of all c_i
 over a real run, round 1 = FedIT, and resume."""
 
@@ -57,7 +58,7 @@ def test_correction_is_added_to_the_accumulated_gradient_of_every_trained_tensor
 
 
 def option_ii_setup(seed, store, overrides=()):
-    client = make_client("scaffold", client_id=2, store=store, overrides=list(overrides))
+    client = make_client("scaffold", client_id=2, store=store, overrides=list(overrides), control_update="option-ii")
     x = random_state(seed)
     y = random_state(seed + 1)
     c = random_like(variate_tensors(x), seed + 2)
@@ -170,15 +171,49 @@ def test_server_variate_is_the_mean_of_all_client_variates_and_resume_is_exact(t
     assert task_metrics(cut) == task_metrics(full)
 
 
-def test_option_i_runs(tmp_path):
-    path, summary = run(tmp_path, "scaffold", **{"algorithm.control_update": "option-i"})
+def test_option_ii_runs(tmp_path):
+    path, summary = run(tmp_path, "scaffold", **{"algorithm.control_update": "option-ii"})
     assert_finite_run(path, summary)
+
+
+def test_option_i_keeps_the_raw_gradient_of_the_first_local_step(tmp_path):
+    """The default: c_i+ = g_i(x), the gradient of the first step as the backward pass left it,
+    before the correction c - c_i is added, and not any later step's."""
+    experiment = build(config_with(tiny_overrides(tmp_path, **{"algorithm.name": "scaffold"})))
+    try:
+        server, client = experiment.server, experiment.clients[1]
+        assert client.params.control_update == "option-i"
+        server.control = random_like(server.control, 0)
+        own = random_like(server.control, 1)
+        experiment.store.put(1, own)
+        download = server.configure(1, 1)
+        live = experiment.workbench.load(download)
+        after_backward = client.hooks(1, download).after_backward
+        handles = {f"lora.{n}.A": a for n, (a, b, _) in live.lora.items()}
+        handles.update({f"lora.{n}.B": b for n, (a, b, _) in live.lora.items()})
+        handles.update({f"extra.{n}": p for n, p in live.extra.items()})
+        first, second = random_like(server.control, 2), random_like(server.control, 3)
+        for gradients in (first, second):  # two local steps
+            for key, param in handles.items():
+                param.grad = gradients[key].clone()
+            after_backward()
+        trained = experiment.workbench.active.read()
+        client.keep(1, download, trained)
+        stored, sent = experiment.store.get(1), prefixed_extras(client.upload(1, download, trained), CONTROL_DELTA)
+        assert set(stored) == set(first) == set(sent)
+        for key in first:
+            assert torch.equal(stored[key], first[key]), key
+            assert torch.allclose(sent[key], first[key] - own[key], atol=1e-6), key
+    finally:
+        for param in experiment.workbench.active.all_parameters():
+            param.grad = None
+        experiment.close()
 
 
 def test_client_variates_never_leak_between_clients_sharing_a_store():
     store = ClientStore()
     first, x, y, c, start = option_ii_setup(80, store)
-    second = make_client("scaffold", client_id=3, store=store)
+    second = make_client("scaffold", client_id=3, store=store, control_update="option-ii")
     first.keep(1, start, y)
     kept = {k: v.clone() for k, v in store.get(2).items()}
     assert all(float(v.abs().max()) == 0.0 for v in second.own_variate(kept).values())  # 3 never trained

@@ -199,6 +199,7 @@ def render(runs_dir: Path, out_dir: Path) -> Path:
         f"(global column) and of each client's local test split (personalized column).",
         "",
         f"Made by `{_command(algorithms, partitions, seeds, record['workers'], target)}` in {record['minutes']:.1f} minutes on this 2-core machine.",
+        *(f"\n{note}" for note in record.get("notes", [])),  # cells re-run later, and why
         "",
     ]
     (out_dir / "algorithms.md").write_text("\n".join(header) + table + "\n")
