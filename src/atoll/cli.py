@@ -79,6 +79,7 @@ def run(
     from atoll.report.progress import make_progress
     from atoll.sim.prototype import reject_overrides_on_resume, resume_run, start_run
 
+    cfg = None
     try:
         if resume is not None:
             if config is not None:
@@ -91,7 +92,13 @@ def run(
     except AtollError as error:
         fail(error)
     except KeyboardInterrupt:
-        typer.echo("atoll: interrupted; continue with `atoll run --resume RUN_DIR`", err=True)
+        if cfg is not None and (cfg.mode == "realistic" or cfg.engine == "flower"):
+            why = "realistic-mode runs cannot be resumed: run the same config again (the same seed replays the same timeline)"
+            if cfg.engine == "flower":
+                why = "Flower runs cannot be resumed (clients' private state lived on their nodes): run the config again"
+            typer.echo(f"atoll: interrupted; {why}", err=True)
+        else:
+            typer.echo("atoll: interrupted; continue with `atoll run --resume RUN_DIR`", err=True)
         raise typer.Exit(130)
     typer.echo(_format_summary(summary))
 
