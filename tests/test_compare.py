@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from atoll.experiment import Splits, majority_rates
-from atoll.report.compare import render, run_comparison
+from atoll.report.compare import render, rerun_algorithms, run_comparison
 
 
 def test_majority_rates_by_hand():
@@ -55,3 +55,13 @@ def test_comparison_table_runs_every_cell_and_rerenders_identically(tmp_path):
     (out / "algorithms.md").unlink()
     render(runs, out)
     assert (out / "algorithms.md").read_text() == before
+
+    # --rerun: the fedit cells run again (fresh directories, same seeds: same numbers), local-only
+    # is left alone, and the table says what was re-run and why
+    stale, kept = runs / "iid" / "fedit-seed0" / "old-marker", runs / "iid" / "local-only-seed0" / "old-marker"
+    stale.write_text("x"), kept.write_text("x")
+    rerun_algorithms(["fedit"], "checking the re-run path", runs, out, log=lambda _: None)
+    assert not stale.exists() and kept.exists() and (runs / "iid" / "fedit-seed0" / "summary.json").is_file()
+    again = (out / "algorithms.md").read_text()
+    assert "the fedit rows were re-run (2 runs," in again and "checking the re-run path" in again
+    assert [line for line in again.splitlines() if line.startswith("| ")] == [line for line in before.splitlines() if line.startswith("| ")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -183,16 +184,28 @@ def bench_algorithms(
     runs: Path = typer.Option(Path("runs/bench"), help="where the individual run directories go"),
     set_: list[str] = typer.Option([], "--set", help="override a key in every run"),
     render_only: bool = typer.Option(False, "--render-only", help="rewrite the table, plot and json from the finished runs in --runs"),
+    rerun: Optional[str] = typer.Option(None, "--rerun", help="comma-separated algorithms of the finished bench in --runs to run again (their rows are replaced; needs --why)"),
+    why: Optional[str] = typer.Option(None, "--why", help="with --rerun: the reason, recorded under the table"),
 ) -> None:
     """Every algorithm x partition x seed on one task: a markdown table and a plot."""
     quiet_libraries()
     from atoll import algorithms as registry
-    from atoll.report.compare import BENCH_RECORD, PARTITIONS, render, run_comparison
+    from atoll.report.compare import BENCH_RECORD, PARTITIONS, render, rerun_algorithms, run_comparison
 
-    if render_only:
+    if render_only or rerun:
         if not (runs / BENCH_RECORD).is_file():
             fail(AtollError(f"'{runs}' holds no finished bench ({BENCH_RECORD} is missing)", "run `atoll bench algorithms` first or pass --runs"))
-        path = render(runs, out)
+        if rerun:
+            names = [a.strip() for a in rerun.split(",") if a.strip()]
+            benched = json.loads((runs / BENCH_RECORD).read_text())["algorithms"]
+            missing = [n for n in names if n not in benched]
+            if missing or not names:
+                fail(AtollError(f"--rerun: '{(missing or [rerun])[0]}' is not an algorithm of the bench in '{runs}'", f"choose from: {', '.join(benched)}"))
+            if not why or not why.strip():
+                fail(AtollError("--rerun needs --why", "say why the rows change, e.g. --why 'default changed to option I'; it is printed under the table"))
+            path = rerun_algorithms(names, why.strip(), runs, out)
+        else:
+            path = render(runs, out)
         typer.echo(f"wrote {path} and {path.with_suffix('.png')}")
         return
 

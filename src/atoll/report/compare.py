@@ -84,24 +84,10 @@ def _rounds_to(curve: list[tuple[int, float]], target: float, lower_is_better: b
     return None
 
 
-def run_comparison(
-    algorithms: list[str],
-    partitions: list[str],
-    seeds: list[int],
-    out_dir: Path,
-    runs_dir: Path,
-    workers: int,
-    target: float,
-    config_path: str | None,
-    extra: list[str],
-    log=print,
-) -> Path:
-    """Run every cell in worker processes, record the bench in ``runs_dir/bench.json``, then
-    render the table and plot from the run directories (:func:`render`)."""
-    cells = [Cell(a, p, s) for p in partitions for a in algorithms for s in seeds]
+def _run_cells(cells: list[Cell], runs_dir: Path, workers: int, config_path: str | None, extra: list[str], log) -> tuple[dict[str, float], dict[str, str]]:
+    """Run ``cells`` in worker processes; (seconds, failures) by cell key."""
     seconds: dict[str, float] = {}
     failures: dict[str, str] = {}
-    started = time.perf_counter()
     context = get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         futures = {}
@@ -118,11 +104,61 @@ def run_comparison(
             except Exception as exc:  # a failing algorithm is reported in the table, not fatal
                 failures[_key(cell)] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
                 log(f"[{done}/{len(cells)}] {cell.partition} {cell.algorithm} seed {cell.seed}: FAILED {failures[_key(cell)]}")
+    return seconds, failures
+
+
+def run_comparison(
+    algorithms: list[str],
+    partitions: list[str],
+    seeds: list[int],
+    out_dir: Path,
+    runs_dir: Path,
+    workers: int,
+    target: float,
+    config_path: str | None,
+    extra: list[str],
+    log=print,
+) -> Path:
+    """Run every cell in worker processes, record the bench in ``runs_dir/bench.json``, then
+    render the table and plot from the run directories (:func:`render`)."""
+    cells = [Cell(a, p, s) for p in partitions for a in algorithms for s in seeds]
+    started = time.perf_counter()
+    seconds, failures = _run_cells(cells, runs_dir, workers, config_path, extra, log)
     record = {
         "algorithms": algorithms, "partitions": partitions, "seeds": seeds, "workers": workers, "target": target,
-        "extra": extra, "minutes": (time.perf_counter() - started) / 60, "seconds": seconds, "failures": failures,
+        "extra": extra, "config": config_path, "minutes": (time.perf_counter() - started) / 60, "seconds": seconds,
+        "failures": failures, "notes": [],
     }
     runs_dir.mkdir(parents=True, exist_ok=True)
+    (runs_dir / BENCH_RECORD).write_text(json.dumps(record, indent=1))
+    return render(runs_dir, out_dir)
+
+
+def rerun_algorithms(algorithms: list[str], why: str, runs_dir: Path, out_dir: Path, log=print) -> Path:
+    """Re-run every cell of ``algorithms`` in a finished bench (same partitions, seeds, config and
+    overrides), replace their run directories, and record a dated note in the table saying what
+    was re-run, how long it took and why."""
+    import datetime
+    import shutil
+
+    record = json.loads((runs_dir / BENCH_RECORD).read_text())
+    cells = [Cell(a, p, s) for p in record["partitions"] for a in algorithms for s in record["seeds"]]
+    for cell in cells:
+        if _cell_dir(runs_dir, cell).exists():
+            shutil.rmtree(_cell_dir(runs_dir, cell))
+    started = time.perf_counter()
+    seconds, failures = _run_cells(cells, runs_dir, record["workers"], record.get("config"), record["extra"], log)
+    minutes = (time.perf_counter() - started) / 60
+    for cell in cells:
+        record["failures"].pop(_key(cell), None)
+        record["seconds"].pop(_key(cell), None)
+    record["seconds"].update(seconds)
+    record["failures"].update(failures)
+    names = ", ".join(algorithms)
+    record.setdefault("notes", []).append(
+        f"{datetime.date.today().isoformat()}: the {names} rows were re-run ({len(cells)} runs, {minutes:.1f} minutes, "
+        f"`atoll bench algorithms --rerun {','.join(algorithms)}`): {why}"
+    )
     (runs_dir / BENCH_RECORD).write_text(json.dumps(record, indent=1))
     return render(runs_dir, out_dir)
 
