@@ -72,6 +72,21 @@ def test_list_shows_every_kind():
     assert invoke(["list", "nonsense"]).exit_code == 2
 
 
+def test_list_an_algorithm_shows_its_parameters_with_defaults_and_descriptions():
+    from atoll.algorithms import available
+
+    for name, cls in available().items():
+        result = invoke(["list", name])
+        assert result.exit_code == 0, result.output
+        lines = result.output.splitlines()
+        assert lines[0] == f"{name}: {cls.paper}"
+        for key, field in cls.Params.model_fields.items():
+            row = next(line for line in lines if line.split()[0] == f"algorithm.{key}")
+            assert field.description and field.description in row
+    scaffold = invoke(["list", "scaffold"]).output
+    assert any(line.split()[:2] == ["algorithm.control_update", "option-i"] for line in scaffold.splitlines())
+
+
 def test_config_lists_keys_with_descriptions():
     result = invoke(["config"])
     assert result.exit_code == 0

@@ -105,8 +105,9 @@ def run(
 
 
 @app.command("list")
-def list_(what: Optional[str] = typer.Argument(None, help="models, datasets, tasks, partitioners or algorithms")) -> None:
-    """Show the models, datasets, tasks, partitioners and algorithms that exist."""
+def list_(what: Optional[str] = typer.Argument(None, help="models, datasets, tasks, partitioners, algorithms, or one algorithm's name for its parameters")) -> None:
+    """Show the models, datasets, tasks, partitioners and algorithms that exist (`atoll list NAME`:
+    one algorithm's parameters, set as algorithm.KEY)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -127,12 +128,21 @@ def list_(what: Optional[str] = typer.Argument(None, help="models, datasets, tas
         ],
         "partitioners": [(name, "", text) for name, text in PARTITIONERS.items()],
         "algorithms": [
-            (cls.name, f"ranks: {cls.rank_support}" + (", personal" if cls.personalized else "") + ("" if getattr(cls, "supports_async", True) else ", sync only"), cls.paper)
+            (cls.name, f"ranks: {cls.rank_support}" + (", personal" if cls.personalized else "") + ("" if getattr(cls, "supports_async", True) else ", sync only"),
+             ", ".join(cls.Params.model_fields) or "-", cls.paper)
             for cls in algorithms.available().values()
         ],
     }
+    if what in algorithms.available():  # one algorithm: its parameters
+        cls = algorithms.available()[what]
+        typer.echo(f"{cls.name}: {cls.paper}")
+        for key, field in cls.Params.model_fields.items():
+            typer.echo(f"  algorithm.{key:24} {_default_text(field.default):12} {field.description or ''}")
+        if not cls.Params.model_fields:
+            typer.echo("  (no parameters)")
+        return
     if what is not None and what not in sections:
-        fail(AtollError(f"nothing called '{what}' to list", f"choose one of: {', '.join(sections)}"))
+        fail(AtollError(f"nothing called '{what}' to list", f"choose one of: {', '.join(sections)}, or an algorithm name"))
     console = Console()
     for name, rows in sections.items():
         if what is not None and name != what:
@@ -141,6 +151,10 @@ def list_(what: Optional[str] = typer.Argument(None, help="models, datasets, tas
         for row in rows:
             table.add_row(*row)
         console.print(table)
+
+
+def _default_text(value: Any) -> str:
+    return "null" if value is None else str(value)
 
 
 @app.command("config")
