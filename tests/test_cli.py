@@ -45,9 +45,9 @@ def set_args(overrides):
         ({"model.name": "gpt-17"}, "unknown model 'gpt-17'"),
         ({"data.source": "tweets-of-mars"}, "unknown data source 'tweets-of-mars'"),
         ({"data.label_column": "stars"}, "column 'stars' (data.label_column) does not exist"),
-        ({"model.lora.rank": 0}, "model.lora.rank"),
-        ({"federation.sample_rate": 1.2}, "federation.sample_rate"),
-        ({"federation.sample_rate": 0}, "federation.sample_rate"),
+        ({"model.lora.rank": 0}, "model.lora.rank: Input should be greater than 0 (got 0); set a value > 0"),
+        ({"federation.sample_rate": 1.2}, "federation.sample_rate: Input should be less than or equal to 1 (got 1.2); set a value > 0 and <= 1"),
+        ({"federation.sample_rate": 0}, "federation.sample_rate: Input should be greater than 0 (got 0); set a value > 0 and <= 1"),
         ({"federation.clients": 5000}, "5000 clients"),
         ({"model.name": "./missing-model-dir"}, "model directory './missing-model-dir' does not exist"),
         ({"data.source": "synthetic-sft", "model.name": "minilm", "partition.name": "iid"}, "cannot generate"),
@@ -62,6 +62,31 @@ def test_bad_input_is_one_clean_line(tmp_path, extra, fragment):
     assert fragment in lines[0]
     assert "Traceback" not in result.output
     assert not root.exists() or not any(root.iterdir()), "nothing written"
+
+
+def test_resuming_a_corrupted_checkpoint_is_one_clean_line_and_changes_nothing(tmp_path):
+    from atoll.report.progress import Progress
+    from atoll.report.rundir import RunDir
+    from atoll.sim.prototype import start_run
+    from atoll.config import config_with
+
+    class StopAfterFirstRound(Progress):  # a kill right after round 1's checkpoint
+        def round_end(self, round, record):
+            raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        start_run(config_with(tiny_overrides(tmp_path, **{"run.dir": str(run)})), StopAfterFirstRound())
+    server_file = RunDir(run).checkpoint_dir(1) / "server.safetensors"
+    data = bytearray(server_file.read_bytes())
+    data[-5] ^= 0xFF
+    server_file.write_bytes(bytes(data))
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    result = invoke(["run", "--quiet", "--resume", str(run)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "corrupted" in lines[0] and "Traceback" not in result.output, result.output
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before, "the run directory changed"
 
 
 def test_list_shows_every_kind():

@@ -238,7 +238,28 @@ def _describe(error: ValidationError) -> str:
         return f"'{key}' is required"
     got = first.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{key}: {message}{shown}" if loc else f"{message}"
+    bounds = _bounds(loc) if first["type"] in _BOUND_ERRORS else ""
+    fix = f"; set a value {bounds}" if bounds else ""
+    return f"{key}: {message}{shown}{fix}" if loc else f"{message}"
+
+
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+_BOUND_SIGNS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def _bounds(loc: tuple) -> str:
+    """Every numeric bound of the field at ``loc``, e.g. '> 0 and <= 1' (empty when unknown)."""
+    owner = _section_at(loc[:-1]) if loc else None
+    field = owner.model_fields.get(str(loc[-1])) if owner else None
+    if field is None:
+        return ""
+    parts = []
+    for item in field.metadata:
+        for attribute, sign in _BOUND_SIGNS.items():
+            value = getattr(item, attribute, None)
+            if value is not None:
+                parts.append(f"{sign} {value}")
+    return " and ".join(parts)
 
 
 def _parse_scalar(text: str) -> Any:
