@@ -1,11 +1,14 @@
 """End-to-end runs of the prototype runner: learning, reproducibility, resume, outputs, baselines."""
 
+import functools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from atoll.algorithms.baselines import POOLED_CLIENT
 from atoll.config import config_with, load_config
 from atoll.experiment import build
 from atoll.report.progress import Progress
@@ -125,6 +128,23 @@ def test_local_only_keeps_personal_adapters_and_sends_nothing(tmp_path):
         experiment.close()
 
 
+def assert_pooled_client_holds_exactly_the_clients_training_data(experiment):
+    """The centralized baseline's one client trains on the union of every client's training split
+    (sorted, each index once, no test index of any kind) and has no test split of its own."""
+    splits = experiment.splits
+    pooled = experiment.clients[POOLED_CLIENT].context
+    assert POOLED_CLIENT not in experiment.real_client_ids
+    assert len(splits.client_train) == experiment.config.federation.clients
+    train = pooled.train_indices
+    assert np.array_equal(train, np.sort(np.concatenate(splits.client_train))), "not the sorted concatenation of the clients' training splits"
+    assert np.array_equal(train, np.union1d(train, train)), "pooled indices are unsorted or repeated"
+    assert np.array_equal(train, functools.reduce(np.union1d, splits.client_train)), "not the union of the clients' training splits"
+    assert pooled.num_examples == sum(splits.client_sizes()), "an example is in two clients' training splits"
+    held_out = np.concatenate([splits.global_test, *splits.client_test])
+    assert held_out.size > 0 and np.intersect1d(train, held_out).size == 0, "a test example is in the pooled training data"
+    assert pooled.test_indices.size == 0
+
+
 def test_baselines_run_end_to_end(tmp_path):
     for name in ("local-only", "centralized"):
         config = config_with(tiny_overrides(tmp_path / name, **{"algorithm.name": name, "model.name": "minilm", "train.lr": 0.002}))
@@ -136,6 +156,12 @@ def test_baselines_run_end_to_end(tmp_path):
             record = task_metrics(run_dir.path)[1]
             sampled = config.federation.clients
             assert record["train"]["steps"] == sampled * config.train.local_steps
+            experiment = build(config)
+            try:
+                assert_pooled_client_holds_exactly_the_clients_training_data(experiment)
+                assert experiment.clients[POOLED_CLIENT].context.config.train.local_steps == sampled * config.train.local_steps
+            finally:
+                experiment.close()
         else:
             assert summary["bytes_up_total"] == 0 and not (run_dir.path / "adapter").exists()
 

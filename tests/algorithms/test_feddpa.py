@@ -69,6 +69,27 @@ def test_server_is_fedavg_of_the_global_adapters_in_any_order():
             assert torch.allclose(other.lora[name].B, results[0].lora[name].B, atol=1e-6)
 
 
+def test_identical_global_adapters_give_that_adapter_back():
+    """When every sampled client (3 of 4, unequal example counts) uploads the same global adapter,
+    the server's global adapter is that input: A, B, scale and the head. The local adapters are
+    never uploaded, so nothing of them can reach the server."""
+    config = config_with(["federation.clients=4", "algorithm.name=feddpa"])
+    cls = get_algorithm("feddpa")
+    sizes = [5, 15, 30, 50]
+    server = cls(ServerContext(config, sizes, [4] * 4, lambda rank: random_state(99)), cls.Params())
+    same = random_state(7)
+    server.aggregate(1, [Update(i, sizes[i], same.clone()) for i in (3, 0, 2)])
+    result = server.global_state
+    assert set(result.lora) == set(same.lora) and set(result.extra) == set(same.extra)
+    for name, factors in same.lora.items():
+        assert torch.allclose(result.lora[name].A, factors.A, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(result.lora[name].B, factors.B, rtol=1e-6, atol=1e-6)
+        assert result.lora[name].scale == factors.scale
+    assert torch.allclose(result.extra["head.weight"], same.extra["head.weight"], rtol=1e-6, atol=1e-6)
+    download = server.configure(2, 1)
+    assert torch.allclose(download.lora["q"].B, same.lora["q"].B, rtol=1e-6, atol=1e-6), "clients download the aggregate"
+
+
 def test_two_live_adapters_are_mixed_per_instance_not_interpolated(experiment):
     bench = experiment.workbench
     host = BranchHost.of(bench)

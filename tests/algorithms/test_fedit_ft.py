@@ -43,6 +43,25 @@ def test_server_is_fedavg_in_any_order():
             assert torch.allclose(other.lora[name].B, results[0].lora[name].B, atol=1e-6)
 
 
+def test_identical_uploads_give_that_input_back():
+    """When every sampled client (3 of 4, unequal example counts) uploads the same adapter, the
+    global adapter (what the personal fine-tunes start from) is that input: A, B, scale, head."""
+    cls = get_algorithm("fedit-ft")
+    config = config_with(["federation.clients=4", "algorithm.name=fedit-ft"])
+    sizes = [5, 15, 30, 50]
+    server = cls(ServerContext(config, sizes, [4] * 4, lambda rank: random_state(9)), cls.Params())
+    same = random_state(4)
+    server.aggregate(1, [Update(i, sizes[i], same.clone()) for i in (1, 3, 0)])
+    result = server.global_state
+    assert set(result.lora) == set(same.lora) and set(result.extra) == set(same.extra)
+    for name, factors in same.lora.items():
+        assert torch.allclose(result.lora[name].A, factors.A, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(result.lora[name].B, factors.B, rtol=1e-6, atol=1e-6)
+        assert result.lora[name].scale == factors.scale
+    assert torch.allclose(result.extra["head.weight"], same.extra["head.weight"], rtol=1e-6, atol=1e-6)
+    assert server.configure(2, 2) is server.global_state
+
+
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
     config = config_with(tiny_overrides(tmp_path_factory.mktemp("runs"), **{"algorithm.name": "fedit-ft", "train.local_steps": 2, "data.max_examples": 400}))

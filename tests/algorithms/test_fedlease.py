@@ -18,7 +18,7 @@ from atoll.fl.base import ServerContext
 from atoll.fl.state import AdapterState, LoRAFactors, Update
 from atoll.fl.store import ClientStore
 from atoll.models.branches import BranchHost
-from atoll.models.moe import adaptive_top_m, expert_name, slot_experts
+from atoll.models.moe import ROUTER, adaptive_top_m, expert_name, router_init, slot_experts
 from atoll.report.progress import Progress
 from atoll.sim.prototype import resume_run, start_run
 from conftest import tiny_overrides
@@ -144,6 +144,52 @@ def test_cluster_wise_fedavg_reaches_only_the_own_cluster_in_any_order():
         assert torch.equal(results[0][1].to_tensors()[key], tensor), "an update of cluster 0 changed cluster 1"
     with pytest.raises(UpdateError, match="exactly expert"):
         server.aggregate(2, [expert_update(1, 0, sizes[1], 12)])  # client 1 belongs to cluster 1
+
+
+def test_identical_inputs_give_that_input_back_in_every_expert():
+    """Identical inputs from clients of unequal sizes (10, 15, 20, 25).
+
+    Warm-up and allocation: every client uploads the same adapter. Identical B are at distance 0,
+    so the partition is arbitrary (every candidate count has silhouette 0), but whatever it is,
+    each expert's LoRA (A, B, scale) and task head are that adapter (a size-weighted mean of
+    copies). The routers are not averaged from anything: they are re-initialised, so the exact
+    statement for them is equality with router_init(seed, layer, in_features, M).
+
+    Mixture phase: when the sampled members of a cluster all upload the same expert, routers and
+    head (a different state per cluster), each cluster's state becomes exactly its input."""
+    server, sizes = make_server(4)
+    same = grouped_states([0], seed=5)[0]
+    server.aggregate(1, [Update(i, sizes[i], same.clone()) for i in range(4)])
+    assert server.clusters is not None
+    count = server.num_experts
+    assert count >= 2 and any(server.clusters.count(m) >= 2 for m in range(count)), "a cluster must average several clients"
+    routers = {f"{ROUTER}.{m}.{key}": t for m in ("q", "v") for key, t in router_init(server.context.seed, m, K, count).items()}
+    for expert in server.experts:
+        assert set(expert.lora) == set(same.lora)
+        for m, factors in same.lora.items():
+            assert torch.allclose(expert.lora[m].A, factors.A, rtol=1e-6, atol=1e-6)
+            assert torch.allclose(expert.lora[m].B, factors.B, rtol=1e-6, atol=1e-6)
+            assert expert.lora[m].scale == factors.scale
+        assert set(expert.extra) == set(same.extra) | set(routers)
+        assert torch.allclose(expert.extra["head.weight"], same.extra["head.weight"], rtol=1e-6, atol=1e-6)
+        for key, tensor in routers.items():
+            assert torch.equal(expert.extra[key], tensor), key
+
+    gen = torch.Generator().manual_seed(17)
+    uploads = {}
+    for cluster, expert in enumerate(server.experts):
+        moved = expert.map_tensors(lambda t: t + torch.randn(t.shape, generator=gen))
+        uploads[cluster] = AdapterState({expert_key(cluster, m): f for m, f in moved.lora.items()}, moved.extra)
+    server.aggregate(2, [Update(c, sizes[c], uploads[server.clusters[c]].clone()) for c in (3, 1, 0, 2)])
+    for cluster, upload in uploads.items():
+        expert = server.experts[cluster]
+        for m in same.lora:
+            sent = upload.lora[expert_key(cluster, m)]
+            assert torch.allclose(expert.lora[m].A, sent.A, rtol=1e-6, atol=1e-6)
+            assert torch.allclose(expert.lora[m].B, sent.B, rtol=1e-6, atol=1e-6)
+        assert set(expert.extra) == set(upload.extra)
+        for key, tensor in upload.extra.items():
+            assert torch.allclose(expert.extra[key], tensor, rtol=1e-6, atol=1e-6), key
 
 
 def test_server_state_round_trips_through_a_checkpoint():

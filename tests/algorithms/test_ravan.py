@@ -77,6 +77,49 @@ def test_aggregation_is_exact_and_order_free():
             assert torch.allclose(other[key], results[0][key], atol=1e-6)
 
 
+def test_identical_uploads_give_that_input_back():
+    """Every sampled client uploads the same state (unequal example counts 10 / 30 / 60).
+
+    Uploads as clients send them (folded cores s_h H_h, no scales, and the head) come back
+    exactly: cores and head are the uploaded tensors, the scales are 1, and the exported PEFT LoRA
+    is that adapter (delta = scale * sum_h B_h H_h A_h over the seeded bases).
+
+    An upload that also carries scales s_h != 1 cannot come back tensor for tensor, because the
+    server folds them into the cores and resets s_h to 1 by design. What holds exactly is that it
+    comes back folded: H_h = s_h H_h, s_h = 1, so the adapter (the update B H A summed over heads)
+    is unchanged."""
+    sizes = [10, 30, 60]
+    server = make_server(heads=3, head_rank=2)
+    sent = client_update(server, 0, 0, 21).state
+    folded = {k: v for k, v in sent.extra.items() if not k.endswith(".s")}
+    for m in SHAPES:
+        folded[f"{PREFIX}{m}.H"] = sent.extra[f"{PREFIX}{m}.s"][:, None, None] * sent.extra[f"{PREFIX}{m}.H"]
+    upload = AdapterState(extra=folded)
+    server.aggregate(1, [Update(c, n, upload.clone()) for c, n in enumerate(sizes)])
+    assert set(server.ravan.extra) == set(folded) | {f"{PREFIX}{m}.s" for m in SHAPES}
+    for key, tensor in folded.items():
+        assert torch.allclose(server.ravan.extra[key], tensor, rtol=1e-6, atol=1e-6), key
+    for m in SHAPES:
+        assert torch.equal(server.ravan.extra[f"{PREFIX}{m}.s"], torch.ones(3))
+        B, A = server.bases(m)
+        expected = server.scale * heads_sum(B, A, folded[f"{PREFIX}{m}.H"], torch.ones(3))
+        assert torch.allclose(server.global_state.lora[m].delta(), expected, atol=1e-5)
+    assert torch.allclose(server.global_state.extra["head.weight"], folded["head.weight"], rtol=1e-6, atol=1e-6)
+    assert server.configure(2, 1) is server.ravan, "the next download is the aggregate"
+
+    # with scales in the upload: the same adapter, folded
+    scaled = make_server(heads=3, head_rank=2)
+    scaled.aggregate(1, [Update(c, n, sent.clone()) for c, n in enumerate(sizes)])
+    for m in SHAPES:
+        H, s = sent.extra[f"{PREFIX}{m}.H"], sent.extra[f"{PREFIX}{m}.s"]
+        assert not torch.allclose(s, torch.ones(3)), "the scales must differ from 1 for this check to mean anything"
+        assert torch.allclose(scaled.ravan.extra[f"{PREFIX}{m}.H"], s[:, None, None] * H, rtol=1e-6, atol=1e-6)
+        assert torch.equal(scaled.ravan.extra[f"{PREFIX}{m}.s"], torch.ones(3))
+        B, A = scaled.bases(m)
+        assert torch.allclose(scaled.global_state.lora[m].delta(), scaled.scale * heads_sum(B, A, H, s), atol=1e-5)
+    assert torch.allclose(scaled.ravan.extra["head.weight"], sent.extra["head.weight"], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.skipif(not hasattr(BaseServer, "aggregate_async"), reason="no asynchronous aggregation in this tree")
 def test_asynchronous_mixing_works_on_the_folded_cores():
     from atoll.fl.base import AsyncRule
