@@ -192,3 +192,19 @@ def test_an_interrupted_realistic_run_says_it_cannot_be_resumed(tmp_path):
     last = stderr.strip().splitlines()[-1]
     assert "realistic-mode runs cannot be resumed" in last and "--resume" not in last, last
     assert "Traceback" not in stderr
+
+
+def test_quiet_prints_one_log_line_per_round_and_no_library_noise(tmp_path):
+    """`atoll run --quiet` in a real process: stderr holds the run directory line and one line per
+    round (the last with its evaluation), nothing else: no progress bars, no warnings from
+    transformers, peft or torch."""
+    import re
+
+    overrides = tiny_overrides(tmp_path, **{"federation.rounds": 3, "train.local_steps": 2, "eval.every": 3, "run.plots": "false"})
+    result = subprocess.run([sys.executable, "-m", "atoll", "run", "--quiet"] + set_args(overrides), env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert re.fullmatch(r"\d\d:\d\d:\d\d run directory .+", lines[0]), lines
+    assert [re.fullmatch(r"\d\d:\d\d:\d\d round (\d+) \| train loss [0-9.]+ .*", line).group(1) for line in lines[1:]] == ["1", "2", "3"], lines
+    assert "global accuracy" in lines[-1] and "global accuracy" not in lines[1]
+    assert "global accuracy" in result.stdout and "Warning" not in result.stdout
