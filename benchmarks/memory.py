@@ -89,6 +89,9 @@ def main() -> None:
     print(f"client state: {len(experiment.store)} adapters, {resident_clients / mb:.0f} MiB resident, {experiment.store.spills} spilled to disk (budget {args.budget_mb:.0f} MiB)")
     print(f"peak RSS: {sampler.peak / mb:.0f} MiB; budget baseline + {args.clients} x adapter = {expected / mb:.0f} MiB")
     print(f"memory ratio (peak / (baseline + N x adapter)): {sampler.peak / expected:.3f}  target <= 1.20")
+    # the stricter reading: what the N clients added over the baseline, against N adapters alone
+    # (the baseline is the whole process: interpreter, torch, tokenised data and the base model)
+    print(f"growth over the baseline / (N x adapter): {(sampler.peak - baseline) / (args.clients * adapter_bytes):.3f}")
     experiment.close()
 
 

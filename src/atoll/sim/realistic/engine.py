@@ -628,7 +628,7 @@ class Simulation:
         cpu_started = wallclock.process_time()
         backend_before = sum(self.wall.values())
         run, position, front = queue.run, queue.position, queue.front  # EventQueue.pop's state, held locally
-        time = self.now
+        time = last = self.now
         while not self.done:
             if events >= limit:
                 self.stop("max_events")
@@ -738,13 +738,16 @@ class Simulation:
                 if kind > WINDOW_CLOSE:  # window events enter the digest through the counts only
                     time_of(time)
                     key_of(index * 16 + kind)
+            last = time  # a handled event (stale ones continue above)
             if log is not None:
                 log.append((time, names[kind], clients[index].id if index >= 0 else -1))
         digest.update(times)
         digest.update(keys_of)
         digest.update(array("q", (events, stale)))
         if self.stopped_by != "session":
-            self.now = time  # the last event popped (the inline paths skip the store)
+            # the last handled event: a stale one popped after it (the upload of a job already
+            # lost, say) changes nothing and must not stretch the run
+            self.now = last
         queue.position = position
         self.events = events
         self.stale_events += stale
