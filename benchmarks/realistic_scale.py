@@ -72,20 +72,41 @@ def bench_dry_run(clients: int, hours: float, root: Path) -> dict:
     from atoll.sim.prototype import start_run
 
     started, cpu = time.perf_counter(), time.process_time()
-    config = load_config(ROOT / "configs" / "quickstart.yaml", [
-        f"system={ROOT / 'configs' / 'sys' / 'scale-week.yaml'}", "mode=realistic", "realistic.dry_run=true",
-        f"algorithm.name={hetero_algorithm()}", f"federation.clients={clients}", "federation.sample_rate=0.001", "train.local_steps=null",
-        "federation.rounds=1000000", f"realistic.session_hours={hours}", "realistic.sync.wait=deadline",
-        "realistic.sync.deadline_seconds=900", "realistic.sync.min_clients=50", "eval.every=1000000", f"run.root={root}",
-    ])
+    config = load_config(
+        ROOT / "configs" / "quickstart.yaml",
+        [
+            f"system={ROOT / 'configs' / 'sys' / 'scale-week.yaml'}",
+            "mode=realistic",
+            "realistic.dry_run=true",
+            f"algorithm.name={hetero_algorithm()}",
+            f"federation.clients={clients}",
+            "federation.sample_rate=0.001",
+            "train.local_steps=null",
+            "federation.rounds=1000000",
+            f"realistic.session_hours={hours}",
+            "realistic.sync.wait=deadline",
+            "realistic.sync.deadline_seconds=900",
+            "realistic.sync.min_clients=50",
+            "eval.every=1000000",
+            f"run.root={root}",
+        ],
+    )
     loaded = time.perf_counter()
     _, summary = start_run(config, Progress())
     total = time.perf_counter() - started
     return {
-        "config_load_s": loaded - started, "total_s": total, "total_cpu_s": time.process_time() - cpu, "events": summary["events"],
-        "events_per_s": summary["events_per_second"], "events_per_cpu_s": summary["events_per_cpu_second"], "rounds": summary["rounds_completed"],
-        "virtual_hours": summary["virtual_hours"], "jobs": summary["jobs"], "wasted_jobs": summary["wasted"]["jobs"],
-        "dropouts": summary["dropouts"], "stopped_by": summary["stopped_by"],
+        "config_load_s": loaded - started,
+        "total_s": total,
+        "total_cpu_s": time.process_time() - cpu,
+        "events": summary["events"],
+        "events_per_s": summary["events_per_second"],
+        "events_per_cpu_s": summary["events_per_cpu_second"],
+        "rounds": summary["rounds_completed"],
+        "virtual_hours": summary["virtual_hours"],
+        "jobs": summary["jobs"],
+        "wasted_jobs": summary["wasted"]["jobs"],
+        "dropouts": summary["dropouts"],
+        "stopped_by": summary["stopped_by"],
     }
 
 
@@ -97,21 +118,48 @@ def bench_training(root: Path, paradigm: str, nightly: bool = False) -> dict:
     from atoll.sim.prototype import start_run
 
     torch.set_num_threads(1)
-    config = config_with([
-        "model.name=tiny-bert", "data.source=synthetic-cls", "data.max_examples=800", "federation.clients=8",
-        "federation.rounds=12", "train.local_steps=4", "train.batch_size=16", "eval.every=4", "eval.local=never",
-        "mode=realistic", f"system={ROOT / 'configs' / 'sys' / 'edge-devices.yaml'}", f"realistic.paradigm={paradigm}",
-        f"run.root={root / paradigm}",
-    ] + ([  # a federation whose event stream is mostly availability: 500 phones, nightly windows, dropout
-        f"system={ROOT / 'configs' / 'sys' / 'phones.yaml'}", f"algorithm.name={hetero_algorithm()}", "federation.clients=500",
-        "data.max_examples=3000", "partition.name=iid", "federation.sample_rate=0.016", "federation.rounds=60", "train.local_steps=1",
-        "eval.every=20", "realistic.session_hours=72", f"run.root={root / 'nightly'}",
-    ] if nightly else []))
+    config = config_with(
+        [
+            "model.name=tiny-bert",
+            "data.source=synthetic-cls",
+            "data.max_examples=800",
+            "federation.clients=8",
+            "federation.rounds=12",
+            "train.local_steps=4",
+            "train.batch_size=16",
+            "eval.every=4",
+            "eval.local=never",
+            "mode=realistic",
+            f"system={ROOT / 'configs' / 'sys' / 'edge-devices.yaml'}",
+            f"realistic.paradigm={paradigm}",
+            f"run.root={root / paradigm}",
+        ]
+        + (
+            [  # a federation whose event stream is mostly availability: 500 phones, nightly windows, dropout
+                f"system={ROOT / 'configs' / 'sys' / 'phones.yaml'}",
+                f"algorithm.name={hetero_algorithm()}",
+                "federation.clients=500",
+                "data.max_examples=3000",
+                "partition.name=iid",
+                "federation.sample_rate=0.016",
+                "federation.rounds=60",
+                "train.local_steps=1",
+                "eval.every=20",
+                "realistic.session_hours=72",
+                f"run.root={root / 'nightly'}",
+            ]
+            if nightly
+            else []
+        )
+    )
     _, summary = start_run(config, Progress())
     return {
-        "wall_s": summary["wall_seconds_total"], "machinery_s": summary["event_machinery_seconds"],
-        "machinery_share_of_run": summary["event_machinery_fraction"], "events": summary["events"],
-        "rounds": summary["rounds_completed"], "virtual_hours": summary["virtual_hours"],
+        "wall_s": summary["wall_seconds_total"],
+        "machinery_s": summary["event_machinery_seconds"],
+        "machinery_share_of_run": summary["event_machinery_fraction"],
+        "events": summary["events"],
+        "rounds": summary["rounds_completed"],
+        "virtual_hours": summary["virtual_hours"],
     }
 
 
@@ -124,7 +172,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"load average before: {load()} (2 cores shared)")
     wall_rate, cpu_rate = bench_queue()
-    print(f"bare event loop (pop + push, no handlers, 100,000 pending): {wall_rate:,.0f} events per wall second ({cpu_rate:,.0f} per CPU second)")
+    print(
+        f"bare event loop (pop + push, no handlers, 100,000 pending): {wall_rate:,.0f} events per wall second ({cpu_rate:,.0f} per CPU second)"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         runs = [bench_dry_run(args.clients, args.hours, Path(tmp) / f"dry{i}") for i in range(args.repeats)]
         for dry in runs:

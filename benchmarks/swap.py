@@ -36,8 +36,15 @@ def main() -> None:
     from atoll.fl.workbench import Workbench
 
     config = AutoConfig.for_model(
-        "llama", vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-        num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024, tie_word_embeddings=True,
+        "llama",
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
     )
     model = AutoModelForCausalLM.from_config(config)
     parameters = sum(p.numel() for p in model.parameters())
@@ -62,11 +69,15 @@ def main() -> None:
     reads = [timed(bench.read) for _ in range(args.repeats)]
     swaps = [timed(lambda i=i: (bench.load(states[i % 2]), bench.read())) for i in range(args.repeats)]
     clones = [timed(lambda: {k: v.clone() for k, v in model.state_dict().items()}) for _ in range(5)]
-    print(f"model: {parameters / 1e6:.1f}M parameters (Llama, 12 layers, hidden 768); LoRA r={args.rank} on q_proj/v_proj: {adapter_bytes / 1024:.0f} KiB")
+    print(
+        f"model: {parameters / 1e6:.1f}M parameters (Llama, 12 layers, hidden 768); LoRA r={args.rank} on q_proj/v_proj: {adapter_bytes / 1024:.0f} KiB"
+    )
     print(f"load  (adapter into the live model): median {statistics.median(loads):.2f} ms")
     print(f"read  (adapter out of the live model): median {statistics.median(reads):.2f} ms")
     print(f"swap  (load + read): median {statistics.median(swaps):.2f} ms, max {max(swaps):.2f} ms  target < 10 ms")
-    print(f"full state-dict clone of the same model: median {statistics.median(clones):.1f} ms ({statistics.median(clones) / statistics.median(swaps):.0f}x a swap)")
+    print(
+        f"full state-dict clone of the same model: median {statistics.median(clones):.1f} ms ({statistics.median(clones) / statistics.median(swaps):.0f}x a swap)"
+    )
 
 
 if __name__ == "__main__":

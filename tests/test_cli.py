@@ -46,7 +46,10 @@ def set_args(overrides):
         ({"data.source": "tweets-of-mars"}, "unknown data source 'tweets-of-mars'"),
         ({"data.label_column": "stars"}, "column 'stars' (data.label_column) does not exist"),
         ({"model.lora.rank": 0}, "model.lora.rank: Input should be greater than 0 (got 0); set a value > 0"),
-        ({"federation.sample_rate": 1.2}, "federation.sample_rate: Input should be less than or equal to 1 (got 1.2); set a value > 0 and <= 1"),
+        (
+            {"federation.sample_rate": 1.2},
+            "federation.sample_rate: Input should be less than or equal to 1 (got 1.2); set a value > 0 and <= 1",
+        ),
         ({"federation.sample_rate": 0}, "federation.sample_rate: Input should be greater than 0 (got 0); set a value > 0 and <= 1"),
         ({"federation.clients": 5000}, "5000 clients"),
         ({"model.name": "./missing-model-dir"}, "model directory './missing-model-dir' does not exist"),
@@ -150,7 +153,13 @@ def test_real_process_killed_mid_run_resumes_to_the_same_metrics(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (tmp_path / "killed" / "summary.json").exists(), "killed before the end"
-    resumed = subprocess.run([sys.executable, "-m", "atoll", "run", "--quiet", "--resume", str(tmp_path / "killed")], env=_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "atoll", "run", "--quiet", "--resume", str(tmp_path / "killed")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
     full = invoke(["run", "--quiet"] + set_args(tiny_overrides(tmp_path, **{"federation.rounds": 5, "run.dir": str(tmp_path / "full")})))
@@ -164,7 +173,10 @@ def test_real_process_killed_mid_run_resumes_to_the_same_metrics(tmp_path):
 def test_real_process_bad_input_exit_code(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "atoll", "run", "--set", "model.lora.rank=0", "--set", f"run.root={tmp_path}"],
-        env=_env(), capture_output=True, text=True, timeout=120,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "model.lora.rank" in result.stderr
@@ -176,9 +188,16 @@ def test_an_interrupted_realistic_run_says_it_cannot_be_resumed(tmp_path):
     refuses realistic runs)."""
     root = Path(__file__).resolve().parent.parent
     command = [sys.executable, "-m", "atoll", "run", "--quiet", "--dry-run", str(root / "configs" / "quickstart.yaml")]
-    for item in (f"system={root / 'configs' / 'sys' / 'scale-week.yaml'}", "federation.clients=100000", "federation.sample_rate=0.001",
-                 "algorithm.name=flexlora", "federation.rounds=1000000", "train.local_steps=null", "realistic.session_hours=10000",
-                 f"run.dir={tmp_path / 'run'}"):
+    for item in (
+        f"system={root / 'configs' / 'sys' / 'scale-week.yaml'}",
+        "federation.clients=100000",
+        "federation.sample_rate=0.001",
+        "algorithm.name=flexlora",
+        "federation.rounds=1000000",
+        "train.local_steps=null",
+        "realistic.session_hours=10000",
+        f"run.dir={tmp_path / 'run'}",
+    ):
         command += ["--set", item]
     process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     started = tmp_path / "run" / "config.yaml"
@@ -201,10 +220,14 @@ def test_quiet_prints_one_log_line_per_round_and_no_library_noise(tmp_path):
     import re
 
     overrides = tiny_overrides(tmp_path, **{"federation.rounds": 3, "train.local_steps": 2, "eval.every": 3, "run.plots": "false"})
-    result = subprocess.run([sys.executable, "-m", "atoll", "run", "--quiet"] + set_args(overrides), env=_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "atoll", "run", "--quiet"] + set_args(overrides), env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stderr.strip().splitlines()
     assert re.fullmatch(r"\d\d:\d\d:\d\d run directory .+", lines[0]), lines
-    assert [re.fullmatch(r"\d\d:\d\d:\d\d round (\d+) \| train loss [0-9.]+ .*", line).group(1) for line in lines[1:]] == ["1", "2", "3"], lines
+    assert [re.fullmatch(r"\d\d:\d\d:\d\d round (\d+) \| train loss [0-9.]+ .*", line).group(1) for line in lines[1:]] == ["1", "2", "3"], (
+        lines
+    )
     assert "global accuracy" in lines[-1] and "global accuracy" not in lines[1]
     assert "global accuracy" in result.stdout and "Warning" not in result.stdout

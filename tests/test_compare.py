@@ -26,15 +26,24 @@ def test_majority_rates_by_hand():
 
 def test_comparison_table_runs_every_cell_and_rerenders_identically(tmp_path):
     extra = [
-        "model.name=tiny-bert", "data.source=synthetic-cls", "data.max_examples=400", "data.test_size=80",
-        "federation.clients=4", "federation.rounds=2", "train.local_steps=2", "train.batch_size=16", "eval.every=1",
+        "model.name=tiny-bert",
+        "data.source=synthetic-cls",
+        "data.max_examples=400",
+        "data.test_size=80",
+        "federation.clients=4",
+        "federation.rounds=2",
+        "train.local_steps=2",
+        "train.batch_size=16",
+        "eval.every=1",
     ]
     runs, out = tmp_path / "runs", tmp_path / "docs"
     path = run_comparison(["fedit", "local-only"], ["iid"], [0, 1], out, runs, 2, 0.0, None, extra, log=lambda _: None)
     table = path.read_text()
     results = json.loads((out / "algorithms.json").read_text())
     assert set(results) == {f"iid/{a}/{s}" for a in ("fedit", "local-only") for s in (0, 1)}
-    summaries = {key: json.loads((runs / "iid" / f"{key.split('/')[1]}-seed{key.split('/')[2]}" / "summary.json").read_text()) for key in results}
+    summaries = {
+        key: json.loads((runs / "iid" / f"{key.split('/')[1]}-seed{key.split('/')[2]}" / "summary.json").read_text()) for key in results
+    }
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines() if line.startswith("| ")}
     # target 0 is reached at the first evaluated round: 1 for fedit; local-only has no global model,
     # so its global metric (the mean of the clients' own models) exists at the final round only

@@ -33,7 +33,9 @@ def skew(parts, labels):
 
 def test_dirichlet_skew_grows_as_alpha_shrinks():
     labels = labels_of()
-    values = [skew(partition(PartitionConfig(name="dirichlet", alpha=a), 10, labels, np.random.default_rng(2)), labels) for a in (100.0, 1.0, 0.1)]
+    values = [
+        skew(partition(PartitionConfig(name="dirichlet", alpha=a), 10, labels, np.random.default_rng(2)), labels) for a in (100.0, 1.0, 0.1)
+    ]
     assert values[0] < 0.1 < values[1] < values[2]
     iid = partition(PartitionConfig(name="iid"), 10, labels, np.random.default_rng(2))
     assert skew(iid, labels) < 0.08

@@ -40,14 +40,24 @@ class StopAfter(Progress):
 
 
 def test_minilm_learns_the_synthetic_task(tmp_path):
-    config = config_with(tiny_overrides(tmp_path, **{"model.name": "minilm", "federation.rounds": 3, "train.lr": 0.002, "train.local_steps": 5}))
+    config = config_with(
+        tiny_overrides(tmp_path, **{"model.name": "minilm", "federation.rounds": 3, "train.lr": 0.002, "train.local_steps": 5})
+    )
     run_dir, summary = start_run(config, Progress())
     assert summary["final_global"]["accuracy"] > summary["majority_class_rate"] + 0.2
     assert summary["final_local"]["accuracy"] > summary["majority_class_rate"] + 0.2
     records = task_metrics(run_dir.path)
     assert [r["round"] for r in records] == [0, 1, 2, 3]
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in records[1:])
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "metrics.png", "label_distribution.png", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "metrics.png",
+        "label_distribution.png",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+    ):
         assert (run_dir.path / name).is_file(), name
     assert RunDir(run_dir.path).checkpoint_rounds() == [1, 2, 3]
     assert load_config(run_dir.path / "config.yaml") == config
@@ -136,7 +146,9 @@ def assert_pooled_client_holds_exactly_the_clients_training_data(experiment):
     assert POOLED_CLIENT not in experiment.real_client_ids
     assert len(splits.client_train) == experiment.config.federation.clients
     train = pooled.train_indices
-    assert np.array_equal(train, np.sort(np.concatenate(splits.client_train))), "not the sorted concatenation of the clients' training splits"
+    assert np.array_equal(train, np.sort(np.concatenate(splits.client_train))), (
+        "not the sorted concatenation of the clients' training splits"
+    )
     assert np.array_equal(train, np.union1d(train, train)), "pooled indices are unsorted or repeated"
     assert np.array_equal(train, functools.reduce(np.union1d, splits.client_train)), "not the union of the clients' training splits"
     assert pooled.num_examples == sum(splits.client_sizes()), "an example is in two clients' training splits"
@@ -167,12 +179,23 @@ def test_baselines_run_end_to_end(tmp_path):
 
 
 def test_instruction_tuning_lowers_answer_loss(tmp_path):
-    config = config_with(tiny_overrides(tmp_path, **{
-        "model.name": "tiny-llama", "data.source": "synthetic-sft", "partition.name": "iid", "federation.rounds": 3,
-        "train.local_steps": 15, "train.lr": 0.01, "model.lora.rank": 16, "model.lora.target_modules": "[q_proj, v_proj]",
-        # a random-init base has flat output logits: the LM head is trained (and federated) too
-        "model.lora.trainable_modules": "[lm_head]",
-    }))
+    config = config_with(
+        tiny_overrides(
+            tmp_path,
+            **{
+                "model.name": "tiny-llama",
+                "data.source": "synthetic-sft",
+                "partition.name": "iid",
+                "federation.rounds": 3,
+                "train.local_steps": 15,
+                "train.lr": 0.01,
+                "model.lora.rank": 16,
+                "model.lora.target_modules": "[q_proj, v_proj]",
+                # a random-init base has flat output logits: the LM head is trained (and federated) too
+                "model.lora.trainable_modules": "[lm_head]",
+            },
+        )
+    )
     run_dir, summary = start_run(config, Progress())
     records = task_metrics(run_dir.path)
     assert records[0]["global"]["loss"] > 5.0
@@ -182,11 +205,23 @@ def test_instruction_tuning_lowers_answer_loss(tmp_path):
 
 
 def test_math_task_generates_and_scores(tmp_path):
-    config = config_with(tiny_overrides(tmp_path, **{
-        "model.name": "tiny-qwen2", "data.source": "gsm8k", "partition.name": "iid", "federation.rounds": 1,
-        "train.local_steps": 2, "train.batch_size": 4, "data.max_examples": 200, "eval.max_generate": 8, "eval.max_new_tokens": 8,
-        "model.max_length": 256,
-    }))
+    config = config_with(
+        tiny_overrides(
+            tmp_path,
+            **{
+                "model.name": "tiny-qwen2",
+                "data.source": "gsm8k",
+                "partition.name": "iid",
+                "federation.rounds": 1,
+                "train.local_steps": 2,
+                "train.batch_size": 4,
+                "data.max_examples": 200,
+                "eval.max_generate": 8,
+                "eval.max_new_tokens": 8,
+                "model.max_length": 256,
+            },
+        )
+    )
     _, summary = start_run(config, Progress())
     final = summary["final_global"]
     assert 0.0 <= final["exact_match"] <= 1.0 and final["generated"] == 8

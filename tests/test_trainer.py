@@ -50,7 +50,12 @@ def test_gradient_accumulation_matches_one_big_batch():
     def batches(size):
         while True:
             for start in range(0, 16, size):
-                yield {"x": x[start : start + size], "y": y[start : start + size], "input_ids": x[start : start + size], "attention_mask": torch.ones(size, 4)}
+                yield {
+                    "x": x[start : start + size],
+                    "y": y[start : start + size],
+                    "input_ids": x[start : start + size],
+                    "attention_mask": torch.ones(size, 4),
+                }
 
     def strip(stream):
         for batch in stream:

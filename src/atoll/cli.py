@@ -41,7 +41,9 @@ def _format_summary(summary: dict[str, Any]) -> str:
     metric = summary["metric"]
     final = summary.get("final_global", {})
     local = summary.get("final_local", {})
-    lines = [f"{summary['algorithm']} on {summary['data']} with {summary['model']}: {summary['clients']} clients, {summary['rounds']} rounds"]
+    lines = [
+        f"{summary['algorithm']} on {summary['data']} with {summary['model']}: {summary['clients']} clients, {summary['rounds']} rounds"
+    ]
     if metric in final:
         text = f"global {metric} {final[metric]:.4f}"
         if "majority_class_rate" in summary:
@@ -100,12 +102,16 @@ def run(
             typer.echo(f"atoll: interrupted; {why}", err=True)
         else:
             typer.echo("atoll: interrupted; continue with `atoll run --resume RUN_DIR`", err=True)
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     typer.echo(_format_summary(summary))
 
 
 @app.command("list")
-def list_(what: Optional[str] = typer.Argument(None, help="models, datasets, tasks, partitioners, algorithms, or one algorithm's name for its parameters")) -> None:
+def list_(
+    what: Optional[str] = typer.Argument(
+        None, help="models, datasets, tasks, partitioners, algorithms, or one algorithm's name for its parameters"
+    ),
+) -> None:
     """Show the models, datasets, tasks, partitioners and algorithms that exist (`atoll list NAME`:
     one algorithm's parameters, set as algorithm.KEY)."""
     from rich.console import Console
@@ -117,7 +123,9 @@ def list_(what: Optional[str] = typer.Argument(None, help="models, datasets, tas
     from atoll.models.registry import BUILTIN_MODELS
 
     sections = {
-        "models": [(m.name, m.family + (", pretrained" if m.pretrained else ", random init"), m.description) for m in BUILTIN_MODELS.values()]
+        "models": [
+            (m.name, m.family + (", pretrained" if m.pretrained else ", random init"), m.description) for m in BUILTIN_MODELS.values()
+        ]
         + [("<directory>", "any", "a local Hugging Face model directory"), ("<org/name>", "any", "a hub model (online only)")],
         "datasets": [(s.name, s.task, s.description) for s in BUILTIN_SOURCES.values()]
         + [("<file>", "auto", "local .json / .jsonl / .csv / .parquet"), ("<org/name>", "auto", "a hub dataset (online only)")],
@@ -128,8 +136,14 @@ def list_(what: Optional[str] = typer.Argument(None, help="models, datasets, tas
         ],
         "partitioners": [(name, "", text) for name, text in PARTITIONERS.items()],
         "algorithms": [
-            (cls.name, f"ranks: {cls.rank_support}" + (", personal" if cls.personalized else "") + ("" if getattr(cls, "supports_async", True) else ", sync only"),
-             ", ".join(cls.Params.model_fields) or "-", cls.paper)
+            (
+                cls.name,
+                f"ranks: {cls.rank_support}"
+                + (", personal" if cls.personalized else "")
+                + ("" if getattr(cls, "supports_async", True) else ", sync only"),
+                ", ".join(cls.Params.model_fields) or "-",
+                cls.paper,
+            )
             for cls in algorithms.available().values()
         ],
     }
@@ -198,7 +212,11 @@ def bench_algorithms(
     runs: Path = typer.Option(Path("runs/bench"), help="where the individual run directories go"),
     set_: list[str] = typer.Option([], "--set", help="override a key in every run"),
     render_only: bool = typer.Option(False, "--render-only", help="rewrite the table, plot and json from the finished runs in --runs"),
-    rerun: Optional[str] = typer.Option(None, "--rerun", help="comma-separated algorithms of the finished bench in --runs to run again (their rows are replaced; needs --why)"),
+    rerun: Optional[str] = typer.Option(
+        None,
+        "--rerun",
+        help="comma-separated algorithms of the finished bench in --runs to run again (their rows are replaced; needs --why)",
+    ),
     why: Optional[str] = typer.Option(None, "--why", help="with --rerun: the reason, recorded under the table"),
 ) -> None:
     """Every algorithm x partition x seed on one task: a markdown table and a plot."""
@@ -208,15 +226,29 @@ def bench_algorithms(
 
     if render_only or rerun:
         if not (runs / BENCH_RECORD).is_file():
-            fail(AtollError(f"'{runs}' holds no finished bench ({BENCH_RECORD} is missing)", "run `atoll bench algorithms` first or pass --runs"))
+            fail(
+                AtollError(
+                    f"'{runs}' holds no finished bench ({BENCH_RECORD} is missing)", "run `atoll bench algorithms` first or pass --runs"
+                )
+            )
         if rerun:
             names = [a.strip() for a in rerun.split(",") if a.strip()]
             benched = json.loads((runs / BENCH_RECORD).read_text())["algorithms"]
             missing = [n for n in names if n not in benched]
             if missing or not names:
-                fail(AtollError(f"--rerun: '{(missing or [rerun])[0]}' is not an algorithm of the bench in '{runs}'", f"choose from: {', '.join(benched)}"))
+                fail(
+                    AtollError(
+                        f"--rerun: '{(missing or [rerun])[0]}' is not an algorithm of the bench in '{runs}'",
+                        f"choose from: {', '.join(benched)}",
+                    )
+                )
             if not why or not why.strip():
-                fail(AtollError("--rerun needs --why", "say why the rows change, e.g. --why 'default changed to option I'; it is printed under the table"))
+                fail(
+                    AtollError(
+                        "--rerun needs --why",
+                        "say why the rows change, e.g. --why 'default changed to option I'; it is printed under the table",
+                    )
+                )
             path = rerun_algorithms(names, why.strip(), runs, out)
         else:
             path = render(runs, out)

@@ -83,12 +83,8 @@ class DataConfig(Section):
     prompt_column: str | None = Field(None, description="instruction/question column for sft and math")
     response_column: str | None = Field(None, description="answer column for sft and math (the loss is on it only)")
     max_examples: int | None = Field(None, gt=0, description="use at most this many examples of the source (random subset)")
-    test_size: float = Field(
-        0.1, gt=0, description="held-out global test set: a fraction (< 1) or a number of examples (>= 1)"
-    )
-    local_test_fraction: float = Field(
-        0.2, ge=0, lt=1, description="fraction of each client's partition kept as its local test split"
-    )
+    test_size: float = Field(0.1, gt=0, description="held-out global test set: a fraction (< 1) or a number of examples (>= 1)")
+    local_test_fraction: float = Field(0.2, ge=0, lt=1, description="fraction of each client's partition kept as its local test split")
     cache_dir: str | None = Field(None, description="where tokenised data is cached (default ~/.cache/atoll)")
 
 
@@ -152,14 +148,17 @@ class RunConfig(Section):
     store_budget_mb: float = Field(512.0, gt=0, description="client private state kept in RAM before spilling to disk")
     plots: bool = Field(True, description="write PNG plots into the run directory")
     export_personal: bool = Field(
-        False, description="also write each client's personal adapter to personal/client_K in PEFT format (local engine; personalized algorithms whose personal model is one LoRA)"
+        False,
+        description="also write each client's personal adapter to personal/client_K in PEFT format (local engine; personalized algorithms whose personal model is one LoRA)",
     )
 
 
 class Config(Section):
     name: str = Field("quickstart", description="run name, used in the run directory name")
     seed: int = Field(0, description="seed of every random stream")
-    engine: Literal["local", "flower"] = Field("local", description="where the federation runs: local (in this process) or flower (Flower's simulation or deployment engine)")
+    engine: Literal["local", "flower"] = Field(
+        "local", description="where the federation runs: local (in this process) or flower (Flower's simulation or deployment engine)"
+    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="base model and LoRA")
     data: DataConfig = Field(default_factory=DataConfig, description="data source and task")
     partition: PartitionConfig = Field(default_factory=PartitionConfig, description="split across clients")
@@ -168,7 +167,9 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="local training")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
     run: RunConfig = Field(default_factory=RunConfig, description="run directory and process settings")
-    flower: FlowerConfig = Field(default_factory=FlowerConfig, description="engine: flower: simulation or deployment, secure aggregation, DP")
+    flower: FlowerConfig = Field(
+        default_factory=FlowerConfig, description="engine: flower: simulation or deployment, secure aggregation, DP"
+    )
     mode: Literal["prototype", "realistic"] = Field(
         "prototype", description="prototype: synchronous rounds in process; realistic: event-driven simulation of devices (needs system)"
     )
@@ -177,11 +178,9 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _ranks_refer_to_clients(self) -> "Config":
-        for client_id in (self.model.lora.client_ranks or {}):
+        for client_id in self.model.lora.client_ranks or {}:
             if not 0 <= client_id < self.federation.clients:
-                raise ValueError(
-                    f"model.lora.client_ranks names client {client_id}, but clients are 0..{self.federation.clients - 1}"
-                )
+                raise ValueError(f"model.lora.client_ranks names client {client_id}, but clients are 0..{self.federation.clients - 1}")
         return self
 
     def rank_of(self, client_id: int) -> int:

@@ -108,7 +108,10 @@ def make_splits(config: Config, data: Tokenized, raw: RawData, spec: TaskSpec) -
     test_size = config.data.test_size
     test_count = int(test_size) if test_size >= 1 else int(round(test_size * n))
     if test_count < 1 or test_count >= n:
-        raise DataError(f"data.test_size={test_size} leaves {n - test_count} of {n} examples for training", "use a fraction in (0, 1) or a smaller count")
+        raise DataError(
+            f"data.test_size={test_size} leaves {n - test_count} of {n} examples for training",
+            "use a fraction in (0, 1) or a smaller count",
+        )
     order = numpy_rng(config.seed, "global-test").permutation(n)
     global_test = np.sort(order[:test_count])
     if config.eval.max_examples is not None:
@@ -145,8 +148,15 @@ def build(config: Config, store_dir: Path | None = None) -> Experiment:
     model = load_base_model(config.model.name, spec.is_generative, spec.num_labels, tokenizer, config.model.dtype, config.seed)
     targets = target_modules(model, config.model.lora.target_modules)
     workbench = Workbench(
-        model, tokenizer, spec, data, config.model.lora, targets, config.seed,
-        eval_batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens,
+        model,
+        tokenizer,
+        spec,
+        data,
+        config.model.lora,
+        targets,
+        config.seed,
+        eval_batch_size=config.eval.batch_size,
+        max_new_tokens=config.eval.max_new_tokens,
     )
     server_cls.prepare_workbench(workbench, config, params)
     store = ClientStore(int(config.run.store_budget_mb * 2**20), store_dir)
@@ -162,7 +172,9 @@ def build(config: Config, store_dir: Path | None = None) -> Experiment:
     )
     clients: dict[int, BaseClient] = {}
     for client_id in range(config.federation.clients):
-        context = ClientContext(client_id, splits.client_train[client_id], splits.client_test[client_id], ranks[client_id], config, workbench, store)
+        context = ClientContext(
+            client_id, splits.client_train[client_id], splits.client_test[client_id], ranks[client_id], config, workbench, store
+        )
         clients[client_id] = server_cls.client_class(context, params)
     if server_cls.name == "centralized":
         clients[POOLED_CLIENT] = _pooled_client(config, splits, workbench, store, server_cls, params)

@@ -81,6 +81,7 @@ def ideal_delta(states: list[AdapterState], name: str, sizes: list[int] = SIZES)
 
 # -- end-to-end ----------------------------------------------------------------------------------
 
+
 @pytest.fixture(autouse=True)
 def no_plots(monkeypatch):
     """Skip the PNG plots of end-to-end runs (a third of a tiny run's time; nothing here reads them).
@@ -140,6 +141,7 @@ class StopAfter(Progress):
 
 
 # -- server optimisers ---------------------------------------------------------------------------
+
 
 def optimised(state: AdapterState) -> dict[str, torch.Tensor]:
     """The tensors a server optimiser moves (A, B, heads), keyed like ``to_tensors``."""

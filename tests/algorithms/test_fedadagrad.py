@@ -10,7 +10,14 @@ from atoll.config import config_with
 from atoll.errors import ConfigError
 from optsvd_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
     no_plots,
-    SIZES, assert_finite_run, make_server, optimised, pseudo_gradient, random_state, run, updates_for,
+    SIZES,
+    assert_finite_run,
+    make_server,
+    optimised,
+    pseudo_gradient,
+    random_state,
+    run,
+    updates_for,
 )
 
 NAME = "fedadagrad"

@@ -13,7 +13,16 @@ from atoll.report.progress import Progress
 from atoll.sim.prototype import resume_run
 from optsvd_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
     no_plots,
-    MODULES, SIZES, StopAfter, assert_finite_run, make_server, random_state, run, task_metrics, updates_for, weights_of,
+    MODULES,
+    SIZES,
+    StopAfter,
+    assert_finite_run,
+    make_server,
+    random_state,
+    run,
+    task_metrics,
+    updates_for,
+    weights_of,
 )
 
 

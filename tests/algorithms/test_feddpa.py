@@ -94,7 +94,9 @@ def test_two_live_adapters_are_mixed_per_instance_not_interpolated(experiment):
     bench = experiment.workbench
     host = BranchHost.of(bench)
     global_state = perturbed(bench.initial_state(), 1)
-    local = {name: LoRAFactors(f.A + 0.5 * torch.randn_like(f.A), 0.3 * torch.randn_like(f.B), f.scale) for name, f in global_state.lora.items()}
+    local = {
+        name: LoRAFactors(f.A + 0.5 * torch.randn_like(f.A), 0.3 * torch.randn_like(f.B), f.scale) for name, f in global_state.lora.items()
+    }
     indices = experiment.splits.global_test[:4]
     bench.load(AdapterState(local, global_state.extra))
     local_only = logits(experiment, indices)
@@ -119,7 +121,9 @@ def test_two_live_adapters_are_mixed_per_instance_not_interpolated(experiment):
     expected = base + (1 - a) * (x @ global_state.lora[name].delta().T) + a * (x @ local[name].delta().T)
     assert torch.allclose(out, expected, atol=1e-5)
     # a parameter-level interpolation of the factors is a different function
-    interpolated = LoRAFactors(0.5 * (global_state.lora[name].A + local[name].A), 0.5 * (global_state.lora[name].B + local[name].B), local[name].scale)
+    interpolated = LoRAFactors(
+        0.5 * (global_state.lora[name].A + local[name].A), 0.5 * (global_state.lora[name].B + local[name].B), local[name].scale
+    )
     shortcut = base + x @ interpolated.delta().T
     assert (out[2] - shortcut[2]).abs().max() > 1e-3
 
@@ -210,7 +214,10 @@ def test_finetune_variant_trains_the_local_adapter_once_per_global(experiment):
 
 def test_end_to_end_feddpa_both_variants(tmp_path):
     for variant in ("iterative", "finetune"):
-        overrides = tiny_overrides(tmp_path / variant, **{"algorithm.name": "feddpa", "algorithm.variant": variant, "train.local_steps": 2, "data.max_examples": 400})
+        overrides = tiny_overrides(
+            tmp_path / variant,
+            **{"algorithm.name": "feddpa", "algorithm.variant": variant, "train.local_steps": 2, "data.max_examples": 400},
+        )
         _, summary = start_run(config_with(overrides), Progress())
         assert summary["final_global"] and all(math.isfinite(v) for v in summary["final_global"].values())
         local = summary["final_local"]

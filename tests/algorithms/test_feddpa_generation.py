@@ -17,10 +17,20 @@ from conftest import tiny_overrides
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
-    config = config_with(tiny_overrides(tmp_path_factory.mktemp("runs"), **{
-        "algorithm.name": "feddpa", "model.name": "tiny-llama", "data.source": "synthetic-sft", "partition.name": "iid",
-        "data.max_examples": 200, "train.local_steps": 2, "train.batch_size": 8,
-    }))
+    config = config_with(
+        tiny_overrides(
+            tmp_path_factory.mktemp("runs"),
+            **{
+                "algorithm.name": "feddpa",
+                "model.name": "tiny-llama",
+                "data.source": "synthetic-sft",
+                "partition.name": "iid",
+                "data.max_examples": 200,
+                "train.local_steps": 2,
+                "train.batch_size": 8,
+            },
+        )
+    )
     exp = build(config)
     yield exp
     exp.close()

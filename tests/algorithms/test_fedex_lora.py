@@ -4,7 +4,13 @@ import itertools
 
 import torch
 from hetrank_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
-    assert_finite_summary, assert_resume_reproduces_the_uninterrupted_run, make_server, no_plots, random_state, updates_for, weights_of,
+    assert_finite_summary,
+    assert_resume_reproduces_the_uninterrupted_run,
+    make_server,
+    no_plots,
+    random_state,
+    updates_for,
+    weights_of,
 )
 
 from atoll.config import config_with
@@ -43,7 +49,10 @@ def test_unweighted_mean_or_missing_scale_would_not_be_exact():
     server = make_server("fedex-lora", SIZES, [4] * 4)
     states = [random_state(i) for i in range(4)]
     server.aggregate(1, updates_for(states, SIZES))
-    unscaled = sum(w * s.lora["q"].B @ s.lora["q"].A for w, s in zip(weights_of(SIZES), states)) - server.global_state.lora["q"].B @ server.global_state.lora["q"].A
+    unscaled = (
+        sum(w * s.lora["q"].B @ s.lora["q"].A for w, s in zip(weights_of(SIZES), states))
+        - server.global_state.lora["q"].B @ server.global_state.lora["q"].A
+    )
     assert not torch.allclose(server.global_state.base["q"], unscaled, atol=1e-3)
     uniform = sum(0.25 * s.lora["q"].delta() for s in states) - server.global_state.lora["q"].delta()
     assert not torch.allclose(server.global_state.base["q"], uniform, atol=1e-3)

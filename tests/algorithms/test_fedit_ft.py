@@ -64,7 +64,9 @@ def test_identical_uploads_give_that_input_back():
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
-    config = config_with(tiny_overrides(tmp_path_factory.mktemp("runs"), **{"algorithm.name": "fedit-ft", "train.local_steps": 2, "data.max_examples": 400}))
+    config = config_with(
+        tiny_overrides(tmp_path_factory.mktemp("runs"), **{"algorithm.name": "fedit-ft", "train.local_steps": 2, "data.max_examples": 400})
+    )
     exp = build(config)
     yield exp
     exp.close()

@@ -38,7 +38,10 @@ def grouped_states(groups, seed=0, noise=0.05):
     directions = {g: {m: torch.randn(D, R, generator=gen) for m in ("q", "v")} for g in sorted(set(groups))}
     states = []
     for group in groups:
-        lora = {m: LoRAFactors(torch.randn(R, K, generator=gen), directions[group][m] + noise * torch.randn(D, R, generator=gen), 2.0) for m in ("q", "v")}
+        lora = {
+            m: LoRAFactors(torch.randn(R, K, generator=gen), directions[group][m] + noise * torch.randn(D, R, generator=gen), 2.0)
+            for m in ("q", "v")
+        }
         states.append(AdapterState(lora, {"head.weight": torch.randn(3, D, generator=gen)}))
     return states
 
@@ -118,7 +121,9 @@ def test_experts_start_as_size_weighted_cluster_means():
 
 def expert_update(client, cluster, size, seed):
     gen = torch.Generator().manual_seed(seed)
-    lora = {expert_key(cluster, m): LoRAFactors(torch.randn(R, K, generator=gen), torch.randn(D, R, generator=gen), 2.0) for m in ("q", "v")}
+    lora = {
+        expert_key(cluster, m): LoRAFactors(torch.randn(R, K, generator=gen), torch.randn(D, R, generator=gen), 2.0) for m in ("q", "v")
+    }
     extra = {f"router.{m}.{p}": torch.randn(*shape, generator=gen) for m in ("q", "v") for p, shape in (("weight", (3, K)), ("bias", (3,)))}
     extra["head.weight"] = torch.randn(3, D, generator=gen)
     return Update(client, size, AdapterState(lora, extra))
@@ -227,7 +232,9 @@ def test_router_gives_a_distribution_over_selected_experts_always_including_its_
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
-    config = config_with(tiny_overrides(tmp_path_factory.mktemp("runs"), **{"algorithm.name": "fedlease", "train.local_steps": 2, "data.max_examples": 400}))
+    config = config_with(
+        tiny_overrides(tmp_path_factory.mktemp("runs"), **{"algorithm.name": "fedlease", "train.local_steps": 2, "data.max_examples": 400})
+    )
     exp = build(config)
     updates = [exp.clients[c].run(1, exp.server.configure(1, c)) for c in exp.server.sample(1, exp.real_client_ids)]
     assert len(updates) == 4, "every client trains in the warm-up"
@@ -246,7 +253,10 @@ def test_live_mixture_trains_only_the_own_expert_and_does_not_leak(experiment):
     client = FedLEASEClient(dataclasses.replace(experiment.clients[client_id].context, store=ClientStore()), server.params)
     update = client.run(2, download)
     assert set(update.state.lora) == {expert_key(own, m) for m in server.experts[own].lora}
-    assert not torch.equal(update.state.lora[expert_key(own, "bert.encoder.layer.0.attention.self.query")].B, download.lora[expert_key(own, "bert.encoder.layer.0.attention.self.query")].B)
+    assert not torch.equal(
+        update.state.lora[expert_key(own, "bert.encoder.layer.0.attention.self.query")].B,
+        download.lora[expert_key(own, "bert.encoder.layer.0.attention.self.query")].B,
+    )
     for expert in range(server.num_experts):
         if expert != own:
             for layer, factors in host.read_lora(expert_name(expert)).items():
@@ -284,10 +294,16 @@ class StopAfter(Progress):
 
 
 def test_end_to_end_with_resume_after_the_clustering(tmp_path):
-    overrides = tiny_overrides(tmp_path, **{
-        "algorithm.name": "fedlease", "federation.rounds": 3, "federation.sample_rate": 0.5,
-        "train.local_steps": 2, "data.max_examples": 300,
-    })
+    overrides = tiny_overrides(
+        tmp_path,
+        **{
+            "algorithm.name": "fedlease",
+            "federation.rounds": 3,
+            "federation.sample_rate": 0.5,
+            "train.local_steps": 2,
+            "data.max_examples": 300,
+        },
+    )
     full, summary = start_run(config_with(overrides + ["run.dir=" + str(tmp_path / "full")]), Progress())
     assert summary["final_global"] and all(math.isfinite(v) for v in summary["final_global"].values())
     assert math.isfinite(summary["final_local"]["accuracy"]) and math.isfinite(summary["final_local"]["loss"])

@@ -11,7 +11,16 @@ from atoll.config import config_with
 from atoll.errors import ConfigError
 from optsvd_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
     no_plots,
-    MODULES, RANK, SIZES, assert_finite_run, ideal_delta, make_client, make_server, random_state, run, updates_for,
+    MODULES,
+    RANK,
+    SIZES,
+    assert_finite_run,
+    ideal_delta,
+    make_client,
+    make_server,
+    random_state,
+    run,
+    updates_for,
 )
 
 

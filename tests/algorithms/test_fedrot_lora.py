@@ -14,7 +14,16 @@ from atoll.errors import ConfigError
 from atoll.fl.state import AdapterState
 from optsvd_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
     no_plots,
-    MODULES, RANK, SIZES, assert_finite_run, ideal_delta, make_client, make_server, random_state, run, task_metrics,
+    MODULES,
+    RANK,
+    SIZES,
+    assert_finite_run,
+    ideal_delta,
+    make_client,
+    make_server,
+    random_state,
+    run,
+    task_metrics,
     updates_for,
 )
 

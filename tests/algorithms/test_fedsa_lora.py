@@ -4,7 +4,13 @@ import itertools
 
 import torch
 from hetrank_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
-    assert_finite_summary, assert_resume_reproduces_the_uninterrupted_run, make_server, no_plots, random_state, updates_for, weights_of,
+    assert_finite_summary,
+    assert_resume_reproduces_the_uninterrupted_run,
+    make_server,
+    no_plots,
+    random_state,
+    updates_for,
+    weights_of,
 )
 
 from atoll.config import config_with
@@ -99,9 +105,14 @@ def test_personal_head_when_not_shared(tmp_path):
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
     # the private B_k live in the client store, which checkpoints save and resume restores
-    assert_resume_reproduces_the_uninterrupted_run(tmp_path, {
-        "algorithm.name": "fedsa-lora", "federation.rounds": 4, "federation.sample_rate": 0.5,
-    })
+    assert_resume_reproduces_the_uninterrupted_run(
+        tmp_path,
+        {
+            "algorithm.name": "fedsa-lora",
+            "federation.rounds": 4,
+            "federation.sample_rate": 0.5,
+        },
+    )
 
 
 def test_end_to_end_run_exports_personal_adapters_that_reproduce_each_clients_metrics(tmp_path):

@@ -12,8 +12,18 @@ from atoll.errors import ConfigError, UpdateError
 from atoll.fl.state import AdapterState, LoRAFactors
 from optsvd_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
     no_plots,
-    MODULES, RANK, SIZES, assert_finite_run, ideal_delta, last_checkpoint, make_client, make_server, random_state, run,
-    updates_for, weights_of,
+    MODULES,
+    RANK,
+    SIZES,
+    assert_finite_run,
+    ideal_delta,
+    last_checkpoint,
+    make_client,
+    make_server,
+    random_state,
+    run,
+    updates_for,
+    weights_of,
 )
 
 

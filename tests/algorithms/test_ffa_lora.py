@@ -5,7 +5,12 @@ import itertools
 import torch
 from safetensors.torch import load_file
 from hetrank_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
-    assert_finite_summary, make_server, no_plots, random_state, updates_for, weights_of,
+    assert_finite_summary,
+    make_server,
+    no_plots,
+    random_state,
+    updates_for,
+    weights_of,
 )
 
 from atoll.config import config_with

@@ -4,7 +4,14 @@ import itertools
 
 import torch
 from hetrank_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
-    assert_finite_summary, assert_resume_reproduces_the_uninterrupted_run, initial_state, make_server, no_plots, random_state, updates_for, weights_of,
+    assert_finite_summary,
+    assert_resume_reproduces_the_uninterrupted_run,
+    initial_state,
+    make_server,
+    no_plots,
+    random_state,
+    updates_for,
+    weights_of,
 )
 
 from atoll.config import config_with
@@ -122,6 +129,12 @@ def test_end_to_end_run_with_unequal_ranks_finishes_with_finite_metrics(tmp_path
 
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
-    assert_resume_reproduces_the_uninterrupted_run(tmp_path, {
-        "algorithm.name": "flexlora", "model.lora.rank_cycle": [4, 8], "federation.rounds": 4, "federation.sample_rate": 0.5,
-    })
+    assert_resume_reproduces_the_uninterrupted_run(
+        tmp_path,
+        {
+            "algorithm.name": "flexlora",
+            "model.lora.rank_cycle": [4, 8],
+            "federation.rounds": 4,
+            "federation.sample_rate": 0.5,
+        },
+    )

@@ -6,7 +6,14 @@ import math
 
 import torch
 from hetrank_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
-    assert_finite_summary, assert_resume_reproduces_the_uninterrupted_run, initial_state, make_server, no_plots, random_state, updates_for, weights_of,
+    assert_finite_summary,
+    assert_resume_reproduces_the_uninterrupted_run,
+    initial_state,
+    make_server,
+    no_plots,
+    random_state,
+    updates_for,
+    weights_of,
 )
 
 from atoll.algorithms.flora import fresh_lora, rebuild_base
@@ -146,6 +153,12 @@ def test_end_to_end_run_with_unequal_ranks_finishes_with_finite_metrics(tmp_path
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
     # partial participation: stacked downloads in round 1, dense ones later, across the cut
-    assert_resume_reproduces_the_uninterrupted_run(tmp_path, {
-        "algorithm.name": "flora", "model.lora.rank_cycle": [4, 8], "federation.rounds": 4, "federation.sample_rate": 0.5,
-    })
+    assert_resume_reproduces_the_uninterrupted_run(
+        tmp_path,
+        {
+            "algorithm.name": "flora",
+            "model.lora.rank_cycle": [4, 8],
+            "federation.rounds": 4,
+            "federation.sample_rate": 0.5,
+        },
+    )

@@ -16,7 +16,9 @@ from conftest import tiny_overrides
 
 
 def test_rank_cycle_assigns_ranks_by_pattern_and_client_ranks_take_precedence():
-    config = config_with(["algorithm.name=flora", "federation.clients=7", "model.lora.rank_cycle=[4, 8, 16]", "model.lora.client_ranks={5: 2}"])
+    config = config_with(
+        ["algorithm.name=flora", "federation.clients=7", "model.lora.rank_cycle=[4, 8, 16]", "model.lora.client_ranks={5: 2}"]
+    )
     assert [config.rank_of(c) for c in range(7)] == [4, 8, 16, 4, 8, 2, 4]
     plain = config_with(["federation.clients=3", "model.lora.rank=6"])
     assert [plain.rank_of(c) for c in range(3)] == [6, 6, 6]

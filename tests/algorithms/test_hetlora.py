@@ -6,7 +6,15 @@ import itertools
 import pytest
 import torch
 from hetrank_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
-    assert_finite_summary, assert_resume_reproduces_the_uninterrupted_run, make_client, make_server, no_plots, random_state, scale_of, updates_for, weights_of,
+    assert_finite_summary,
+    assert_resume_reproduces_the_uninterrupted_run,
+    make_client,
+    make_server,
+    no_plots,
+    random_state,
+    scale_of,
+    updates_for,
+    weights_of,
 )
 
 from atoll.algorithms.hetlora import sparsity_weights, tail_norm, tail_size, to_client, to_global
@@ -168,7 +176,13 @@ def test_end_to_end_run_with_unequal_ranks_finishes_with_finite_metrics(tmp_path
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
     # strong regulariser: clients prune before the cut, so the pruned ranks must survive it
-    assert_resume_reproduces_the_uninterrupted_run(tmp_path, {
-        "algorithm.name": "hetlora", "algorithm.prune_lambda": 1.0, "model.lora.rank_cycle": [4, 8],
-        "federation.rounds": 4, "federation.sample_rate": 0.5,
-    })
+    assert_resume_reproduces_the_uninterrupted_run(
+        tmp_path,
+        {
+            "algorithm.name": "hetlora",
+            "algorithm.prune_lambda": 1.0,
+            "model.lora.rank_cycle": [4, 8],
+            "federation.rounds": 4,
+            "federation.sample_rate": 0.5,
+        },
+    )

@@ -14,8 +14,20 @@ from atoll.fl.state import AdapterState, LoRAFactors
 from conftest import tiny_overrides
 from optsvd_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
     no_plots,
-    MODULES, RANK, SCALE, SIZES, assert_finite_run, base_weights, ideal_delta, initial_state, make_client, make_server,
-    random_state, run, task_metrics, updates_for,
+    MODULES,
+    RANK,
+    SCALE,
+    SIZES,
+    assert_finite_run,
+    base_weights,
+    ideal_delta,
+    initial_state,
+    make_client,
+    make_server,
+    random_state,
+    run,
+    task_metrics,
+    updates_for,
 )
 
 W0 = base_weights()

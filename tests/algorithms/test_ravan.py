@@ -33,7 +33,10 @@ def initial_state(rank=4):
 
 def make_server(seed=0, **params):
     cls = get_algorithm("ravan")
-    config = config_with(["federation.clients=3", "algorithm.name=ravan", "model.lora.rank=4", f"seed={seed}"] + [f"algorithm.{k}={v}" for k, v in params.items()])
+    config = config_with(
+        ["federation.clients=3", "algorithm.name=ravan", "model.lora.rank=4", f"seed={seed}"]
+        + [f"algorithm.{k}={v}" for k, v in params.items()]
+    )
     return cls(ServerContext(config, [10, 30, 60], [4] * 3, initial_state), cls.Params(**params))
 
 
@@ -166,7 +169,9 @@ def experiment(tmp_path_factory):
 
     atoll.experiment.load_base_model = counting
     try:
-        config = config_with(tiny_overrides(tmp_path_factory.mktemp("runs"), **{"algorithm.name": "ravan", "train.local_steps": 2, "data.max_examples": 400}))
+        config = config_with(
+            tiny_overrides(tmp_path_factory.mktemp("runs"), **{"algorithm.name": "ravan", "train.local_steps": 2, "data.max_examples": 400})
+        )
         exp = build(config)
     finally:
         atoll.experiment.load_base_model = original

@@ -5,7 +5,12 @@ import itertools
 import pytest
 import torch
 from hetrank_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
-    assert_finite_summary, make_server, no_plots, random_state, updates_for, weights_of,
+    assert_finite_summary,
+    make_server,
+    no_plots,
+    random_state,
+    updates_for,
+    weights_of,
 )
 
 from atoll.algorithms.rolora import RoLoRAParams, trained_factor

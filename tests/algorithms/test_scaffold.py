@@ -18,8 +18,17 @@ from atoll.sim.prototype import resume_run
 from conftest import tiny_overrides
 from optsvd_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
     no_plots,
-    MODULES, SIZES, StopAfter, assert_finite_run, last_checkpoint, make_client, make_server, random_state, run,
-    task_metrics, updates_for,
+    MODULES,
+    SIZES,
+    StopAfter,
+    assert_finite_run,
+    last_checkpoint,
+    make_client,
+    make_server,
+    random_state,
+    run,
+    task_metrics,
+    updates_for,
 )
 
 
@@ -159,7 +168,7 @@ def test_server_variate_is_the_mean_of_all_client_variates_and_resume_is_exact(t
     assert_finite_run(full, summary)
     tensors, clients = last_checkpoint(full)
     assert 0 < len(clients) <= 4
-    control = {k[len(CONTROL):]: v for k, v in tensors.items() if k.startswith(CONTROL)}
+    control = {k[len(CONTROL) :]: v for k, v in tensors.items() if k.startswith(CONTROL)}
     assert control and any(float(v.abs().max()) > 0 for v in control.values())
     for key, c in control.items():
         mean = sum(stored[key] for stored in clients.values()) / 4  # never-sampled clients hold c_i = 0

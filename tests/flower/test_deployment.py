@@ -60,13 +60,16 @@ class Federation:
         subprocess.run(atoll_command("certs", self.certs, "--nodes", CLIENTS), check=True, capture_output=True)
         self.superlink = ManagedProcess(
             atoll_command("superlink", "--certs", self.certs, "--node-auth", "--host", "127.0.0.1", "--port", self.port),
-            flower_env(root / "home-superlink"), root / "superlink.log",
+            flower_env(root / "home-superlink"),
+            root / "superlink.log",
         )
         wait_healthy("127.0.0.1", self.port, timeout=300, ca=self.certs / "ca.crt", process=self.superlink)
         keys = [self.certs / f"node-{i}.pub" for i in range(CLIENTS)]
         registered = subprocess.run(
             atoll_command("register", *keys, "--superlink", self.address, "--certs", self.certs),
-            capture_output=True, text=True, env=flower_env(root / "home-cli"),
+            capture_output=True,
+            text=True,
+            env=flower_env(root / "home-cli"),
         )
         assert registered.returncode == 0, registered.stdout + registered.stderr
         for partition in range(CLIENTS):
@@ -76,10 +79,21 @@ class Federation:
         self.started.append(partition)
         return ManagedProcess(
             atoll_command(
-                "supernode", "--superlink", self.address, "--certs", self.certs, *auth, "--partition-id", partition,
-                "--num-partitions", CLIENTS, "--port", free_port(),
+                "supernode",
+                "--superlink",
+                self.address,
+                "--certs",
+                self.certs,
+                *auth,
+                "--partition-id",
+                partition,
+                "--num-partitions",
+                CLIENTS,
+                "--port",
+                free_port(),
             ),
-            flower_env(self.root / f"home-node-{len(self.started)}"), self.root / f"supernode-{len(self.started)}.log",
+            flower_env(self.root / f"home-node-{len(self.started)}"),
+            self.root / f"supernode-{len(self.started)}.log",
         )
 
     @property
@@ -147,7 +161,9 @@ def assert_close(flower, local, where=""):
 
 
 def test_two_rounds_of_fedit_on_a_deployment_match_the_local_engine(tmp_path, federation):
-    local_dir, _ = start_run(config_with(tiny_overrides(tmp_path / "local", **{"federation.clients": CLIENTS, "eval.local": "final"})), Progress())
+    local_dir, _ = start_run(
+        config_with(tiny_overrides(tmp_path / "local", **{"federation.clients": CLIENTS, "eval.local": "final"})), Progress()
+    )
     flower_config = config_with(deployment_overrides(tmp_path / "flower", federation))
     flower_dir, summary = start_run(flower_config, Progress())
 
@@ -171,10 +187,13 @@ def test_two_rounds_of_fedit_on_a_deployment_match_the_local_engine(tmp_path, fe
 
 def test_a_supernode_killed_mid_run_leaves_the_others_to_finish(tmp_path, federation):
     rounds = 3
-    config = config_with(deployment_overrides(
-        tmp_path, federation, **{"federation.rounds": rounds, "eval.local": "never", "flower.min_available_clients": 2,
-                                 "run.dir": str(tmp_path / "run")}
-    ))
+    config = config_with(
+        deployment_overrides(
+            tmp_path,
+            federation,
+            **{"federation.rounds": rounds, "eval.local": "never", "flower.min_available_clients": 2, "run.dir": str(tmp_path / "run")},
+        )
+    )
     outcome: dict = {}
 
     def run():

@@ -58,7 +58,13 @@ class InProcessGrid:
 
         self.client_app = client_app
         self.contexts = {
-            100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i, "num-partitions": clients}, state=RecordDict(), run_config=run_config)
+            100 + i: Context(
+                run_id=1,
+                node_id=100 + i,
+                node_config={"partition-id": i, "num-partitions": clients},
+                state=RecordDict(),
+                run_config=run_config,
+            )
             for i in range(clients)
         }
         self.replies: dict[str, Message] = {}
@@ -145,10 +151,42 @@ PRIVACY = {
     "secagg": ({"flower.secagg.enabled": "true"}, 1e-4),
     # DP wrappers with a bound no update reaches, no noise and the local engine's example weights:
     # the same numbers, through Flower's code
-    "dp-server": ({"flower.dp.mode": "server-fixed", "flower.dp.weighting": "examples", "flower.dp.clipping_norm": 1e6, "flower.dp.noise_multiplier": 0.0}, TOLERANCE),
-    "dp-client": ({"flower.dp.mode": "client-fixed", "flower.dp.weighting": "examples", "flower.dp.clipping_norm": 1e6, "flower.dp.noise_multiplier": 0.0}, TOLERANCE),
-    "dp-server-adaptive": ({"flower.dp.mode": "server-adaptive", "flower.dp.weighting": "examples", "flower.dp.clipping_norm": 1e6, "flower.dp.noise_multiplier": 0.0}, TOLERANCE),
-    "dp-client-adaptive": ({"flower.dp.mode": "client-adaptive", "flower.dp.weighting": "examples", "flower.dp.clipping_norm": 1e6, "flower.dp.noise_multiplier": 0.0}, TOLERANCE),
+    "dp-server": (
+        {
+            "flower.dp.mode": "server-fixed",
+            "flower.dp.weighting": "examples",
+            "flower.dp.clipping_norm": 1e6,
+            "flower.dp.noise_multiplier": 0.0,
+        },
+        TOLERANCE,
+    ),
+    "dp-client": (
+        {
+            "flower.dp.mode": "client-fixed",
+            "flower.dp.weighting": "examples",
+            "flower.dp.clipping_norm": 1e6,
+            "flower.dp.noise_multiplier": 0.0,
+        },
+        TOLERANCE,
+    ),
+    "dp-server-adaptive": (
+        {
+            "flower.dp.mode": "server-adaptive",
+            "flower.dp.weighting": "examples",
+            "flower.dp.clipping_norm": 1e6,
+            "flower.dp.noise_multiplier": 0.0,
+        },
+        TOLERANCE,
+    ),
+    "dp-client-adaptive": (
+        {
+            "flower.dp.mode": "client-adaptive",
+            "flower.dp.weighting": "examples",
+            "flower.dp.clipping_norm": 1e6,
+            "flower.dp.noise_multiplier": 0.0,
+        },
+        TOLERANCE,
+    ),
 }
 CASES = [(name, privacy) for name in MEAN_ALGORITHMS for privacy in ("secagg", "dp-server", "dp-client")]
 CASES += [("fedit", "dp-server-adaptive"), ("fedit", "dp-client-adaptive")]

@@ -143,7 +143,10 @@ def test_exchange_drops_a_node_that_goes_offline_without_waiting_for_the_timeout
     monkeypatch.setattr(server, "LIVENESS_SECONDS", 0.0)
     grid = FakeGrid(lambda message: None, [10, 11])
     grid.online.discard(11)  # crashed after the message was pushed
-    messages = {0: Message(RecordDict(), dst_node_id=10, message_type="train"), 1: Message(RecordDict(), dst_node_id=11, message_type="train")}
+    messages = {
+        0: Message(RecordDict(), dst_node_id=10, message_type="train"),
+        1: Message(RecordDict(), dst_node_id=11, message_type="train"),
+    }
     replies, failures = exchange(grid, messages, timeout=30.0, poll=0.01)
     assert failures[1] == "its SuperNode went offline"
     assert "round_timeout" not in failures.get(1, "")
@@ -195,7 +198,11 @@ def test_impossible_flower_settings_are_one_line_config_errors(tmp_path, overrid
 def test_mean_aggregators_are_accepted_with_secagg_and_dp(tmp_path):
     config_with(tiny_overrides(tmp_path, **{"engine": "flower", "flower.secagg.enabled": "true"}))
     config_with(tiny_overrides(tmp_path, **{"engine": "flower", "flower.dp.mode": "client-adaptive", "algorithm.name": "fedprox"}))
-    config_with(tiny_overrides(tmp_path, **{"engine": "flower", "flower.mode": "deployment", "flower.superlink": "[::1]:9093", "flower.insecure": "true"}))
+    config_with(
+        tiny_overrides(
+            tmp_path, **{"engine": "flower", "flower.mode": "deployment", "flower.superlink": "[::1]:9093", "flower.insecure": "true"}
+        )
+    )
 
 
 def test_helpers_refuse_insecure_superlinks_off_loopback():
@@ -278,7 +285,9 @@ def test_private_state_survives_rounds_on_its_node_and_matches_the_local_engine(
     local = build(config)  # the local engine's view of the same federation
     try:
         contexts = {
-            c: Context(run_id=1, node_id=100 + c, node_config={"partition-id": c, "num-partitions": 4}, state=RecordDict(), run_config=run_config)
+            c: Context(
+                run_id=1, node_id=100 + c, node_config={"partition-id": c, "num-partitions": 4}, state=RecordDict(), run_config=run_config
+            )
             for c in (0, 1)
         }
         for round in (1, 2, 3):
@@ -312,11 +321,13 @@ def test_a_node_refuses_work_meant_for_another_partition(tiny_run):
 
 def reply_with(message, state, client_id, examples):
     tensors, scales = split_state(state)
-    content = RecordDict({
-        "arrays": tensors_to_arrays(tensors),
-        "metrics": MetricRecord({"client-id": client_id, "num-examples": examples, "loss": 1.0}),
-        "config": ConfigRecord(scales_to_config(scales)),
-    })
+    content = RecordDict(
+        {
+            "arrays": tensors_to_arrays(tensors),
+            "metrics": MetricRecord({"client-id": client_id, "num-examples": examples, "loss": 1.0}),
+            "config": ConfigRecord(scales_to_config(scales)),
+        }
+    )
     return Message(content, reply_to=message)
 
 
@@ -423,7 +434,15 @@ def test_secagg_strategy_hands_the_unmasked_mean_to_the_algorithm_as_one_update(
     strategy.plan = RoundPlan(1, {c: 10 + c for c in range(3)}, {c: server.configure(1, c) for c in range(3)})
     arrays, description = state_to_legacy(mean)
     results = [
-        (None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n, {"client-id": c, "num-examples": n, "loss": 0.5, "atoll.meta": description}))
+        (
+            None,
+            FitRes(
+                Status(Code.OK, ""),
+                ndarrays_to_parameters(arrays),
+                n,
+                {"client-id": c, "num-examples": n, "loss": 0.5, "atoll.meta": description},
+            ),
+        )
         for c, n in enumerate(sizes)
     ]
     strategy.aggregate_fit(1, results, [])

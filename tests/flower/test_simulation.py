@@ -80,7 +80,8 @@ def test_a_flower_run_with_impossible_settings_fails_before_starting_anything(tm
     result = run_cli(
         tmp_path_factory.mktemp("config"),
         tiny_overrides(tmp_path / "runs", **{"flower.secagg.enabled": "true", "algorithm.name": "flora"}),
-        "--engine", "flower",
+        "--engine",
+        "flower",
     )
     assert result.exit_code == 2
     assert result.output.count("\n") == 1 and "cannot run under SecAgg+" in result.output

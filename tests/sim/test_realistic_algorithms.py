@@ -28,10 +28,19 @@ SYSTEM = {
 def overrides(tmp_path, name: str, paradigm: str) -> list[str]:
     system = tmp_path / "sys.yaml"
     system.write_text(yaml.safe_dump(SYSTEM))
-    return tiny_overrides(tmp_path, **{
-        "algorithm.name": name, "mode": "realistic", "system": str(system), "realistic.paradigm": paradigm,
-        "federation.rounds": 2, "eval.local": "final", "run.dir": str(tmp_path / paradigm), "run.plots": "false",
-    })
+    return tiny_overrides(
+        tmp_path,
+        **{
+            "algorithm.name": name,
+            "mode": "realistic",
+            "system": str(system),
+            "realistic.paradigm": paradigm,
+            "federation.rounds": 2,
+            "eval.local": "final",
+            "run.dir": str(tmp_path / paradigm),
+            "run.plots": "false",
+        },
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -104,12 +113,26 @@ def test_a_cancelled_straggler_keeps_its_private_state_from_before_the_job(tmp_p
     # 3 of 6 needed and 2 extra drawn each round: which clients lose changes from round to round,
     # so clients that already hold a B get cancelled too
     system = tmp_path / "slow.yaml"
-    system.write_text(yaml.safe_dump({
-        "devices": {"mix": {"slow": 1}, "speed_sigma": 0.5, "profiles": {"slow": {"tflops": 1e-5, "memory_gb": 1}}},
-        "networks": {"mix": {"ethernet": 1}}, "availability": {"windows": "always"}}))
-    config = config_with(overrides(tmp_path, "fedsa-lora", "sync") + [
-        f"system={system}", "federation.clients=6", "federation.sample_rate=0.5", "federation.rounds=8",
-        "realistic.sync.wait=k_of_n", "realistic.sync.over_selection=0.34"])
+    system.write_text(
+        yaml.safe_dump(
+            {
+                "devices": {"mix": {"slow": 1}, "speed_sigma": 0.5, "profiles": {"slow": {"tflops": 1e-5, "memory_gb": 1}}},
+                "networks": {"mix": {"ethernet": 1}},
+                "availability": {"windows": "always"},
+            }
+        )
+    )
+    config = config_with(
+        overrides(tmp_path, "fedsa-lora", "sync")
+        + [
+            f"system={system}",
+            "federation.clients=6",
+            "federation.sample_rate=0.5",
+            "federation.rounds=8",
+            "realistic.sync.wait=k_of_n",
+            "realistic.sync.over_selection=0.34",
+        ]
+    )
     _, summary = start_run(config, Progress())
     assert summary["rounds_completed"] == 8
     assert checked and all(changed for _, changed in checked), "every cancelled straggler had trained state to roll back"

@@ -14,7 +14,10 @@ from atoll.errors import UpdateError
 
 def random_state(seed: int, rank: int = 4) -> AdapterState:
     generator = torch.Generator().manual_seed(seed)
-    lora = {f"layer{i}.q": LoRAFactors(torch.randn(rank, 6, generator=generator), torch.randn(5, rank, generator=generator), 2.0) for i in range(2)}
+    lora = {
+        f"layer{i}.q": LoRAFactors(torch.randn(rank, 6, generator=generator), torch.randn(5, rank, generator=generator), 2.0)
+        for i in range(2)
+    }
     return AdapterState(lora, {"head.weight": torch.randn(3, 5, generator=generator)})
 
 
@@ -72,7 +75,7 @@ def test_fedasync_with_no_staleness_and_alpha_one_adopts_the_update():
 
 def test_fedasync_leaves_factors_a_partial_message_omits_unchanged():
     current, incoming = random_state(0), random_state(1)
-    for name, factors in incoming.lora.items():
+    for factors in incoming.lora.values():
         factors.B = factors.B.new_empty(0, factors.rank)  # an A-only message
     server = server_with(current)
     server.aggregate_async(1, Update(0, 10, incoming), 0, AsyncRule(alpha=0.5))

@@ -27,8 +27,11 @@ from atoll.sim.realistic.system import load_for_run
 
 NBYTES = 1000  # 4 bytes * (0 LoRA parameters per rank + 250 extra parameters)
 LATENCY = 0.5
-DEVICES = {"fast": {"tflops": 2.5e-8, "memory_gb": 1}, "mid": {"tflops": 1.25e-8, "memory_gb": 1},
-           "slow": {"tflops": 6.25e-9, "memory_gb": 1}}
+DEVICES = {
+    "fast": {"tflops": 2.5e-8, "memory_gb": 1},
+    "mid": {"tflops": 1.25e-8, "memory_gb": 1},
+    "slow": {"tflops": 6.25e-9, "memory_gb": 1},
+}
 TRAIN = {"fast": 10.0, "mid": 20.0, "slow": 40.0}  # 250,000 FLOPs per job (see test_realistic_timeline.py)
 
 
@@ -37,7 +40,13 @@ def system(devices: dict, networks: dict, network_profiles: dict, availability: 
         "devices": devices | {"profiles": DEVICES},
         "networks": networks | {"profiles": network_profiles},
         "availability": availability or {"windows": "always"},
-        "workload": {"examples": 10, "tokens_per_example": 10, "model_parameters": 250, "lora_parameters_per_rank": 0, "extra_parameters": 250},
+        "workload": {
+            "examples": 10,
+            "tokens_per_example": 10,
+            "model_parameters": 250,
+            "lora_parameters_per_rank": 0,
+            "extra_parameters": 250,
+        },
     }
 
 
@@ -45,9 +54,16 @@ def make_sim(tmp_path, tree: dict, clients: int, **overrides):
     path = tmp_path / "sys.yaml"
     path.write_text(yaml.safe_dump(tree))
     values = {
-        "mode": "realistic", "system": str(path), "realistic.dry_run": "true", "model.name": "tiny-bert",
-        "federation.clients": clients, "federation.rounds": 2, "federation.sample_rate": 1.0,
-        "train.local_steps": 1, "train.batch_size": 10, "run.root": str(tmp_path / "runs"),
+        "mode": "realistic",
+        "system": str(path),
+        "realistic.dry_run": "true",
+        "model.name": "tiny-bert",
+        "federation.clients": clients,
+        "federation.rounds": 2,
+        "federation.sample_rate": 1.0,
+        "train.local_steps": 1,
+        "train.batch_size": 10,
+        "run.root": str(tmp_path / "runs"),
     }
     values.update(overrides)
     config = config_with([f"{k}={v}" for k, v in values.items()])
@@ -120,7 +136,9 @@ def test_every_transfer_lasts_what_its_own_bandwidth_draw_says(tmp_path):
             job_count[client_id] += 1
             job = job_count[client_id]
             if client.network == "jittery":
-                span = transfer(down_base, client_id, job, 0.008, 0.5) + TRAIN[client.device] + transfer(up_base, client_id, job, 0.004, 0.8)
+                span = (
+                    transfer(down_base, client_id, job, 0.008, 0.5) + TRAIN[client.device] + transfer(up_base, client_id, job, 0.004, 0.8)
+                )
             else:
                 span = 3.0 + TRAIN[client.device]
             spans.append(span)
@@ -145,7 +163,9 @@ def test_a_huge_sigma_is_clipped_at_three_standard_deviations(tmp_path):
         times[client][kind] = t
     down = [times[c]["DOWNLOAD_DONE"] for c in range(clients)]  # the round starts at 0
     up = [times[c]["UPLOAD_DONE"] - times[c]["TRAINING_DONE"] for c in range(clients)]
-    assert [times[c]["TRAINING_DONE"] - times[c]["DOWNLOAD_DONE"] for c in range(clients)] == pytest.approx([10.0] * clients, abs=1e-9, rel=0)
+    assert [times[c]["TRAINING_DONE"] - times[c]["DOWNLOAD_DONE"] for c in range(clients)] == pytest.approx(
+        [10.0] * clients, abs=1e-9, rel=0
+    )
 
     fastest = NBYTES * 8.0 / (median * math.exp(3 * sigma) * 1e6) + LATENCY
     slowest = NBYTES * 8.0 / (median * math.exp(-3 * sigma) * 1e6) + LATENCY

@@ -33,7 +33,14 @@ def system_file(tmp_path, **availability) -> Path:
 
 
 def realistic(tmp_path, folder: str, system: Path, **extra):
-    values = {"mode": "realistic", "system": str(system), "run.dir": str(tmp_path / folder), "eval.local": "final", "run.plots": "false", **extra}
+    values = {
+        "mode": "realistic",
+        "system": str(system),
+        "run.dir": str(tmp_path / folder),
+        "eval.local": "final",
+        "run.plots": "false",
+        **extra,
+    }
     return config_with(tiny_overrides(tmp_path, **values))
 
 
@@ -51,9 +58,21 @@ def test_sync_fedit_run_writes_the_prototype_outputs_and_the_system_outputs(tmp_
     run_dir, summary = start_run(config, Progress())
     path = run_dir.path
     for name in (
-        "config.yaml", "metrics.jsonl", "summary.json", "metrics.png", "label_distribution.png", "adapter/adapter_model.safetensors",
-        "metrics_time.png", "timeline.png", "utilization.png", "staleness.png", "timeline.csv", "events.csv", "clients.csv",
-        "system.json", "system.yaml",
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "metrics.png",
+        "label_distribution.png",
+        "adapter/adapter_model.safetensors",
+        "metrics_time.png",
+        "timeline.png",
+        "utilization.png",
+        "staleness.png",
+        "timeline.csv",
+        "events.csv",
+        "clients.csv",
+        "system.json",
+        "system.yaml",
     ):
         assert (path / name).is_file(), name
     records = read_metrics(path)
@@ -85,10 +104,20 @@ def test_sync_fedit_run_writes_the_prototype_outputs_and_the_system_outputs(tmp_
 
 @pytest.mark.parametrize("paradigm", ["fedasync", "fedbuff", "sequential"])
 def test_fedit_runs_asynchronously_and_sequentially(tmp_path, paradigm):
-    config = realistic(tmp_path, paradigm, system_file(tmp_path), **{
-        "realistic.paradigm": paradigm, "federation.rounds": 4, "realistic.fedbuff.buffer": 2, "realistic.concurrency": 3,
-        "realistic.staleness.kind": "hinge", "realistic.staleness.a": 1.0, "realistic.staleness.b": 0,
-    })
+    config = realistic(
+        tmp_path,
+        paradigm,
+        system_file(tmp_path),
+        **{
+            "realistic.paradigm": paradigm,
+            "federation.rounds": 4,
+            "realistic.fedbuff.buffer": 2,
+            "realistic.concurrency": 3,
+            "realistic.staleness.kind": "hinge",
+            "realistic.staleness.a": 1.0,
+            "realistic.staleness.b": 0,
+        },
+    )
     run_dir, summary = start_run(config, Progress())
     records = read_metrics(run_dir.path)
     assert [r["round"] for r in records] == [0, 1, 2, 3, 4]
@@ -115,8 +144,12 @@ def test_dropouts_lose_real_work_and_the_same_seed_replays_the_same_run(tmp_path
 
 
 def test_a_target_metric_ends_the_run(tmp_path):
-    config = realistic(tmp_path, "target", system_file(tmp_path), **{
-        "federation.rounds": 10, "realistic.target_metric": "accuracy", "realistic.target_value": 0.0})
+    config = realistic(
+        tmp_path,
+        "target",
+        system_file(tmp_path),
+        **{"federation.rounds": 10, "realistic.target_metric": "accuracy", "realistic.target_value": 0.0},
+    )
     _, summary = start_run(config, Progress())
     assert summary["stopped_by"] == "target" and summary["rounds_completed"] == 1
     assert summary["time_to_target_hours"] == pytest.approx(summary["virtual_hours"])
@@ -136,7 +169,9 @@ def test_the_cli_runs_realistic_mode_and_dry_runs_and_refuses_to_resume_them(tmp
     resumed = runner.invoke(app, ["run", "--resume", str(tmp_path / "cli")])
     assert resumed.exit_code == 2 and "cannot be resumed" in resumed.output
     dry_args = [a if not a.startswith("run.dir=") else f"run.dir={tmp_path / 'dry'}" for a in args]
-    dry = runner.invoke(app, dry_args + ["--dry-run", "--set", f"system={system}", "--set", "federation.clients=500", "--set", "federation.rounds=20"])
+    dry = runner.invoke(
+        app, dry_args + ["--dry-run", "--set", f"system={system}", "--set", "federation.clients=500", "--set", "federation.rounds=20"]
+    )
     assert dry.exit_code == 0, dry.output
     assert "realistic sync dry run" in dry.output
     summary = json.loads((tmp_path / "dry" / "summary.json").read_text())

@@ -17,7 +17,13 @@ from atoll.errors import ConfigError, DataError
 from atoll.sim.realistic.availability import DailyWindows, generate_trace, read_trace, write_trace
 from atoll.sim.realistic.draws import Draws
 from atoll.sim.realistic.system import (
-    BUILTIN_GEOMETRY, DailySpec, MemoryRanks, Geometry, memory_rank, read_system, resolve_fleet,
+    BUILTIN_GEOMETRY,
+    DailySpec,
+    MemoryRanks,
+    Geometry,
+    memory_rank,
+    read_system,
+    resolve_fleet,
 )
 from conftest import tiny_overrides
 
@@ -50,7 +56,10 @@ def realistic(tmp_path, system: Path, **extra) -> list[str]:
         ({**GOOD, "devices": {"mix": {"iphone-99": 1}}}, "unknown device profile 'iphone-99'"),
         ({**GOOD, "networks": {"mix": {"carrier-pigeon": 1}}}, "unknown network profile 'carrier-pigeon'"),
         ({**GOOD, "devices": {"mix": {"laptop": -1}}}, "non-negative proportions"),
-        ({**GOOD, "devices": {"mix": {"laptop": 1}, "profiles": {"laptop": {"tflops": 0, "memory_gb": 4}}}}, "devices.profiles.laptop.tflops"),
+        (
+            {**GOOD, "devices": {"mix": {"laptop": 1}, "profiles": {"laptop": {"tflops": 0, "memory_gb": 4}}}},
+            "devices.profiles.laptop.tflops",
+        ),
         ({**GOOD, "networks": {"mix": {"x": 1}, "profiles": {"x": {"down_mbps": -3, "up_mbps": 1}}}}, "bandwidth must be > 0"),
         ({**GOOD, "availability": {"windows": "daily", "daily": {"hours": 20, "jitter_hours": 3}}}, "daily windows would overlap"),
         ({**GOOD, "availability": {"windows": "trace"}}, "availability.trace.path is not set"),
@@ -153,10 +162,15 @@ def test_the_cli_refuses_a_bad_system_with_one_line_exit_2_and_nothing_written(t
 
 
 def test_profiles_follow_the_proportions_and_pins(tmp_path):
-    spec = read_system(write(tmp_path, {
-        "devices": {"mix": {"laptop": 1, "budget-phone": 3}, "clients": {0: "gpu-server", 7: "gpu-server"}},
-        "networks": {"mix": {"wifi": 1, "4g": 1}},
-    }))
+    spec = read_system(
+        write(
+            tmp_path,
+            {
+                "devices": {"mix": {"laptop": 1, "budget-phone": 3}, "clients": {0: "gpu-server", 7: "gpu-server"}},
+                "networks": {"mix": {"wifi": 1, "4g": 1}},
+            },
+        )
+    )
     config = config_with(["federation.clients=20000", "partition.name=iid"])
     fleet = resolve_fleet(config, spec)
     names = np.array(fleet.device_names)[fleet.device]
@@ -199,11 +213,17 @@ def test_daily_windows_repeat_with_jitter_and_skip_absent_days():
 
 def test_ranks_by_device_tier_reach_the_server_and_the_clients(tmp_path):
     native = [name for name, cls in algorithms.available().items() if cls.rank_support != "refuse" and name != "centralized"]
-    system = write(tmp_path, {
-        "devices": {"mix": {"laptop": 1, "budget-phone": 1}, "clients": {0: "laptop", 1: "budget-phone", 2: "budget-phone", 3: "laptop"}},
-        "networks": {"mix": {"ethernet": 1}},
-        "ranks": {"by": "device", "device": {"laptop": 16, "budget-phone": 4}},
-    })
+    system = write(
+        tmp_path,
+        {
+            "devices": {
+                "mix": {"laptop": 1, "budget-phone": 1},
+                "clients": {0: "laptop", 1: "budget-phone", 2: "budget-phone", 3: "laptop"},
+            },
+            "networks": {"mix": {"ethernet": 1}},
+            "ranks": {"by": "device", "device": {"laptop": 16, "budget-phone": 4}},
+        },
+    )
     config = config_with(realistic(tmp_path, system, **{"algorithm.name": "local-only" if "local-only" in native else native[0]}))
     assert [config.rank_of(c) for c in range(4)] == [16, 4, 4, 16]
     from atoll.experiment import build
@@ -246,14 +266,22 @@ def test_ranks_by_memory_budget_pick_the_largest_rank_that_fits():
         fitting = [r for r in (4, 8, 16, 32, 64) if fixed + 16 * 1_000_000 * r <= budget]
         assert memory_rank(memory_gb, geometry, config, choices) == (max(fitting) if fitting else None)
     assert memory_rank(1.0, geometry, config, choices) is None
-    assert memory_rank(2.5, geometry, config, choices) < memory_rank(3.0, geometry, config, choices) <= memory_rank(8.0, geometry, config, choices)
+    assert (
+        memory_rank(2.5, geometry, config, choices)
+        < memory_rank(3.0, geometry, config, choices)
+        <= memory_rank(8.0, geometry, config, choices)
+    )
 
 
 def test_ranks_by_memory_are_refused_when_a_device_cannot_hold_the_model(tmp_path):
-    system = write(tmp_path, {
-        **GOOD, "ranks": {"by": "memory", "memory": {"usable_fraction": 0.01}},
-        "workload": {"model_parameters": 1_000_000_000, "lora_parameters_per_rank": 1000, "hidden_size": 64, "layers": 2},
-    })
+    system = write(
+        tmp_path,
+        {
+            **GOOD,
+            "ranks": {"by": "memory", "memory": {"usable_fraction": 0.01}},
+            "workload": {"model_parameters": 1_000_000_000, "lora_parameters_per_rank": 1000, "hidden_size": 64, "layers": 2},
+        },
+    )
     with pytest.raises(ConfigError, match="cannot hold model"):
         config_with(realistic(tmp_path, system, **{"algorithm.name": "local-only"}))
 

@@ -28,12 +28,22 @@ def lab_system(devices: list[str], availability: dict | None = None) -> dict:
         "devices": {
             "mix": {"fast": 1},
             "clients": dict(enumerate(devices)),
-            "profiles": {"fast": {"tflops": 2.5e-8, "memory_gb": 1}, "mid": {"tflops": 1.25e-8, "memory_gb": 1},
-                         "slow": {"tflops": 6.25e-9, "memory_gb": 1}, "crawl": {"tflops": 3.125e-9, "memory_gb": 1}},
+            "profiles": {
+                "fast": {"tflops": 2.5e-8, "memory_gb": 1},
+                "mid": {"tflops": 1.25e-8, "memory_gb": 1},
+                "slow": {"tflops": 6.25e-9, "memory_gb": 1},
+                "crawl": {"tflops": 3.125e-9, "memory_gb": 1},
+            },
         },
         "networks": {"mix": {"lab": 1}, "profiles": {"lab": {"down_mbps": 0.008, "up_mbps": 0.008, "latency_ms": 500}}},
         "availability": availability or {"windows": "always"},
-        "workload": {"examples": 10, "tokens_per_example": 10, "model_parameters": 250, "lora_parameters_per_rank": 0, "extra_parameters": 250},
+        "workload": {
+            "examples": 10,
+            "tokens_per_example": 10,
+            "model_parameters": 250,
+            "lora_parameters_per_rank": 0,
+            "extra_parameters": 250,
+        },
     }
 
 
@@ -71,9 +81,16 @@ def make_sim(tmp_path, system: dict, **overrides):
     path = tmp_path / "sys.yaml"
     path.write_text(yaml.safe_dump(system))
     values = {
-        "mode": "realistic", "system": str(path), "realistic.dry_run": "true", "model.name": "tiny-bert",
-        "federation.clients": len(system["devices"]["clients"]), "federation.rounds": 2, "federation.sample_rate": 1.0,
-        "train.local_steps": 1, "train.batch_size": 10, "run.root": str(tmp_path / "runs"),
+        "mode": "realistic",
+        "system": str(path),
+        "realistic.dry_run": "true",
+        "model.name": "tiny-bert",
+        "federation.clients": len(system["devices"]["clients"]),
+        "federation.rounds": 2,
+        "federation.sample_rate": 1.0,
+        "train.local_steps": 1,
+        "train.batch_size": 10,
+        "run.root": str(tmp_path / "runs"),
     }
     values.update(overrides)
     config = config_with([f"{k}={v}" for k, v in values.items()])
@@ -94,7 +111,11 @@ def test_queue_orders_by_time_then_by_scheduling_order():
     queue.push(1.0, EventKind.DROPOUT, 9)
     popped = [queue.pop() for _ in range(len(queue))]
     assert [(t, k, c) for t, _, k, c, _ in popped] == [
-        (1.0, EventKind.WINDOW_OPEN, 2), (1.0, EventKind.DROPOUT, 9), (5.0, EventKind.UPLOAD_DONE, 1), (5.0, EventKind.WINDOW_CLOSE, 0)]
+        (1.0, EventKind.WINDOW_OPEN, 2),
+        (1.0, EventKind.DROPOUT, 9),
+        (5.0, EventKind.UPLOAD_DONE, 1),
+        (5.0, EventKind.WINDOW_CLOSE, 0),
+    ]
 
 
 def test_three_clients_event_order_and_finish_times_are_exact(tmp_path):
@@ -104,7 +125,14 @@ def test_three_clients_event_order_and_finish_times_are_exact(tmp_path):
     expected = [(0.0, "SERVER_WAKE", -1)]
     for start in (0.0, 43.0):  # round 1 at 0 s; round 2 when the slowest upload lands at 43 s
         expected += [(start + 1.5, d, 0), (start + 1.5, d, 1), (start + 1.5, d, 2)]
-        expected += [(start + 11.5, t, 0), (start + 13.0, u, 0), (start + 21.5, t, 1), (start + 23.0, u, 1), (start + 41.5, t, 2), (start + 43.0, u, 2)]
+        expected += [
+            (start + 11.5, t, 0),
+            (start + 13.0, u, 0),
+            (start + 21.5, t, 1),
+            (start + 23.0, u, 1),
+            (start + 41.5, t, 2),
+            (start + 43.0, u, 2),
+        ]
         if start == 0.0:
             expected.append((43.0, "SERVER_WAKE", -1))
     assert events(sim) == expected
@@ -126,7 +154,11 @@ def test_a_closing_window_loses_the_work_in_progress(tmp_path):
     sim.run()
     # job 1: download 0-1.5, training would end at 41.5 but the window closes at 20
     assert events(sim, {"WINDOW_OPEN", "WINDOW_CLOSE", "UPLOAD_DONE"}) == [
-        (0.0, "WINDOW_OPEN", 0), (20.0, "WINDOW_CLOSE", 0), (100.0, "WINDOW_OPEN", 0), (143.0, "UPLOAD_DONE", 0)]
+        (0.0, "WINDOW_OPEN", 0),
+        (20.0, "WINDOW_CLOSE", 0),
+        (100.0, "WINDOW_OPEN", 0),
+        (143.0, "UPLOAD_DONE", 0),
+    ]
     assert dict(sim.totals.lost_jobs) == {"window_close": 1}
     assert sim.totals.wasted_train_seconds == pytest.approx(20.0 - 1.5)
     assert sim.totals.wasted_bytes == 1000
@@ -157,8 +189,11 @@ def test_dropout_loses_the_job_and_the_device_rejoins_later(tmp_path):
 
 
 def test_a_deadline_keeps_the_clients_that_made_it(tmp_path):
-    sim, backend = make_sim(tmp_path, lab_system(["fast", "mid", "slow"]), **{
-        "federation.rounds": 1, "realistic.sync.wait": "deadline", "realistic.sync.deadline_seconds": 30})
+    sim, backend = make_sim(
+        tmp_path,
+        lab_system(["fast", "mid", "slow"]),
+        **{"federation.rounds": 1, "realistic.sync.wait": "deadline", "realistic.sync.deadline_seconds": 30},
+    )
     sim.run()
     record = sim.records[1]
     assert record["virtual_time"] == 30.0 and record["aggregated"] == [0, 1] and record["lost"] == 1
@@ -168,8 +203,11 @@ def test_a_deadline_keeps_the_clients_that_made_it(tmp_path):
 
 
 def test_k_of_n_with_over_selection_aggregates_the_first_k_and_cancels_the_rest(tmp_path):
-    sim, backend = make_sim(tmp_path, lab_system(["fast", "mid", "slow", "crawl"]), **{
-        "federation.rounds": 1, "federation.sample_rate": 0.5, "realistic.sync.wait": "k_of_n", "realistic.sync.over_selection": 1.0})
+    sim, backend = make_sim(
+        tmp_path,
+        lab_system(["fast", "mid", "slow", "crawl"]),
+        **{"federation.rounds": 1, "federation.sample_rate": 0.5, "realistic.sync.wait": "k_of_n", "realistic.sync.over_selection": 1.0},
+    )
     sim.run()
     record = sim.records[1]
     assert record["clients"] == [0, 1, 2, 3], "K = 2 plus 100 % over-selection"
@@ -181,8 +219,11 @@ def test_k_of_n_with_over_selection_aggregates_the_first_k_and_cancels_the_rest(
 
 
 def test_k_of_n_without_over_selection_waits_for_the_sampled_clients(tmp_path):
-    sim, backend = make_sim(tmp_path, lab_system(["fast", "mid", "slow", "crawl"]), **{
-        "federation.rounds": 1, "federation.sample_rate": 0.5, "realistic.sync.wait": "k_of_n"})
+    sim, backend = make_sim(
+        tmp_path,
+        lab_system(["fast", "mid", "slow", "crawl"]),
+        **{"federation.rounds": 1, "federation.sample_rate": 0.5, "realistic.sync.wait": "k_of_n"},
+    )
     sim.run()
     record = sim.records[1]
     assert len(record["clients"]) == 2 and record["aggregated"] == record["clients"]
@@ -191,31 +232,53 @@ def test_k_of_n_without_over_selection_waits_for_the_sampled_clients(tmp_path):
 
 
 def test_fedasync_staleness_counts_server_updates_since_download(tmp_path):
-    sim, backend = make_sim(tmp_path, lab_system(["fast", "slow"]), **{
-        "federation.rounds": 4, "realistic.paradigm": "fedasync", "realistic.staleness.kind": "polynomial", "realistic.staleness.a": 0.5})
+    sim, backend = make_sim(
+        tmp_path,
+        lab_system(["fast", "slow"]),
+        **{
+            "federation.rounds": 4,
+            "realistic.paradigm": "fedasync",
+            "realistic.staleness.kind": "polynomial",
+            "realistic.staleness.a": 0.5,
+        },
+    )
     sim.run()
     # the fast client delivers at 13, 26, 39 (staleness 0); the slow one at 43 after 3 updates
     assert backend.aggregated == [
-        ("fedasync", 1, 0, 0, 1.0), ("fedasync", 2, 0, 0, 1.0), ("fedasync", 3, 0, 0, 1.0), ("fedasync", 4, 1, 3, pytest.approx(0.5))]
+        ("fedasync", 1, 0, 0, 1.0),
+        ("fedasync", 2, 0, 0, 1.0),
+        ("fedasync", 3, 0, 0, 1.0),
+        ("fedasync", 4, 1, 3, pytest.approx(0.5)),
+    ]
     assert [r["virtual_time"] for r in sim.records[1:]] == [13.0, 26.0, 39.0, 43.0]
     assert dict(sim.totals.staleness) == {0: 3, 3: 1}
 
 
 def test_fedbuff_aggregates_buffers_of_k_with_their_staleness(tmp_path):
-    sim, backend = make_sim(tmp_path, lab_system(["fast", "mid", "crawl"]), **{
-        "federation.rounds": 4, "realistic.paradigm": "fedbuff", "realistic.fedbuff.buffer": 2})
+    sim, backend = make_sim(
+        tmp_path,
+        lab_system(["fast", "mid", "crawl"]),
+        **{"federation.rounds": 4, "realistic.paradigm": "fedbuff", "realistic.fedbuff.buffer": 2},
+    )
     sim.run()
     # fast and mid fill buffers at 23, 46 and 69 (a client waits for the next version after
     # delivering: one update per client per version); at 83 the fast client's update (version 3)
     # and the crawling client's (version 0, staleness 3) fill the fourth buffer
     assert backend.aggregated == [
-        ("fedbuff", 1, [0, 1], [0, 0]), ("fedbuff", 2, [0, 1], [0, 0]), ("fedbuff", 3, [0, 1], [0, 0]), ("fedbuff", 4, [0, 2], [0, 3])]
+        ("fedbuff", 1, [0, 1], [0, 0]),
+        ("fedbuff", 2, [0, 1], [0, 0]),
+        ("fedbuff", 3, [0, 1], [0, 0]),
+        ("fedbuff", 4, [0, 2], [0, 3]),
+    ]
     assert [r["virtual_time"] for r in sim.records[1:]] == [23.0, 46.0, 69.0, 83.0]
 
 
 def test_fedbuff_never_takes_two_updates_of_one_client_from_one_version(tmp_path):
-    sim, backend = make_sim(tmp_path, lab_system(["fast", "crawl", "crawl"]), **{
-        "federation.rounds": 3, "realistic.paradigm": "fedbuff", "realistic.fedbuff.buffer": 2, "realistic.concurrency": 3})
+    sim, backend = make_sim(
+        tmp_path,
+        lab_system(["fast", "crawl", "crawl"]),
+        **{"federation.rounds": 3, "realistic.paradigm": "fedbuff", "realistic.fedbuff.buffer": 2, "realistic.concurrency": 3},
+    )
     sim.run()
     for _, _, clients, _ in backend.aggregated:
         assert len(set(clients)) == len(clients)
@@ -254,17 +317,29 @@ def phone_week(tmp_path, folder: str, seed: int = 0, tokens: int = 32, **overrid
     system = {
         "devices": {"mix": {"flagship-phone": 1, "budget-phone": 2}, "speed_sigma": 0.3},
         "networks": {"mix": {"wifi": 2, "4g": 1}},
-        "availability": {"windows": "daily", "daily": {"start_hour": 1, "hours": 6, "jitter_hours": 1, "presence": 0.8},
-                         "dropout": {"probability": 0.2, "rejoin_minutes": 10}},
+        "availability": {
+            "windows": "daily",
+            "daily": {"start_hour": 1, "hours": 6, "jitter_hours": 1, "presence": 0.8},
+            "dropout": {"probability": 0.2, "rejoin_minutes": 10},
+        },
         "workload": {"examples": {"median": 100, "sigma": 1.0}, "tokens_per_example": tokens},
     }
     (tmp_path / folder).mkdir()
     path = tmp_path / folder / "sys.yaml"
     path.write_text(yaml.safe_dump(system))
     values = {
-        "mode": "realistic", "system": str(path), "realistic.dry_run": "true", "model.name": "tiny-bert", "seed": seed,
-        "federation.clients": 60, "federation.rounds": 500, "federation.sample_rate": 0.1, "realistic.session_hours": 30,
-        "realistic.sync.wait": "deadline", "realistic.sync.deadline_seconds": 120, "run.root": str(tmp_path / folder),
+        "mode": "realistic",
+        "system": str(path),
+        "realistic.dry_run": "true",
+        "model.name": "tiny-bert",
+        "seed": seed,
+        "federation.clients": 60,
+        "federation.rounds": 500,
+        "federation.sample_rate": 0.1,
+        "realistic.session_hours": 30,
+        "realistic.sync.wait": "deadline",
+        "realistic.sync.deadline_seconds": 120,
+        "run.root": str(tmp_path / folder),
     }
     values.update(overrides)
     config = config_with([f"{k}={v}" for k, v in values.items()])
@@ -282,8 +357,22 @@ def test_the_same_seed_gives_the_same_timeline_and_another_seed_does_not(tmp_pat
 
 
 def client_counters(sim):
-    return [(c.state, c.token, c.window_id, c.available_seconds, c.train_seconds, c.transfer_seconds, c.wasted_seconds,
-             c.jobs, c.completed, c.lost, c.dropouts) for c in sim.clients]
+    return [
+        (
+            c.state,
+            c.token,
+            c.window_id,
+            c.available_seconds,
+            c.train_seconds,
+            c.transfer_seconds,
+            c.wasted_seconds,
+            c.jobs,
+            c.completed,
+            c.lost,
+            c.dropouts,
+        )
+        for c in sim.clients
+    ]
 
 
 @pytest.mark.parametrize("paradigm", ["sync", "fedasync"])

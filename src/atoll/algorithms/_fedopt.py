@@ -39,8 +39,7 @@ class ServerOptimizer(BaseServer):
         super().__init__(context, params)
         tensors = self.global_state.to_tensors()
         self.moments: dict[str, dict[str, Tensor]] = {
-            moment: {key: self.initial(moment, tensors[key]) for key in optimised_keys(self.global_state)}
-            for moment in self.moment_names
+            moment: {key: self.initial(moment, tensors[key]) for key in optimised_keys(self.global_state)} for moment in self.moment_names
         }
 
     def initial(self, moment: str, like: Tensor) -> Tensor:

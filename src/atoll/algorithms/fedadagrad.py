@@ -29,10 +29,7 @@ class FedAdagrad(AdaptiveServerOptimizer):
     """Server-side Adagrad on the pseudo-gradient; m and v are checkpointed."""
 
     name = "fedadagrad"
-    paper = (
-        "Reddi, Charles, Zaheer, Garrett, Rush, Konečný, Kumar, McMahan, Adaptive Federated Optimization, "
-        "ICLR 2021"
-    )
+    paper = "Reddi, Charles, Zaheer, Garrett, Rush, Konečný, Kumar, McMahan, Adaptive Federated Optimization, ICLR 2021"
     Params = FedAdagradParams
 
     def second_moment(self, v: Tensor, delta_sq: Tensor) -> Tensor:

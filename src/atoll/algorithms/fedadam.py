@@ -30,10 +30,7 @@ class FedAdam(AdaptiveServerOptimizer):
     """Server-side Adam on the pseudo-gradient; m and v are checkpointed."""
 
     name = "fedadam"
-    paper = (
-        "Reddi, Charles, Zaheer, Garrett, Rush, Konečný, Kumar, McMahan, Adaptive Federated Optimization, "
-        "ICLR 2021"
-    )
+    paper = "Reddi, Charles, Zaheer, Garrett, Rush, Konečný, Kumar, McMahan, Adaptive Federated Optimization, ICLR 2021"
     Params = FedAdamParams
 
     def second_moment(self, v: Tensor, delta_sq: Tensor) -> Tensor:

@@ -45,14 +45,15 @@ class FedDPAParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     variant: Literal["iterative", "finetune"] = Field(
-        "iterative", description="FedDPA-T ('iterative': train the local adapter every round) or FedDPA-F ('finetune': once, from the global it is evaluated with)"
+        "iterative",
+        description="FedDPA-T ('iterative': train the local adapter every round) or FedDPA-F ('finetune': once, from the global it is evaluated with)",
     )
     local_steps: int | None = Field(
-        None, gt=0, description="optimizer steps of local-adapter training per round (or per fine-tune); default: as many as a round of global training"
+        None,
+        gt=0,
+        description="optimizer steps of local-adapter training per round (or per fine-tune); default: as many as a round of global training",
     )
-    train_weight: float = Field(
-        0.5, gt=0, le=1, description="weight w of the local adapter while it trains (the frozen global gets 1 - w)"
-    )
+    train_weight: float = Field(0.5, gt=0, le=1, description="weight w of the local adapter while it trains (the frozen global gets 1 - w)")
     lambda_scale: float = Field(0.5, ge=0, description="lambda in a(x) = clip(lambda * mean cosine similarity, 0, 1)")
     reference_examples: int = Field(5, gt=0, description="local training examples whose representations a(x) compares the input with")
 
@@ -70,7 +71,9 @@ class FedDPAClient(BaseClient):
         state, digest = unpack(stored)
         return state.lora, digest
 
-    def train_local(self, global_state: AdapterState, local: dict[str, LoRAFactors], rng_keys: tuple, round: int) -> tuple[dict[str, LoRAFactors], dict[str, float]]:
+    def train_local(
+        self, global_state: AdapterState, local: dict[str, LoRAFactors], rng_keys: tuple, round: int
+    ) -> tuple[dict[str, LoRAFactors], dict[str, float]]:
         """Train the local adapter with the global one live and frozen, mixed at (1 - w, w)."""
         workbench = self.workbench
         workbench.load(global_state)
@@ -80,7 +83,9 @@ class FedDPAClient(BaseClient):
         plan = dataclasses.replace(plan, steps=steps)
         weight = self.params.train_weight
         with self.host.engaged(FixedGates({PRIMARY: 1.0 - weight, LOCAL: weight})):
-            metrics = train_parameters(workbench, self.host.parameters(LOCAL), self.context.train_indices, plan, self.context.config, rng_keys)
+            metrics = train_parameters(
+                workbench, self.host.parameters(LOCAL), self.context.train_indices, plan, self.context.config, rng_keys
+            )
         return self.host.read_lora(LOCAL), metrics
 
     # -- protocol ---------------------------------------------------------------------------------

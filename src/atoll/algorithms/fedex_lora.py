@@ -32,8 +32,7 @@ class FedExLoRAClient(BaseClient):
 class FedExLoRA(BaseServer):
     name = "fedex-lora"
     paper = (
-        "Singhal, Ponkshe, Vepakomma, FedEx-LoRA: Exact Aggregation for Federated and Efficient "
-        "Fine-Tuning of Foundation Models, ACL 2025"
+        "Singhal, Ponkshe, Vepakomma, FedEx-LoRA: Exact Aggregation for Federated and Efficient Fine-Tuning of Foundation Models, ACL 2025"
     )
     client_class = FedExLoRAClient
     rank_support = "refuse"

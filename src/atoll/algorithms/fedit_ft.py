@@ -54,7 +54,10 @@ class FedITFineTuneClient(BaseClient):
         )
         self.workbench.load(download)
         self.workbench.train(
-            self.context.train_indices, plan, train.batch_size, rng_keys=(self.client_id, "finetune", wanted),
+            self.context.train_indices,
+            plan,
+            train.batch_size,
+            rng_keys=(self.client_id, "finetune", wanted),
             group_by_length=train.group_by_length,
         )
         personal = self.workbench.read()

@@ -180,9 +180,15 @@ class FedLEASEClient(BaseClient):
             return super().run(round, download)
         mixture, own = self.load_mixture(download)
         workbench = self.workbench
-        params = self.host.parameters(expert_name(own)) + mixture.router_parameters() + workbench.active.parameters(lora_A=False, lora_B=False, extra=True)
+        params = (
+            self.host.parameters(expert_name(own))
+            + mixture.router_parameters()
+            + workbench.active.parameters(lora_A=False, lora_B=False, extra=True)
+        )
         with self.host.engaged(AdaptiveTopM(mixture, own)):
-            metrics = train_parameters(workbench, params, self.context.train_indices, self.plan(round), self.context.config, (self.client_id, round))
+            metrics = train_parameters(
+                workbench, params, self.context.train_indices, self.plan(round), self.context.config, (self.client_id, round)
+            )
         lora = {expert_key(own, layer): factors for layer, factors in self.host.read_lora(expert_name(own)).items()}
         extra = mixture.read_routers()
         extra.update(workbench.read().extra)
@@ -267,10 +273,7 @@ class FedLEASE(BaseServer):
                 raise UpdateError(f"client {update.client_id} of cluster {own} must upload exactly expert {own}")
             groups.setdefault(own, []).append(update)
         for own, members in sorted(groups.items()):
-            states = [
-                AdapterState({parse_expert_key(k)[1]: f for k, f in u.state.lora.items()}, dict(u.state.extra))
-                for u in members
-            ]
+            states = [AdapterState({parse_expert_key(k)[1]: f for k, f in u.state.lora.items()}, dict(u.state.extra)) for u in members]
             self.experts[own] = average_states(states, example_weights(members), base=self.experts[own])
 
     def allocate(self) -> None:
@@ -279,7 +282,9 @@ class FedLEASE(BaseServer):
         layers = sorted(self.global_state.lora)
         matrices = [{layer: self.warmup[c].lora[layer].B for layer in layers} for c in ids]
         if all(torch.count_nonzero(m[layer]) == 0 for m in matrices for layer in layers):
-            raise UpdateError("every warm-up adapter has B = 0: clustering needs trained B matrices", "give the warm-up rounds training steps")
+            raise UpdateError(
+                "every warm-up adapter has B = 0: clustering needs trained B matrices", "give the warm-up rounds training steps"
+            )
         labels = choose_clusters(b_distances(matrices), self.params.max_clusters)
         count = int(labels.max()) + 1
         sizes = self.context.client_sizes

@@ -29,7 +29,9 @@ from atoll.fl.state import AdapterState, LoRAFactors, Update, example_weights
 class FedMomentumParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     energy: float = Field(
-        0.95, gt=0, le=1,
+        0.95,
+        gt=0,
+        le=1,
         description="tau: components are kept (top r in LoRA, the rest merged into the base) until their cumulative energy share reaches tau",
     )
 
@@ -45,7 +47,9 @@ def effective_rank(singular_values: Tensor, energy: float) -> int:
     return int(reached[0]) + 1 if len(reached) else int(len(singular_values))
 
 
-def momentum_split(factors: list[LoRAFactors], weights: list[float], rank: int, scale: float, energy: float) -> tuple[LoRAFactors, Tensor | None, int]:
+def momentum_split(
+    factors: list[LoRAFactors], weights: list[float], rank: int, scale: float, energy: float
+) -> tuple[LoRAFactors, Tensor | None, int]:
     """(new balanced LoRA factors, dense residual merged into the base or None, r_eff) for one module."""
     left, right = stacked_factors(factors, weights)
     U, S, Vh = lowrank_svd(left, right)

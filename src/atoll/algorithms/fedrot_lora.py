@@ -29,7 +29,9 @@ from atoll.fl.state import AdapterState, LoRAFactors
 
 class FedRotLoRAParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    strength: float = Field(1.0, ge=0, le=1, description="lambda: R = proj_SO((1 - lambda) I + lambda R*); 1 is the full Procrustes rotation, 0 none")
+    strength: float = Field(
+        1.0, ge=0, le=1, description="lambda: R = proj_SO((1 - lambda) I + lambda R*); 1 is the full Procrustes rotation, 0 none"
+    )
     align: Literal["alternate", "A", "B"] = Field(
         "alternate", description="factor aligned to the global: A in odd rounds and B in even rounds, or always A, or always B"
     )
@@ -90,10 +92,7 @@ class FedRotLoRA(BaseServer):
     client's product, and aligning to an older global only aligns less well."""
 
     name = "fedrot-lora"
-    paper = (
-        "Zhang, Kim, Cha, Vikalo, FedRot-LoRA: Mitigating Rotational Misalignment in Federated LoRA, "
-        "ICML 2026 (arXiv:2602.23638)"
-    )
+    paper = "Zhang, Kim, Cha, Vikalo, FedRot-LoRA: Mitigating Rotational Misalignment in Federated LoRA, ICML 2026 (arXiv:2602.23638)"
     Params = FedRotLoRAParams
     client_class = FedRotLoRAClient
     rank_support = "refuse"

@@ -29,9 +29,7 @@ from atoll.fl.state import AdapterState, LoRAFactors, Update, example_weights
 
 class FedSALoRAParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    share_head: bool = Field(
-        True, description="federate the classifier head (FedAvg); false keeps it personal beside B_k"
-    )
+    share_head: bool = Field(True, description="federate the classifier head (FedAvg); false keeps it personal beside B_k")
 
 
 class FedSALoRAClient(BaseClient):
@@ -69,10 +67,7 @@ class FedSALoRAClient(BaseClient):
 @register
 class FedSALoRA(BaseServer):
     name = "fedsa-lora"
-    paper = (
-        "Guo, Zeng, Wang, Fan, Wang, Qu, Selective Aggregation for Low-Rank Adaptation in "
-        "Federated Learning, ICLR 2025"
-    )
+    paper = "Guo, Zeng, Wang, Fan, Wang, Qu, Selective Aggregation for Low-Rank Adaptation in Federated Learning, ICLR 2025"
     Params = FedSALoRAParams
     client_class = FedSALoRAClient
     rank_support = "refuse"
@@ -89,6 +84,9 @@ class FedSALoRA(BaseServer):
         if not updates:
             return
         self.global_state = average_states(
-            [u.state for u in updates], example_weights(updates),
-            lora_B=False, extra=self.params.share_head, base=self.global_state,
+            [u.state for u in updates],
+            example_weights(updates),
+            lora_B=False,
+            extra=self.params.share_head,
+            base=self.global_state,
         )

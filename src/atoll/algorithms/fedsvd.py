@@ -69,7 +69,9 @@ class FedSVD(BaseServer):
                 raise UpdateError(f"client {update.client_id} sent no '{missing[0]}'")
             for name, factors in self.global_state.lora.items():
                 if update.state.extra[UPLOADED_B + name].shape != factors.B.shape:
-                    raise UpdateError(f"client {update.client_id} sent B of '{name}' with shape {tuple(update.state.extra[UPLOADED_B + name].shape)}, expected {tuple(factors.B.shape)}")
+                    raise UpdateError(
+                        f"client {update.client_id} sent B of '{name}' with shape {tuple(update.state.extra[UPLOADED_B + name].shape)}, expected {tuple(factors.B.shape)}"
+                    )
         lora = {}
         for name, factors in self.global_state.lora.items():
             B_bar = weighted_average([u.state.extra[UPLOADED_B + name] for u in updates], weights)

@@ -33,10 +33,7 @@ class FedYogi(AdaptiveServerOptimizer):
     """Server-side Yogi on the pseudo-gradient; m and v are checkpointed."""
 
     name = "fedyogi"
-    paper = (
-        "Reddi, Charles, Zaheer, Garrett, Rush, Konečný, Kumar, McMahan, Adaptive Federated Optimization, "
-        "ICLR 2021"
-    )
+    paper = "Reddi, Charles, Zaheer, Garrett, Rush, Konečný, Kumar, McMahan, Adaptive Federated Optimization, ICLR 2021"
     Params = FedYogiParams
 
     def second_moment(self, v: Tensor, delta_sq: Tensor) -> Tensor:

@@ -47,6 +47,4 @@ class FFALoRA(BaseServer):
         if not updates:
             return
         # A is never averaged: it stays the server's own A0, bit for bit
-        self.global_state = average_states(
-            [u.state for u in updates], example_weights(updates), lora_A=False, base=self.global_state
-        )
+        self.global_state = average_states([u.state for u in updates], example_weights(updates), lora_A=False, base=self.global_state)

@@ -102,8 +102,8 @@ class FlexLoRA(BaseServer):
     def load_state_dict(self, tensors: dict[str, Tensor]) -> None:
         super().load_state_dict(tensors)
         self.head = dict(self.global_state.extra)
-        B = {k[len("flexlora/B/"):]: v for k, v in tensors.items() if k.startswith("flexlora/B/")}
-        A = {k[len("flexlora/A/"):]: v for k, v in tensors.items() if k.startswith("flexlora/A/")}
+        B = {k[len("flexlora/B/") :]: v for k, v in tensors.items() if k.startswith("flexlora/B/")}
+        A = {k[len("flexlora/A/") :]: v for k, v in tensors.items() if k.startswith("flexlora/A/")}
         self.stacks = {name: (B[name], A[name]) for name in sorted(B)}
         if self.stacks:
             self._refresh()

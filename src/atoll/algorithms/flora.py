@@ -39,7 +39,8 @@ STACK_PREFIX = "flora/"
 class FLoRAParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     downlink: Literal["auto", "dense"] = Field(
-        "auto", description="auto: send every round's stacked factors while smaller than the dense merged base, then the dense base; dense: always the dense base"
+        "auto",
+        description="auto: send every round's stacked factors while smaller than the dense merged base, then the dense base; dense: always the dense base",
     )
 
 

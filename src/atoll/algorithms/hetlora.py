@@ -42,7 +42,8 @@ from atoll.fl.trainer import TrainHooks
 class HetLoRAParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     weighting: Literal["norm", "norm_x_examples", "examples"] = Field(
-        "norm", description="aggregation weights: norm = ||s_k B_k A_k||_F (the paper), norm_x_examples = n_k times that norm, examples = n_k (FedAvg)"
+        "norm",
+        description="aggregation weights: norm = ||s_k B_k A_k||_F (the paper), norm_x_examples = n_k times that norm, examples = n_k (FedAvg)",
     )
     prune_lambda: float = Field(
         0.01, ge=0, description="weight of the tail-rank regulariser lambda * ||s B_tail A_tail||_F; 0 turns regulariser and pruning off"
@@ -74,7 +75,9 @@ def sparsity_weights(updates: list[Update], name: str, weighting: str) -> list[f
     examples = example_weights(updates)
     if weighting == "examples":
         return examples
-    norms = [float(u.state.lora[name].scale * frobenius_of_product(u.state.lora[name].B.float(), u.state.lora[name].A.float())) for u in updates]
+    norms = [
+        float(u.state.lora[name].scale * frobenius_of_product(u.state.lora[name].B.float(), u.state.lora[name].A.float())) for u in updates
+    ]
     raw = norms if weighting == "norm" else [n * p for n, p in zip(norms, examples)]
     total = sum(raw)
     if total <= 0:
@@ -123,10 +126,7 @@ class HetLoRAClient(BaseClient):
 @register
 class HetLoRA(BaseServer):
     name = "hetlora"
-    paper = (
-        "Cho, Liu, Xu, Fahrezi, Joshi, Heterogeneous LoRA for Federated Fine-tuning of On-Device "
-        "Foundation Models, EMNLP 2024"
-    )
+    paper = "Cho, Liu, Xu, Fahrezi, Joshi, Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models, EMNLP 2024"
     Params = HetLoRAParams
     client_class = HetLoRAClient
     rank_support = "native"

@@ -92,8 +92,7 @@ class ILoRA(BaseServer):
 
     name = "ilora"
     paper = (
-        "Zhou, Liu, Shang, ILoRA: Federated Learning with Low-Rank Adaptation for Heterogeneous Client "
-        "Aggregation, arXiv:2511.16069, 2025"
+        "Zhou, Liu, Shang, ILoRA: Federated Learning with Low-Rank Adaptation for Heterogeneous Client Aggregation, arXiv:2511.16069, 2025"
     )
     client_class = ILoRAClient
     rank_support = "refuse"

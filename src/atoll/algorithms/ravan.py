@@ -40,7 +40,9 @@ class RavanParams(BaseModel):
 
     heads: int = Field(4, gt=0, description="number of heads h per adapted layer")
     head_rank: int | None = Field(
-        None, gt=0, description="rank r_h of each head; default: the largest with heads * r_h^2 <= lora.rank * (d + k), LoRA's parameter count"
+        None,
+        gt=0,
+        description="rank r_h of each head; default: the largest with heads * r_h^2 <= lora.rank * (d + k), LoRA's parameter count",
     )
 
 
@@ -73,7 +75,9 @@ class RavanClient(BaseClient):
         workbench = self.workbench
         params = self.host.parameters(RAVAN) + workbench.active.parameters(lora_A=False, lora_B=False, extra=True)
         with self.host.engaged(FixedGates({PRIMARY: 0.0, RAVAN: 1.0})):
-            metrics = train_parameters(workbench, params, self.context.train_indices, self.plan(round), self.context.config, (self.client_id, round))
+            metrics = train_parameters(
+                workbench, params, self.context.train_indices, self.plan(round), self.context.config, (self.client_id, round)
+            )
         trained = self.host.read(RAVAN)
         extra = {}
         for layer in self.host.layers:  # upload s_h H_h directly (the scales are folded in)
@@ -134,7 +138,9 @@ class Ravan(BaseServer):
         lora = {}
         for name in self.shapes:
             B, A = self.bases(name)
-            lora[name] = equivalent_lora(B, A, ravan.extra[f"{PREFIX}{name}.H"], ravan.extra[f"{PREFIX}{name}.s"], self.scale, self.export_scale)
+            lora[name] = equivalent_lora(
+                B, A, ravan.extra[f"{PREFIX}{name}.H"], ravan.extra[f"{PREFIX}{name}.s"], self.scale, self.export_scale
+            )
         return AdapterState(lora=lora, extra=dict(ravan.extra), base=dict(ravan.base))
 
     def configure(self, round: int, client_id: int) -> AdapterState:

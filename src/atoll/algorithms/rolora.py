@@ -57,10 +57,7 @@ class RoLoRAClient(BaseClient):
 @register
 class RoLoRA(BaseServer):
     name = "rolora"
-    paper = (
-        "Chen, Guo, Ju, Dalal, Zhu, Khisti, Robust Federated Finetuning of LLMs via Alternating "
-        "Optimization of LoRA, NeurIPS 2025"
-    )
+    paper = "Chen, Guo, Ju, Dalal, Zhu, Khisti, Robust Federated Finetuning of LLMs via Alternating Optimization of LoRA, NeurIPS 2025"
     Params = RoLoRAParams
     client_class = RoLoRAClient
     rank_support = "refuse"
@@ -71,6 +68,9 @@ class RoLoRA(BaseServer):
             return
         factor = trained_factor(round, self.params)
         self.global_state = average_states(
-            [u.state for u in updates], example_weights(updates),
-            lora_A=factor == "A", lora_B=factor == "B", base=self.global_state,
+            [u.state for u in updates],
+            example_weights(updates),
+            lora_A=factor == "A",
+            lora_B=factor == "B",
+            base=self.global_state,
         )

@@ -49,7 +49,8 @@ class ScaffoldParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     server_lr: float = Field(1.0, gt=0, description="global step size eta_g on the averaged model change (1: FedAvg of the models)")
     control_update: Literal["option-i", "option-ii"] = Field(
-        "option-i", description="client variate update: option-i (first local gradient at x; the default, sound with AdamW) or option-ii (from the model change, the paper's SGD choice)"
+        "option-i",
+        description="client variate update: option-i (first local gradient at x; the default, sound with AdamW) or option-ii (from the model change, the paper's SGD choice)",
     )
 
 
@@ -151,10 +152,7 @@ class ScaffoldClient(BaseClient):
         server = prefixed_extras(start, CONTROL)
         own = self.own_variate(x)
         steps = self.step_size_sum(round)
-        return {
-            key: own[key] - (server[key].float() if key in server else 0.0) + (x[key].float() - y[key].float()) / steps
-            for key in x
-        }
+        return {key: own[key] - (server[key].float() if key in server else 0.0) + (x[key].float() - y[key].float()) / steps for key in x}
 
     def keep(self, round: int, start: AdapterState, trained: AdapterState) -> None:
         new = self.next_variate(round, start, trained)
@@ -177,10 +175,7 @@ class Scaffold(BaseServer):
     step assume every update started from the current x within one synchronous round."""
 
     name = "scaffold"
-    paper = (
-        "Karimireddy, Kale, Mohri, Reddi, Stich, Suresh, SCAFFOLD: Stochastic Controlled Averaging for "
-        "Federated Learning, ICML 2020"
-    )
+    paper = "Karimireddy, Kale, Mohri, Reddi, Stich, Suresh, SCAFFOLD: Stochastic Controlled Averaging for Federated Learning, ICML 2020"
     Params = ScaffoldParams
     client_class = ScaffoldClient
     rank_support = "refuse"

@@ -63,7 +63,12 @@ def grouped_order(data: Tokenized, indices: np.ndarray, batch_size: int, rng: np
 
 
 def training_batches(
-    data: Tokenized, indices: np.ndarray, batch_size: int, pad_id: int, kind: str, rng: np.random.Generator,
+    data: Tokenized,
+    indices: np.ndarray,
+    batch_size: int,
+    pad_id: int,
+    kind: str,
+    rng: np.random.Generator,
     group_by_length: bool = True,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """An endless stream of shuffled batches over ``indices``, reshuffled every pass."""

@@ -198,7 +198,9 @@ def _load_local(path: Path) -> RawData:
     lengths = {len(v) for v in columns.values()}
     if len(lengths) != 1 or 0 in lengths:
         raise DataError(f"'{path}' has no rows or columns of unequal length")
-    return RawData(columns, task=_guess_task(columns), defaults=_guess_defaults(columns), fingerprint=_file_fingerprint(path), description=str(path))
+    return RawData(
+        columns, task=_guess_task(columns), defaults=_guess_defaults(columns), fingerprint=_file_fingerprint(path), description=str(path)
+    )
 
 
 _PROMPT_NAMES = ("instruction", "prompt", "question", "input", "query")
@@ -240,7 +242,13 @@ def _load_hub(name: str) -> RawData:
             "check the name or the path; hub names need network access",
         ) from None
     columns = dataset.to_dict()
-    return RawData(columns, task=_guess_task(columns), defaults=_guess_defaults(columns), fingerprint=f"hub:{name}:{dataset._fingerprint}", description=name)
+    return RawData(
+        columns,
+        task=_guess_task(columns),
+        defaults=_guess_defaults(columns),
+        fingerprint=f"hub:{name}:{dataset._fingerprint}",
+        description=name,
+    )
 
 
 def load_source(source: str) -> RawData:

@@ -210,8 +210,19 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def tokenize(spec: TaskSpec, raw: RawData, tokenizer, max_length: int, cache_dir: Path | None, subset_key: str) -> Tokenized:
     """Tokenise ``raw`` for ``spec``, reusing an on-disk cache keyed by everything that matters."""
     key_text = json.dumps(
-        [raw.fingerprint, subset_key, spec.kind, spec.text_column, spec.label_column, spec.prompt_column,
-         spec.response_column, spec.label_names, tokenizer_fingerprint(tokenizer), max_length, "v1"]
+        [
+            raw.fingerprint,
+            subset_key,
+            spec.kind,
+            spec.text_column,
+            spec.label_column,
+            spec.prompt_column,
+            spec.response_column,
+            spec.label_names,
+            tokenizer_fingerprint(tokenizer),
+            max_length,
+            "v1",
+        ]
     )
     key = hashlib.sha256(key_text.encode()).hexdigest()[:20]
     path = (cache_dir or default_cache_dir()) / f"tokens-{key}.npz"
@@ -226,8 +237,14 @@ def tokenize(spec: TaskSpec, raw: RawData, tokenizer, max_length: int, cache_dir
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(temporary, ids=result.ids, offsets=result.offsets, labels=result.labels,
-                 prompt_len=result.prompt_len, answers=np.array(json.dumps(result.answers)))
+        np.savez(
+            temporary,
+            ids=result.ids,
+            offsets=result.offsets,
+            labels=result.labels,
+            prompt_len=result.prompt_len,
+            answers=np.array(json.dumps(result.answers)),
+        )
         os.replace(temporary, path)
     except OSError:
         pass  # caching is an optimisation; a read-only home still runs

@@ -37,7 +37,14 @@ def weighted_average(tensors: list[Tensor], weights: list[float]) -> Tensor:
     return total.to(tensors[0].dtype)
 
 
-def average_states(states: list[AdapterState], weights: list[float], lora_A: bool = True, lora_B: bool = True, extra: bool = True, base: AdapterState | None = None) -> AdapterState:
+def average_states(
+    states: list[AdapterState],
+    weights: list[float],
+    lora_A: bool = True,
+    lora_B: bool = True,
+    extra: bool = True,
+    base: AdapterState | None = None,
+) -> AdapterState:
     """Factor-wise weighted average (FedAvg on LoRA tensors). Factors not averaged are taken from
     ``base`` (default: the first state). All states must share ranks (see HetLoRA for mixed)."""
     reference = base if base is not None else states[0]
@@ -235,8 +242,11 @@ class BaseClient:
         plan = self.plan(round)
         plan.hooks = self.hooks(round, start)
         metrics = self.workbench.train(
-            self.context.train_indices, plan, self.context.config.train.batch_size,
-            rng_keys=(self.client_id, round), trainable=self.trainable(round),
+            self.context.train_indices,
+            plan,
+            self.context.config.train.batch_size,
+            rng_keys=(self.client_id, round),
+            trainable=self.trainable(round),
             group_by_length=self.context.config.train.group_by_length,
         )
         trained = self.workbench.read()
@@ -329,7 +339,9 @@ class BaseServer:
         alpha = rule.alpha * rule.weight(staleness)
         self.global_state = mix_states(self.global_state, update.state, alpha, update.client_id)
 
-    def aggregate_buffered(self, version: int, updates: list[Update], staleness: list[int], starts: list[AdapterState], rule: AsyncRule) -> None:
+    def aggregate_buffered(
+        self, version: int, updates: list[Update], staleness: list[int], starts: list[AdapterState], rule: AsyncRule
+    ) -> None:
         """Take a buffer of K updates (FedBuff): x <- x + server_lr * (1/K) sum_k s(t_k) (x_k - start_k),
         where start_k is what client k downloaded."""
         if not updates:

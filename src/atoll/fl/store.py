@@ -120,7 +120,9 @@ class ClientStore:
                 client_id = int(path.stem.split("-", 1)[1])
                 tensors = load_file(str(path))
             except Exception:
-                raise CheckpointError(f"client state '{path}' is unreadable", "resume from an earlier checkpoint or start a new run") from None
+                raise CheckpointError(
+                    f"client state '{path}' is unreadable", "resume from an earlier checkpoint or start a new run"
+                ) from None
             self.put(client_id, tensors)
 
     def close(self) -> None:

@@ -144,7 +144,12 @@ def _evaluate_answer_loss(model, data, indices, pad_id, batch_size, kind) -> dic
         correct += int((shifted[mask].argmax(-1) == targets[mask]).sum())
         token_count += int(mask.sum())
     loss = loss_sum / max(1, token_count)
-    return {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0))), "token_accuracy": correct / max(1, token_count), "examples": float(len(indices))}
+    return {
+        "loss": loss,
+        "perplexity": float(math.exp(min(loss, 50.0))),
+        "token_accuracy": correct / max(1, token_count),
+        "examples": float(len(indices)),
+    }
 
 
 def _evaluate_generation(model, data, indices, pad_id, batch_size, tokenizer, max_new_tokens) -> dict[str, float]:
@@ -154,7 +159,10 @@ def _evaluate_generation(model, data, indices, pad_id, batch_size, tokenizer, ma
         chunk = indices[start : start + batch_size]
         batch = prompt_batch(data, chunk, pad_id)
         output = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,
         )
         texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)

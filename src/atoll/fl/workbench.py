@@ -132,7 +132,9 @@ class Workbench:
             if id(param) in chosen:
                 params.append(param)
         seed_everything(self.seed, "dropout", *rng_keys)
-        batches = training_batches(self.data, indices, batch_size, self.pad_id, self.spec.kind, numpy_rng(self.seed, "batches", *rng_keys), group_by_length)
+        batches = training_batches(
+            self.data, indices, batch_size, self.pad_id, self.spec.kind, numpy_rng(self.seed, "batches", *rng_keys), group_by_length
+        )
         self.note_trained(params)
         try:
             return train_steps(self.model, params, batches, plan)
@@ -146,8 +148,15 @@ class Workbench:
 
     def evaluate(self, indices: np.ndarray, max_generate: int = 0) -> dict[str, float]:
         return evaluate_model(
-            self.model, self.spec, self.data, indices, self.pad_id, self.eval_batch_size,
-            tokenizer=self.tokenizer, max_generate=max_generate, max_new_tokens=self.max_new_tokens,
+            self.model,
+            self.spec,
+            self.data,
+            indices,
+            self.pad_id,
+            self.eval_batch_size,
+            tokenizer=self.tokenizer,
+            max_generate=max_generate,
+            max_new_tokens=self.max_new_tokens,
         )
 
     def save_peft(self, state: AdapterState, directory: Path) -> None:

@@ -203,7 +203,9 @@ class BranchHost:
         scale = lora_scale(lora, rank)
 
         def make(layer, out_features, in_features, device):
-            return LoRABranch(in_features, out_features, rank, scale, lora.dropout, device, torch_generator(seed, "branch-init", name, layer))
+            return LoRABranch(
+                in_features, out_features, rank, scale, lora.dropout, device, torch_generator(seed, "branch-init", name, layer)
+            )
 
         return self.add(name, make)
 
@@ -339,7 +341,12 @@ class BranchHost:
 
 
 def train_parameters(
-    workbench, params: list[nn.Parameter], indices: np.ndarray, plan: TrainPlan, config: Config, rng_keys: tuple,
+    workbench,
+    params: list[nn.Parameter],
+    indices: np.ndarray,
+    plan: TrainPlan,
+    config: Config,
+    rng_keys: tuple,
 ) -> dict[str, float]:
     """Like ``Workbench.train`` but over an explicit parameter list (branches, routers, parts of the
     live adapter); everything else stays frozen. Same seeded batches and dropout streams."""
@@ -353,8 +360,13 @@ def train_parameters(
         param.requires_grad_(True)
     seed_everything(workbench.seed, "dropout", *rng_keys)
     batches = training_batches(
-        workbench.data, indices, config.train.batch_size, workbench.pad_id, workbench.spec.kind,
-        numpy_rng(workbench.seed, "batches", *rng_keys), config.train.group_by_length,
+        workbench.data,
+        indices,
+        config.train.batch_size,
+        workbench.pad_id,
+        workbench.spec.kind,
+        numpy_rng(workbench.seed, "batches", *rng_keys),
+        config.train.group_by_length,
     )
     workbench.note_trained(params)
     try:

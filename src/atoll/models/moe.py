@@ -89,7 +89,9 @@ class MixtureOfExperts:
 
     # -- router tensors: keys 'router.<layer>.weight' / '.bias' -----------------------------------
     def read_routers(self) -> dict[str, Tensor]:
-        return {f"{ROUTER}.{layer}.{key}": p.detach().clone() for layer, router in self.routers.items() for key, p in router.named_parameters()}
+        return {
+            f"{ROUTER}.{layer}.{key}": p.detach().clone() for layer, router in self.routers.items() for key, p in router.named_parameters()
+        }
 
     def write_routers(self, tensors: dict[str, Tensor]) -> None:
         with torch.no_grad():

@@ -35,9 +35,21 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 _TINY_CAUSAL = {
-    "tiny-llama": ("llama", dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2), 2048),
-    "tiny-qwen2": ("qwen2", dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2), 2048),
-    "small-llama": ("llama", dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4), 4096),
+    "tiny-llama": (
+        "llama",
+        dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        2048,
+    ),
+    "tiny-qwen2": (
+        "qwen2",
+        dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        2048,
+    ),
+    "small-llama": (
+        "llama",
+        dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4),
+        4096,
+    ),
 }
 
 SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -142,7 +154,9 @@ def load_tokenizer(name: str, corpus_fn: Callable[[], list[str]], cache_dir: Pat
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:
-        raise ModelError(f"cannot load the tokenizer of '{name}' ({type(exc).__name__})", "check model.name; hub names need network") from None
+        raise ModelError(
+            f"cannot load the tokenizer of '{name}' ({type(exc).__name__})", "check model.name; hub names need network"
+        ) from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise ModelError(f"tokenizer of '{name}' has neither a pad nor an eos token", "add a pad token to the tokenizer")
@@ -163,16 +177,29 @@ def load_base_model(name: str, generative: bool, num_labels: int, tokenizer, dty
     if name in _TINY_CAUSAL:
         model_type, sizes, _ = _TINY_CAUSAL[name]
         config = AutoConfig.for_model(
-            model_type, vocab_size=len(tokenizer), max_position_embeddings=1024, tie_word_embeddings=False,
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            **sizes, **head_kwargs,
+            model_type,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=1024,
+            tie_word_embeddings=False,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sizes,
+            **head_kwargs,
         )
         auto = AutoModelForCausalLM if generative else AutoModelForSequenceClassification
         return auto.from_config(config, dtype=torch_dtype)
     if name == "tiny-bert":
         config = AutoConfig.for_model(
-            "bert", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id, **head_kwargs,
+            "bert",
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            **head_kwargs,
         )
         return AutoModelForSequenceClassification.from_config(config, dtype=torch_dtype)
     source = str(minilm_path()) if name == "minilm" else str(Path(name).expanduser()) if _is_local_dir(name) else name
@@ -180,7 +207,9 @@ def load_base_model(name: str, generative: bool, num_labels: int, tokenizer, dty
     try:
         model = auto.from_pretrained(source, dtype=torch_dtype, **head_kwargs)
     except Exception as exc:
-        raise ModelError(f"cannot load model '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})", "check model.name") from None
+        raise ModelError(
+            f"cannot load model '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})", "check model.name"
+        ) from None
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -207,9 +236,15 @@ def target_modules(model: torch.nn.Module, requested: list[str] | str) -> list[s
         model_type = getattr(model.config, "model_type", "")
         targets = _AUTO_TARGETS.get(model_type)
         if targets is None:
-            raise ModelError(f"no default LoRA targets for model type '{model_type}'", f"set model.lora.target_modules from: {', '.join(sorted(leaf_names))}")
+            raise ModelError(
+                f"no default LoRA targets for model type '{model_type}'",
+                f"set model.lora.target_modules from: {', '.join(sorted(leaf_names))}",
+            )
         return targets
     missing = [t for t in requested if t not in leaf_names]
     if missing:
-        raise ModelError(f"model.lora.target_modules names {missing} which are not linear layers of this model", f"choose from: {', '.join(sorted(leaf_names))}")
+        raise ModelError(
+            f"model.lora.target_modules names {missing} which are not linear layers of this model",
+            f"choose from: {', '.join(sorted(leaf_names))}",
+        )
     return list(requested)

@@ -37,7 +37,10 @@ BENCH_DEFAULTS = [
     "run.plots=false",
 ]
 
-PARTITIONS = {"iid": ["partition.name=iid"], "dirichlet-0.1": ["partition.name=dirichlet", "partition.alpha=0.1", "partition.min_examples=10"]}
+PARTITIONS = {
+    "iid": ["partition.name=iid"],
+    "dirichlet-0.1": ["partition.name=dirichlet", "partition.alpha=0.1", "partition.min_examples=10"],
+}
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,9 @@ def _rounds_to(curve: list[tuple[int, float]], target: float, lower_is_better: b
     return None
 
 
-def _run_cells(cells: list[Cell], runs_dir: Path, workers: int, config_path: str | None, extra: list[str], log) -> tuple[dict[str, float], dict[str, str]]:
+def _run_cells(
+    cells: list[Cell], runs_dir: Path, workers: int, config_path: str | None, extra: list[str], log
+) -> tuple[dict[str, float], dict[str, str]]:
     """Run ``cells`` in worker processes; (seconds, failures) by cell key."""
     seconds: dict[str, float] = {}
     failures: dict[str, str] = {}
@@ -92,7 +97,12 @@ def _run_cells(cells: list[Cell], runs_dir: Path, workers: int, config_path: str
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         futures = {}
         for cell in cells:
-            overrides = BENCH_DEFAULTS + PARTITIONS[cell.partition] + [f"algorithm.name={cell.algorithm}", f"seed={cell.seed}", f"name={cell.algorithm}"] + extra
+            overrides = (
+                BENCH_DEFAULTS
+                + PARTITIONS[cell.partition]
+                + [f"algorithm.name={cell.algorithm}", f"seed={cell.seed}", f"name={cell.algorithm}"]
+                + extra
+            )
             futures[pool.submit(_run_one, config_path, overrides, str(_cell_dir(runs_dir, cell)))] = cell
         for done, future in enumerate(as_completed(futures), 1):
             cell = futures[future]
@@ -125,9 +135,17 @@ def run_comparison(
     started = time.perf_counter()
     seconds, failures = _run_cells(cells, runs_dir, workers, config_path, extra, log)
     record = {
-        "algorithms": algorithms, "partitions": partitions, "seeds": seeds, "workers": workers, "target": target,
-        "extra": extra, "config": config_path, "minutes": (time.perf_counter() - started) / 60, "seconds": seconds,
-        "failures": failures, "notes": [],
+        "algorithms": algorithms,
+        "partitions": partitions,
+        "seeds": seeds,
+        "workers": workers,
+        "target": target,
+        "extra": extra,
+        "config": config_path,
+        "minutes": (time.perf_counter() - started) / 60,
+        "seconds": seconds,
+        "failures": failures,
+        "notes": [],
     }
     runs_dir.mkdir(parents=True, exist_ok=True)
     (runs_dir / BENCH_RECORD).write_text(json.dumps(record, indent=1))
@@ -240,12 +258,24 @@ def render(runs_dir: Path, out_dir: Path) -> Path:
     ]
     (out_dir / "algorithms.md").write_text("\n".join(header) + table + "\n")
     _plot(algorithms, partitions, results, metric, out_dir / "algorithms.png")
-    keep = ("final_global", "final_local", "bytes_up_total", "bytes_down_total", "curve", "seconds", "majority_class_rate", "local_majority_rate")
-    (out_dir / "algorithms.json").write_text(json.dumps(
-        {_key(c): {k: v for k, v in r.items() if k in keep} for c, r in results.items()}
-        | {_key(c): {"failed": f} for c, f in failures.items()},
-        indent=1, sort_keys=True,
-    ))
+    keep = (
+        "final_global",
+        "final_local",
+        "bytes_up_total",
+        "bytes_down_total",
+        "curve",
+        "seconds",
+        "majority_class_rate",
+        "local_majority_rate",
+    )
+    (out_dir / "algorithms.json").write_text(
+        json.dumps(
+            {_key(c): {k: v for k, v in r.items() if k in keep} for c, r in results.items()}
+            | {_key(c): {"failed": f} for c, f in failures.items()},
+            indent=1,
+            sort_keys=True,
+        )
+    )
     return out_dir / "algorithms.md"
 
 
@@ -264,7 +294,12 @@ def _command(algorithms, partitions, seeds, workers, target) -> str:
 def _table(algorithms, partitions, seeds, results, failures, target) -> str:
     lines = []
     for partition in partitions:
-        lines += [f"## {partition}", "", f"| algorithm | global | personalized | rounds to {target:.2f} | MB up / round | MB down / round |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"## {partition}",
+            "",
+            f"| algorithm | global | personalized | rounds to {target:.2f} | MB up / round | MB down / round |",
+            "|---|---|---|---|---|---|",
+        ]
         # the reference: one result per seed (every algorithm of a seed shares the data and splits)
         by_seed = {c.seed: r for c, r in results.items() if c.partition == partition and "majority_class_rate" in r}
         if by_seed:
@@ -287,7 +322,9 @@ def _table(algorithms, partitions, seeds, results, failures, target) -> str:
             up = statistics.mean(r["bytes_up_total"] / r["rounds"] / 1e6 for r in done)
             down = statistics.mean(r["bytes_down_total"] / r["rounds"] / 1e6 for r in done)
             note = f" ({len(failed)} failed)" if failed else ""
-            lines.append(f"| {algorithm}{note} | {_mean_std(global_values)} | {_mean_std(local_values)} | {rounds_text} | {up:.2f} | {down:.2f} |")
+            lines.append(
+                f"| {algorithm}{note} | {_mean_std(global_values)} | {_mean_std(local_values)} | {rounds_text} | {up:.2f} | {down:.2f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -304,12 +341,26 @@ def _plot(algorithms, partitions, results, metric, path: Path) -> None:
         for offset, (scope, color) in enumerate((("final_global", "tab:blue"), ("final_local", "tab:orange"))):
             means, stds = [], []
             for algorithm in algorithms:
-                values = [r[scope][metric] for c, r in results.items() if c.algorithm == algorithm and c.partition == partition and metric in r[scope]]
+                values = [
+                    r[scope][metric]
+                    for c, r in results.items()
+                    if c.algorithm == algorithm and c.partition == partition and metric in r[scope]
+                ]
                 means.append(statistics.mean(values) if values else math.nan)
                 stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
-            axis.barh(positions + (offset - 0.5) * 0.38, means, height=0.38, xerr=stds, color=color, label="global" if offset == 0 else "personalized")
+            axis.barh(
+                positions + (offset - 0.5) * 0.38,
+                means,
+                height=0.38,
+                xerr=stds,
+                color=color,
+                label="global" if offset == 0 else "personalized",
+            )
         by_seed = {c.seed: r for c, r in results.items() if c.partition == partition and "majority_class_rate" in r}
-        for key, color, label in (("majority_class_rate", "tab:blue", "majority class, global test"), ("local_majority_rate", "tab:orange", "own majority class, local tests")):
+        for key, color, label in (
+            ("majority_class_rate", "tab:blue", "majority class, global test"),
+            ("local_majority_rate", "tab:orange", "own majority class, local tests"),
+        ):
             rates = [r[key] for r in by_seed.values() if r.get(key) is not None]
             if rates:
                 axis.axvline(statistics.mean(rates), color=color, linestyle="--", linewidth=1, label=label)

@@ -53,8 +53,12 @@ class RichProgress(Progress):
 
         self.console = Console(stderr=True)
         self.bars = Bars(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=self.console, transient=False,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
         )
         self.rounds_task = None
         self.clients_task = None

@@ -64,7 +64,9 @@ class RunDir:
     @classmethod
     def check_new(cls, path: Path) -> None:
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise ConfigError(f"run directory '{path}' already exists and is not empty", "choose another run.dir, or continue it with --resume")
+            raise ConfigError(
+                f"run directory '{path}' already exists and is not empty", "choose another run.dir, or continue it with --resume"
+            )
 
     @classmethod
     def create(cls, path: Path, config: Config) -> "RunDir":
@@ -78,7 +80,9 @@ class RunDir:
     @classmethod
     def open_existing(cls, path: Path) -> tuple["RunDir", Config]:
         if not (path / CONFIG_FILE).is_file():
-            raise CheckpointError(f"'{path}' is not a run directory (no {CONFIG_FILE})", "pass the directory a previous `atoll run` created")
+            raise CheckpointError(
+                f"'{path}' is not a run directory (no {CONFIG_FILE})", "pass the directory a previous `atoll run` created"
+            )
         return cls(path), build_config(read_yaml(path / CONFIG_FILE))
 
     # -- metrics --------------------------------------------------------------------------------------

@@ -87,7 +87,9 @@ class PrototypeRunner:
         rows = []
         for client_id in self.experiment.real_client_ids:
             client = self.experiment.clients[client_id]
-            rows.append((1.0, client.evaluate(server.configure(self.config.federation.rounds, client_id), self.experiment.splits.global_test)))
+            rows.append(
+                (1.0, client.evaluate(server.configure(self.config.federation.rounds, client_id), self.experiment.splits.global_test))
+            )
         result = weighted_mean(rows)
         result.pop("examples", None)
         return result
@@ -236,7 +238,9 @@ class PrototypeRunner:
         if self.config.run.plots:
             plots.plot_metrics(self.records, metric, self.run_dir.path / "metrics.png", title, majority)
             plots.plot_label_distribution(
-                experiment.splits.label_table, experiment.spec.label_names, self.run_dir.path / "label_distribution.png",
+                experiment.splits.label_table,
+                experiment.spec.label_names,
+                self.run_dir.path / "label_distribution.png",
                 f"{self.config.partition.name} partition",
             )
         if self.config.run.export_personal:

@@ -19,31 +19,33 @@ def _toml_string(text: str) -> str:
 
 
 def pyproject_text(config_yaml: str, run_dir: str) -> str:
-    return "\n".join([
-        "# Written by atoll: a Flower app that runs one atoll config (see docs/flower.md).",
-        "[build-system]",
-        'requires = ["hatchling"]',
-        'build-backend = "hatchling.build"',
-        "",
-        "[project]",
-        f'name = "{APP_NAME}"',
-        'version = "1.0.0"',
-        'description = "An atoll federated LoRA run"',
-        'license = "Apache-2.0"',
-        "dependencies = []  # atoll must already be installed on the SuperLink and every SuperNode",
-        "",
-        "[tool.flwr.app]",
-        'publisher = "atoll"',
-        "",
-        "[tool.flwr.app.components]",
-        'serverapp = "atoll.engines.flower.app:server_app"',
-        'clientapp = "atoll.engines.flower.app:client_app"',
-        "",
-        "[tool.flwr.app.config]",
-        f"{RUN_CONFIG_KEY} = {_toml_string(config_yaml)}",
-        f"{RUN_DIR_KEY} = {_toml_string(run_dir)}",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Written by atoll: a Flower app that runs one atoll config (see docs/flower.md).",
+            "[build-system]",
+            'requires = ["hatchling"]',
+            'build-backend = "hatchling.build"',
+            "",
+            "[project]",
+            f'name = "{APP_NAME}"',
+            'version = "1.0.0"',
+            'description = "An atoll federated LoRA run"',
+            'license = "Apache-2.0"',
+            "dependencies = []  # atoll must already be installed on the SuperLink and every SuperNode",
+            "",
+            "[tool.flwr.app]",
+            'publisher = "atoll"',
+            "",
+            "[tool.flwr.app.components]",
+            'serverapp = "atoll.engines.flower.app:server_app"',
+            'clientapp = "atoll.engines.flower.app:client_app"',
+            "",
+            "[tool.flwr.app.config]",
+            f"{RUN_CONFIG_KEY} = {_toml_string(config_yaml)}",
+            f"{RUN_DIR_KEY} = {_toml_string(run_dir)}",
+            "",
+        ]
+    )
 
 
 def write_app(directory: Path, config, run_dir: Path) -> Path:

@@ -78,9 +78,14 @@ def check_flower_config(config: "Config") -> None:
     flower = config.flower
     server_cls = get_algorithm(config.algorithm.name)
     if getattr(config, "mode", "prototype") != "prototype":
-        raise ConfigError(f"engine: flower runs synchronous rounds; mode '{config.mode}' is the local event simulator", "use mode: prototype with engine: flower")
+        raise ConfigError(
+            f"engine: flower runs synchronous rounds; mode '{config.mode}' is the local event simulator",
+            "use mode: prototype with engine: flower",
+        )
     if server_cls.name == "centralized":
-        raise ConfigError("the centralized baseline pools every client's data in one place, which a federation cannot do", "run it with engine: local")
+        raise ConfigError(
+            "the centralized baseline pools every client's data in one place, which a federation cannot do", "run it with engine: local"
+        )
     clients = config.federation.clients
     if flower.min_available_clients is not None and flower.min_available_clients > clients:
         raise ConfigError(
@@ -103,7 +108,9 @@ def check_flower_config(config: "Config") -> None:
             )
         sampled = _sampled(config)
         if sampled < 2:
-            raise ConfigError(f"SecAgg+ needs at least 2 clients per round, this config samples {sampled}", "raise federation.sample_rate or clients")
+            raise ConfigError(
+                f"SecAgg+ needs at least 2 clients per round, this config samples {sampled}", "raise federation.sample_rate or clients"
+            )
         if isinstance(secagg.num_shares, int) and secagg.num_shares != 1 and secagg.num_shares <= 2:
             raise ConfigError("flower.secagg.num_shares must be an integer > 2 or a fraction in (0, 1]")
         if isinstance(secagg.num_shares, float) and secagg.num_shares > 1:
@@ -123,7 +130,9 @@ def check_flower_config(config: "Config") -> None:
         )
     if flower.mode == "deployment":
         if not flower.superlink:
-            raise ConfigError("flower.mode: deployment needs flower.superlink (host:port of a running SuperLink)", "see `atoll flower superlink --help`")
+            raise ConfigError(
+                "flower.mode: deployment needs flower.superlink (host:port of a running SuperLink)", "see `atoll flower superlink --help`"
+            )
         host, _ = split_address(flower.superlink)
         if flower.insecure:
             check_insecure(host, "flower.superlink")

@@ -50,7 +50,9 @@ def client_id_of(node_config, num_clients: int) -> int:
     entries = protocol.query_reply(node_config)
     problem = protocol.partition_problem(entries["partition-id"], entries["num-partitions"], num_clients)
     if problem:
-        raise ConfigError(f"this SuperNode cannot serve the run: {problem}", "start it with --node-config 'partition-id=I num-partitions=N'")
+        raise ConfigError(
+            f"this SuperNode cannot serve the run: {problem}", "start it with --node-config 'partition-id=I num-partitions=N'"
+        )
     return entries["partition-id"]
 
 
@@ -119,7 +121,14 @@ def evaluate_client(experiment, context, client_id: int, download, scope: str) -
 def handle_train(msg, context):
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-    from atoll.engines.flower.codec import arrays_to_tensors, ordered_like, scales_to_config, split_state, state_from_records, tensors_to_arrays
+    from atoll.engines.flower.codec import (
+        arrays_to_tensors,
+        ordered_like,
+        scales_to_config,
+        split_state,
+        state_from_records,
+        tensors_to_arrays,
+    )
 
     if "fitins.parameters" in msg.content.array_records:
         return handle_secagg_train(msg, context)
@@ -133,11 +142,13 @@ def handle_train(msg, context):
     tensors = ordered_like(tensors, list(arrays_to_tensors(arrays)))
     metrics = {k: float(v) for k, v in update.metrics.items()}
     metrics.update({"client-id": client_id, "num-examples": int(update.num_examples)})
-    content = RecordDict({
-        protocol.ARRAYS: tensors_to_arrays(tensors),
-        protocol.METRICS: MetricRecord(metrics),
-        protocol.CONFIG: ConfigRecord(scales_to_config(scales)),
-    })
+    content = RecordDict(
+        {
+            protocol.ARRAYS: tensors_to_arrays(tensors),
+            protocol.METRICS: MetricRecord(metrics),
+            protocol.CONFIG: ConfigRecord(scales_to_config(scales)),
+        }
+    )
     return Message(content, reply_to=msg)
 
 

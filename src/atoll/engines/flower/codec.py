@@ -104,7 +104,10 @@ def state_to_legacy(state: AdapterState) -> tuple[list[np.ndarray], str]:
     tensors, scales = split_state(state)
     keys = list(tensors)
     dtypes = {key: str(t.dtype).replace("torch.", "") for key, t in tensors.items()}
-    arrays = [tensors[key].detach().cpu().float().numpy() if tensors[key].dtype == torch.bfloat16 else tensors[key].detach().cpu().numpy() for key in keys]
+    arrays = [
+        tensors[key].detach().cpu().float().numpy() if tensors[key].dtype == torch.bfloat16 else tensors[key].detach().cpu().numpy()
+        for key in keys
+    ]
     return arrays, json.dumps({"keys": keys, "scales": scales, "dtypes": dtypes}, separators=(",", ":"))
 
 
@@ -118,4 +121,3 @@ def state_from_legacy(arrays: list[np.ndarray], description: str) -> AdapterStat
         dtype = getattr(torch, meta["dtypes"].get(key, "float32"))
         tensors[key] = torch.from_numpy(np.array(array, copy=True)).to(dtype)
     return join_state(tensors, {name: float(value) for name, value in meta["scales"].items()})
-

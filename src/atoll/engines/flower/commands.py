@@ -48,7 +48,9 @@ def superlink(
 
     try:
         if (certs is None) == (not insecure):
-            raise ConfigError("choose --certs DIR (TLS) or --insecure (loopback only)", "create test certificates with `atoll flower certs DIR`")
+            raise ConfigError(
+                "choose --certs DIR (TLS) or --insecure (loopback only)", "create test certificates with `atoll flower certs DIR`"
+            )
         command = superlink_command(host, port, CertPaths(certs) if certs else None, node_auth=node_auth, database=database)
     except AtollError as error:
         _fail(error)
@@ -79,8 +81,13 @@ def supernode(
                 raise ConfigError("--node-auth needs --certs DIR (its node-<partition-id> key)")
             key = paths.node_key(partition_id)
         command = supernode_command(
-            superlink, partition_id, num_partitions, port if port is not None else 9094 + partition_id,
-            root_certificates=None if insecure else root, auth_key=key, insecure=insecure,
+            superlink,
+            partition_id,
+            num_partitions,
+            port if port is not None else 9094 + partition_id,
+            root_certificates=None if insecure else root,
+            auth_key=key,
+            insecure=insecure,
         )
     except AtollError as error:
         _fail(error)
@@ -97,7 +104,10 @@ def certs(
     from atoll.engines.flower.certs import generate
 
     paths = generate(directory, list(host), nodes)
-    typer.echo(f"CA {paths.ca}, SuperLink certificate {paths.server_cert} (key {paths.server_key})" + (f", {nodes} node key pairs" if nodes else ""))
+    typer.echo(
+        f"CA {paths.ca}, SuperLink certificate {paths.server_cert} (key {paths.server_key})"
+        + (f", {nodes} node key pairs" if nodes else "")
+    )
 
 
 @flower_app.command()

@@ -146,7 +146,10 @@ def _submit_and_follow(app: Path, env, extra: list[str], path: Path, progress, s
     with open(log_path, "wb") as log_file:
         runner = subprocess.Popen(
             [executable("flwr"), "run", str(app), CONNECTION, "--stream", *extra],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=scratch,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=scratch,
         )
     run_id = None
     seen = 0
@@ -188,7 +191,9 @@ def _submit_and_follow(app: Path, env, extra: list[str], path: Path, progress, s
         if run_id is None:
             match = re.search(r"started run (\d+)", text)
             if not match:
-                raise FlowerError(f"`flwr run` did not start a run: {flwr_error_line(text)}", "check flower.superlink and that the SuperLink is running")
+                raise FlowerError(
+                    f"`flwr run` did not start a run: {flwr_error_line(text)}", "check flower.superlink and that the SuperLink is running"
+                )
             run_id = match.group(1)
         status = _run_status(run_id, env)
         records, seen = _read_new_records(path / "metrics.jsonl", seen)
@@ -224,7 +229,16 @@ def _config_rounds(path: Path) -> int:
 def _remote_summary(path: Path, run_id: str) -> dict[str, Any]:
     """The run finished on a SuperLink on another machine: its run directory is there."""
     return {
-        "algorithm": "?", "data": "?", "model": "?", "clients": 0, "rounds": 0, "metric": "", "final_global": {},
-        "final_local": {}, "bytes_up_total": 0, "bytes_down_total": 0, "wall_seconds_rounds": 0.0,
+        "algorithm": "?",
+        "data": "?",
+        "model": "?",
+        "clients": 0,
+        "rounds": 0,
+        "metric": "",
+        "final_global": {},
+        "final_local": {},
+        "bytes_up_total": 0,
+        "bytes_down_total": 0,
+        "wall_seconds_rounds": 0.0,
         "run_dir": f"{path} on the SuperLink's machine (Flower run {run_id})",
     }

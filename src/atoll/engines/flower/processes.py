@@ -103,7 +103,9 @@ class CertPaths:
 # -- commands -----------------------------------------------------------------------------------------------
 
 
-def superlink_command(host: str, port: int, certs: CertPaths | None = None, node_auth: bool = False, simulation: bool = False, database: Path | None = None) -> list[str]:
+def superlink_command(
+    host: str, port: int, certs: CertPaths | None = None, node_auth: bool = False, simulation: bool = False, database: Path | None = None
+) -> list[str]:
     """``flower-superlink`` serving its Control, Fleet and Runtime APIs on host:port; TLS from
     ``certs`` or (loopback only) insecure."""
     command = [executable("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
@@ -125,8 +127,13 @@ def superlink_command(host: str, port: int, certs: CertPaths | None = None, node
 
 
 def supernode_command(
-    superlink: str, partition_id: int, num_partitions: int, port: int, root_certificates: Path | None = None,
-    auth_key: Path | None = None, insecure: bool = False,
+    superlink: str,
+    partition_id: int,
+    num_partitions: int,
+    port: int,
+    root_certificates: Path | None = None,
+    auth_key: Path | None = None,
+    insecure: bool = False,
 ) -> list[str]:
     """``flower-supernode`` serving data partition ``partition_id`` of ``num_partitions``; its
     local runtime API listens on 127.0.0.1:``port`` (one port per SuperNode on a host)."""
@@ -141,7 +148,9 @@ def supernode_command(
         command.append("--insecure")
     else:
         if root_certificates is None:
-            raise ConfigError("a TLS connection needs the CA certificate that signed the SuperLink's", "give --certs DIR or --root-certificates ca.crt")
+            raise ConfigError(
+                "a TLS connection needs the CA certificate that signed the SuperLink's", "give --certs DIR or --root-certificates ca.crt"
+            )
         if not Path(root_certificates).is_file():
             raise ConfigError(f"'{root_certificates}' does not exist", "create the certificates with `atoll flower certs DIR`")
         command += ["--root-certificates", str(root_certificates)]

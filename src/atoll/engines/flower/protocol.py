@@ -32,7 +32,10 @@ def read_run_config(run_config) -> tuple[object, str]:
 
     text = run_config.get(RUN_CONFIG_KEY)
     if not text:
-        raise ConfigError(f"the Flower run config has no '{RUN_CONFIG_KEY}'", "start runs with `atoll run --engine flower` or an app from `atoll flower app`")
+        raise ConfigError(
+            f"the Flower run config has no '{RUN_CONFIG_KEY}'",
+            "start runs with `atoll run --engine flower` or an app from `atoll flower app`",
+        )
     config = build_config(yaml.safe_load(str(text)))
     return config, str(run_config.get(RUN_DIR_KEY, "") or "")
 

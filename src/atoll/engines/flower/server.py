@@ -171,7 +171,10 @@ class FlowerRunner(PrototypeRunner):
         dp = self.flower.dp
         action = {"client-fixed": protocol.ACTION_CLIP_FIXED, "client-adaptive": protocol.ACTION_CLIP_ADAPTIVE}.get(dp.mode, "")
         self.algorithm_strategy = AlgorithmStrategy(
-            server, train_action=action, uniform_download=dp.mode != "none", equal_weights=dp.mode != "none" and dp.weighting == "equal",
+            server,
+            train_action=action,
+            uniform_download=dp.mode != "none",
+            equal_weights=dp.mode != "none" and dp.weighting == "equal",
         )
         self.algorithm_strategy.ttl = self.flower.round_timeout + TTL_MARGIN
         self.strategy = self._with_dp(self.algorithm_strategy)
@@ -201,10 +204,16 @@ class FlowerRunner(PrototypeRunner):
             return DifferentialPrivacyServerSideFixedClipping(inner, dp.noise_multiplier, dp.clipping_norm, sampled)
         if dp.mode == "client-fixed":
             return DifferentialPrivacyClientSideFixedClipping(inner, dp.noise_multiplier, dp.clipping_norm, sampled)
-        wrapper = DifferentialPrivacyServerSideAdaptiveClipping if dp.mode == "server-adaptive" else DifferentialPrivacyClientSideAdaptiveClipping
+        wrapper = (
+            DifferentialPrivacyServerSideAdaptiveClipping if dp.mode == "server-adaptive" else DifferentialPrivacyClientSideAdaptiveClipping
+        )
         return wrapper(
-            inner, dp.noise_multiplier, sampled, initial_clipping_norm=dp.clipping_norm,
-            target_clipped_quantile=dp.target_clipped_quantile, clip_norm_lr=dp.clip_norm_lr,
+            inner,
+            dp.noise_multiplier,
+            sampled,
+            initial_clipping_norm=dp.clipping_norm,
+            target_clipped_quantile=dp.target_clipped_quantile,
+            clip_norm_lr=dp.clip_norm_lr,
         )
 
     # -- a round ------------------------------------------------------------------------------------
@@ -233,7 +242,9 @@ class FlowerRunner(PrototypeRunner):
             self.progress.client_done(round, update.client_id, update.metrics)
         answered = {u.client_id for u in updates}
         bytes_down = sum(plan.downloads[c].nbytes() for c in selected)
-        bytes_up = sum(u.state.nbytes() for u in updates) if self.secagg is None else len(updates) * (updates[0].state.nbytes() if updates else 0)
+        bytes_up = (
+            sum(u.state.nbytes() for u in updates) if self.secagg is None else len(updates) * (updates[0].state.nbytes() if updates else 0)
+        )
         record: dict[str, Any] = {
             "round": round,
             "clients": selected,
@@ -379,4 +390,3 @@ def run_server(grid, context) -> None:
         raise
     finally:
         experiment.close()
-

@@ -30,20 +30,27 @@ class SecAggSettings(_Section):
 
 class DPSettings(_Section):
     mode: Literal["none", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive"] = Field(
-        "none", description="central DP with Flower's wrappers: where updates are clipped (server or client) and how (fixed or adaptive norm)"
+        "none",
+        description="central DP with Flower's wrappers: where updates are clipped (server or client) and how (fixed or adaptive norm)",
     )
-    noise_multiplier: float = Field(1.0, ge=0, description="Gaussian noise std on the aggregate = noise_multiplier * clipping norm / sampled clients")
+    noise_multiplier: float = Field(
+        1.0, ge=0, description="Gaussian noise std on the aggregate = noise_multiplier * clipping norm / sampled clients"
+    )
     clipping_norm: float = Field(1.0, gt=0, description="L2 norm bound of one client's update (adaptive modes: the initial bound)")
     weighting: Literal["equal", "examples"] = Field(
-        "equal", description="how clipped updates are averaged: equal (1/m each, the sensitivity C/m the noise is calibrated to) or examples (sensitivity C*max p_k, above what the noise assumes)"
+        "equal",
+        description="how clipped updates are averaged: equal (1/m each, the sensitivity C/m the noise is calibrated to) or examples (sensitivity C*max p_k, above what the noise assumes)",
     )
-    target_clipped_quantile: float = Field(0.5, ge=0, le=1, description="adaptive modes: fraction of updates the norm bound should leave unclipped")
+    target_clipped_quantile: float = Field(
+        0.5, ge=0, le=1, description="adaptive modes: fraction of updates the norm bound should leave unclipped"
+    )
     clip_norm_lr: float = Field(0.2, gt=0, description="adaptive modes: learning rate of the norm bound")
 
 
 class FlowerConfig(_Section):
     mode: Literal["simulation", "deployment"] = Field(
-        "simulation", description="simulation: Flower's simulation engine (Ray) on this machine; deployment: a running SuperLink with SuperNodes"
+        "simulation",
+        description="simulation: Flower's simulation engine (Ray) on this machine; deployment: a running SuperLink with SuperNodes",
     )
     actors: int | None = Field(
         None, gt=0, description="simulation: ClientApps trained in parallel (Ray actors, one CPU each; null: min(clients, CPU cores))"
@@ -51,12 +58,12 @@ class FlowerConfig(_Section):
     superlink: str | None = Field(
         None, description="deployment: host:port of the SuperLink (Flower 1.41 serves all its APIs on this one port), e.g. 127.0.0.1:9093"
     )
-    root_certificates: str | None = Field(
-        None, description="deployment: CA certificate (PEM) that signed the SuperLink's TLS certificate"
-    )
+    root_certificates: str | None = Field(None, description="deployment: CA certificate (PEM) that signed the SuperLink's TLS certificate")
     insecure: bool = Field(False, description="deployment: plain HTTP without TLS (refused unless the SuperLink is on loopback)")
     min_available_clients: int | None = Field(
-        None, gt=0, description="wait for this many online clients before a round, and fail a round that gets fewer replies (null: all clients)"
+        None,
+        gt=0,
+        description="wait for this many online clients before a round, and fail a round that gets fewer replies (null: all clients)",
     )
     wait_timeout: float = Field(300.0, gt=0, description="seconds to wait for min_available_clients before the run fails")
     round_timeout: float = Field(

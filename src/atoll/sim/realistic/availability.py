@@ -159,7 +159,10 @@ def read_trace(path: str | Path) -> dict[int, list[tuple[float, float]]]:
             cells = [cell.strip() for cell in row]
             if not header_seen:
                 if [c.lower() for c in cells] != ["client", "start", "end"]:
-                    raise DataError(f"trace '{path}' line {line_number}: the header must be client,start,end (got {','.join(cells)})", "see docs/realistic-mode.md")
+                    raise DataError(
+                        f"trace '{path}' line {line_number}: the header must be client,start,end (got {','.join(cells)})",
+                        "see docs/realistic-mode.md",
+                    )
                 header_seen = True
                 continue
             if len(cells) != 3:
@@ -168,7 +171,9 @@ def read_trace(path: str | Path) -> dict[int, list[tuple[float, float]]]:
                 client = int(cells[0])
                 start, end = float(cells[1]), float(cells[2])
             except ValueError:
-                raise DataError(f"trace '{path}' line {line_number}: '{','.join(cells)}' is not an integer client and two numbers") from None
+                raise DataError(
+                    f"trace '{path}' line {line_number}: '{','.join(cells)}' is not an integer client and two numbers"
+                ) from None
             if client < 0:
                 raise DataError(f"trace '{path}' line {line_number}: client id {client} is negative")
             if not (math.isfinite(start) and math.isfinite(end)) or start < 0 or end <= start:
@@ -182,7 +187,9 @@ def read_trace(path: str | Path) -> dict[int, list[tuple[float, float]]]:
         rows.sort()
         for (s0, e0), (s1, e1) in zip(rows, rows[1:]):
             if s1 < e0:
-                raise DataError(f"trace '{path}': windows {s0:g}..{e0:g} and {s1:g}..{e1:g} of client {client} overlap", "merge them into one window")
+                raise DataError(
+                    f"trace '{path}': windows {s0:g}..{e0:g} and {s1:g}..{e1:g} of client {client} overlap", "merge them into one window"
+                )
     return windows
 
 

@@ -57,7 +57,9 @@ class ModelBackend:
     def tokens(self, client_id: int, round: int) -> float:
         client = self.clients[client_id]
         plan = client.plan(round)
-        return local_tokens(plan.steps, plan.grad_accum, self.config.train.batch_size, client.context.num_examples, self.mean_tokens[client_id])
+        return local_tokens(
+            plan.steps, plan.grad_accum, self.config.train.batch_size, client.context.num_examples, self.mean_tokens[client_id]
+        )
 
     # -- the protocol ---------------------------------------------------------------------------------
     def sample(self, round: int, available: np.ndarray) -> list[int]:

@@ -59,12 +59,43 @@ LOCAL_LINK = None  # the server's own pooled client moves no bytes
 
 class SimClient:
     __slots__ = (
-        "index", "id", "device", "network", "flops_per_second", "link", "rank", "pooled", "state", "token", "job",
-        "window_id", "window_cursor", "window_start", "window_end", "pending_end", "available_seconds",
-        "train_seconds", "transfer_seconds", "wasted_seconds", "jobs", "completed", "lost", "dropouts",
+        "index",
+        "id",
+        "device",
+        "network",
+        "flops_per_second",
+        "link",
+        "rank",
+        "pooled",
+        "state",
+        "token",
+        "job",
+        "window_id",
+        "window_cursor",
+        "window_start",
+        "window_end",
+        "pending_end",
+        "available_seconds",
+        "train_seconds",
+        "transfer_seconds",
+        "wasted_seconds",
+        "jobs",
+        "completed",
+        "lost",
+        "dropouts",
     )
 
-    def __init__(self, index: int, client_id: int, device: str, network: str, flops_per_second: float, link: Link | None, rank: int, pooled: bool = False):
+    def __init__(
+        self,
+        index: int,
+        client_id: int,
+        device: str,
+        network: str,
+        flops_per_second: float,
+        link: Link | None,
+        rank: int,
+        pooled: bool = False,
+    ):
         self.index = index
         self.id = client_id
         self.device = device
@@ -93,8 +124,22 @@ class SimClient:
 
 class Job:
     __slots__ = (
-        "client", "round", "version", "started", "phase_start", "download_seconds", "train_seconds",
-        "upload_seconds", "bytes_down", "bytes_up", "payload", "result", "drop_at", "trained", "snapshot", "token",
+        "client",
+        "round",
+        "version",
+        "started",
+        "phase_start",
+        "download_seconds",
+        "train_seconds",
+        "upload_seconds",
+        "bytes_down",
+        "bytes_up",
+        "payload",
+        "result",
+        "drop_at",
+        "trained",
+        "snapshot",
+        "token",
     )
 
     def __init__(self, client: SimClient, round: int, version: int, started: float):
@@ -587,8 +632,15 @@ class Simulation:
         self._emit(initial)
         self._initial_schedule()
         handlers = [
-            self._on_window_open, self._on_window_close, self._on_download_done, self._on_training_done,
-            self._on_upload_done, self._on_dropout, self._on_rejoin, self._on_deadline, self._on_server_wake,
+            self._on_window_open,
+            self._on_window_close,
+            self._on_download_done,
+            self._on_training_done,
+            self._on_upload_done,
+            self._on_dropout,
+            self._on_rejoin,
+            self._on_deadline,
+            self._on_server_wake,
         ]
         names = [kind.name for kind in EventKind]
         # Window openings and closings are nearly all the events of a long run (one of each per
@@ -771,7 +823,14 @@ class Simulation:
         last = self.records[-1]
         if last["round"] > 0 and self._evaluated_round != last["round"]:
             # the run stopped between evaluations: evaluate the state it ended with
-            final: dict[str, Any] = {"round": last["round"], "final_evaluation": True, "virtual_time": now, "virtual_hours": now / 3600.0, "bytes_up": 0, "bytes_down": 0}
+            final: dict[str, Any] = {
+                "round": last["round"],
+                "final_evaluation": True,
+                "virtual_time": now,
+                "virtual_hours": now / 3600.0,
+                "bytes_up": 0,
+                "bytes_down": 0,
+            }
             self._evaluate(final, final=True)
             self._emit(final)
 
@@ -923,8 +982,11 @@ class AsyncUpdates(Paradigm):
         super().__init__(sim, settings)
         self.buffered = settings.paradigm == "fedbuff"
         self.rule = AsyncRule(
-            alpha=settings.fedasync.alpha, staleness=settings.staleness.kind, a=settings.staleness.a,
-            b=settings.staleness.b, server_lr=settings.fedbuff.server_lr,
+            alpha=settings.fedasync.alpha,
+            staleness=settings.staleness.kind,
+            a=settings.staleness.a,
+            b=settings.staleness.b,
+            server_lr=settings.fedbuff.server_lr,
         )
         self.concurrency = settings.concurrency or max(1, math.ceil(sample_rate * clients - 1e-9))
         self.version = 0
@@ -968,7 +1030,15 @@ class AsyncUpdates(Paradigm):
         staleness = [self.version - j.version for j in jobs]
         version = self.version + 1
         if self.buffered:
-            self.server_call("aggregate", self.backend.aggregate_buffered, version, [j.result for j in jobs], staleness, [j.payload for j in jobs], self.rule)
+            self.server_call(
+                "aggregate",
+                self.backend.aggregate_buffered,
+                version,
+                [j.result for j in jobs],
+                staleness,
+                [j.payload for j in jobs],
+                self.rule,
+            )
         else:
             self.server_call("aggregate", self.backend.aggregate_async, version, job.result, staleness[0], self.rule)
         self.version = version

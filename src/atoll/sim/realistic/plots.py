@@ -45,7 +45,10 @@ def plot_metric_vs_time(records: list[dict[str, Any]], metric: str | None, path:
 
 
 def plot_timeline(
-    segments: list[tuple[int, str, float, float, str]], path: Path, title: str, dropouts: list[tuple[int, float]] | None = None,
+    segments: list[tuple[int, str, float, float, str]],
+    path: Path,
+    title: str,
+    dropouts: list[tuple[int, float]] | None = None,
     end_seconds: float | None = None,
 ) -> None:
     """A Gantt chart: one row per recorded client; grey online windows, coloured download / train /
@@ -66,8 +69,15 @@ def plot_timeline(
             continue
         lost = outcome not in ("ok", "in_flight")
         axis.barh(
-            y, width, left=start / 3600.0, height=0.5, color=PHASE_COLORS.get(phase, "grey"),
-            edgecolor="red" if lost else "none", hatch="///" if lost else None, alpha=0.55 if lost else 1.0, zorder=2,
+            y,
+            width,
+            left=start / 3600.0,
+            height=0.5,
+            color=PHASE_COLORS.get(phase, "grey"),
+            edgecolor="red" if lost else "none",
+            hatch="///" if lost else None,
+            alpha=0.55 if lost else 1.0,
+            zorder=2,
         )
     for client, when in dropouts or []:
         if client in rows:
@@ -80,7 +90,9 @@ def plot_timeline(
     axis.invert_yaxis()
     from matplotlib.patches import Patch
 
-    handles = [Patch(color=c, label=p) for p, c in PHASE_COLORS.items()] + [Patch(facecolor="white", edgecolor="red", hatch="///", label="lost")]
+    handles = [Patch(color=c, label=p) for p, c in PHASE_COLORS.items()] + [
+        Patch(facecolor="white", edgecolor="red", hatch="///", label="lost")
+    ]
     axis.legend(handles=handles, fontsize=7, loc="upper right", ncol=5)
     axis.set_title(title)
     _save(figure, path)

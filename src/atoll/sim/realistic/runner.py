@@ -22,8 +22,16 @@ from atoll.sim.realistic.backends import DryBackend, ModelBackend
 from atoll.sim.realistic.draws import Draws
 from atoll.sim.realistic.engine import Link, SimClient, Simulation
 from atoll.sim.realistic.system import (
-    Fleet, SystemSpec, _as_lognormal, describe_spec, device_profiles, geometry_for, load_for_run, network_profiles,
-    system_source, trace_path,
+    Fleet,
+    SystemSpec,
+    _as_lognormal,
+    describe_spec,
+    device_profiles,
+    geometry_for,
+    load_for_run,
+    network_profiles,
+    system_source,
+    trace_path,
 )
 
 
@@ -46,11 +54,17 @@ def make_clients(config: Config, spec: SystemSpec, fleet: Fleet, pooled: bool = 
         clients.append(SimClient(client_id, client_id, device, network, throughput, links[network], rank))
     if pooled:
         server = spec.server.device
-        clients.append(SimClient(len(clients), POOLED_CLIENT, server, "local", devices[server].tflops * 1e12, None, config.model.lora.rank, pooled=True))
+        clients.append(
+            SimClient(
+                len(clients), POOLED_CLIENT, server, "local", devices[server].tflops * 1e12, None, config.model.lora.rank, pooled=True
+            )
+        )
     return clients
 
 
-def build_simulation(config: Config, spec: SystemSpec, fleet: Fleet, backend, on_record=None, record_events: bool | None = None) -> Simulation:
+def build_simulation(
+    config: Config, spec: SystemSpec, fleet: Fleet, backend, on_record=None, record_events: bool | None = None
+) -> Simulation:
     settings = config.realistic
     pooled = not backend.dry and POOLED_CLIENT in backend.clients
     clients = make_clients(config, spec, fleet, pooled)
@@ -59,11 +73,18 @@ def build_simulation(config: Config, spec: SystemSpec, fleet: Fleet, backend, on
     if record_events is None:
         record_events = config.federation.clients <= settings.timeline_clients
     return Simulation(
-        clients, availability, backend, settings,
-        seed=config.seed, rounds=config.federation.rounds, eval_every=config.eval.every,
+        clients,
+        availability,
+        backend,
+        settings,
+        seed=config.seed,
+        rounds=config.federation.rounds,
+        eval_every=config.eval.every,
         dropout_probability=spec.availability.dropout.probability,
         rejoin_seconds=spec.availability.dropout.rejoin_minutes * 60.0,
-        on_record=on_record, record_timeline=settings.timeline_clients, record_events=record_events,
+        on_record=on_record,
+        record_timeline=settings.timeline_clients,
+        record_events=record_events,
     )
 
 
@@ -128,7 +149,12 @@ def system_report(sim: Simulation) -> dict[str, Any]:
             "bytes": int(totals.wasted_bytes),
         },
         "dropouts": totals.dropouts,
-        "jobs": {"started": totals.jobs_started, "delivered": totals.jobs_delivered, "aggregated": totals.updates_aggregated, "skipped": totals.skipped},
+        "jobs": {
+            "started": totals.jobs_started,
+            "delivered": totals.jobs_delivered,
+            "aggregated": totals.updates_aggregated,
+            "skipped": totals.skipped,
+        },
         "staleness_histogram": {str(k): v for k, v in sorted(totals.staleness.items())},
         "wall_seconds": {
             "loop": sim.loop_seconds,
@@ -151,22 +177,62 @@ def write_outputs(run_dir: RunDir, sim: Simulation, spec: SystemSpec, config: Co
     path = run_dir.path
     report = system_report(sim)
     write_atomic(path / "system.json", json.dumps(report, indent=1, sort_keys=True))
-    write_atomic(path / "timeline.csv", _csv([[c, p, f"{s:.6f}", f"{e:.6f}", o] for c, p, s, e, o in sim.timeline], ["client", "phase", "start", "end", "outcome"]))
+    write_atomic(
+        path / "timeline.csv",
+        _csv([[c, p, f"{s:.6f}", f"{e:.6f}", o] for c, p, s, e, o in sim.timeline], ["client", "phase", "start", "end", "outcome"]),
+    )
     if sim.event_log is not None:
         write_atomic(path / "events.csv", _csv([[f"{t:.6f}", k, c] for t, k, c in sim.event_log], ["time", "event", "client"]))
-    write_atomic(path / "clients.csv", _csv(
-        [[c.id, c.device, c.network, f"{c.flops_per_second / 1e12:.6g}", c.rank, c.jobs, c.completed, c.lost, c.dropouts,
-          f"{c.available_seconds:.1f}", f"{c.train_seconds:.1f}", f"{c.transfer_seconds:.1f}", f"{c.wasted_seconds:.1f}"] for c in sim.clients],
-        ["client", "device", "network", "tflops", "rank", "jobs", "delivered", "lost", "dropouts", "online_s", "train_s", "transfer_s", "wasted_s"],
-    ))
+    write_atomic(
+        path / "clients.csv",
+        _csv(
+            [
+                [
+                    c.id,
+                    c.device,
+                    c.network,
+                    f"{c.flops_per_second / 1e12:.6g}",
+                    c.rank,
+                    c.jobs,
+                    c.completed,
+                    c.lost,
+                    c.dropouts,
+                    f"{c.available_seconds:.1f}",
+                    f"{c.train_seconds:.1f}",
+                    f"{c.transfer_seconds:.1f}",
+                    f"{c.wasted_seconds:.1f}",
+                ]
+                for c in sim.clients
+            ],
+            [
+                "client",
+                "device",
+                "network",
+                "tflops",
+                "rank",
+                "jobs",
+                "delivered",
+                "lost",
+                "dropouts",
+                "online_s",
+                "train_s",
+                "transfer_s",
+                "wasted_s",
+            ],
+        ),
+    )
     if not getattr(config.run, "plots", True):
         return report
     plots.plot_metric_vs_time(sim.records, metric, path / "metrics_time.png", title)
     if sim.timeline:
         dropouts = [(c, e) for c, _, _, e, o in sim.timeline if o == "dropout"]
-        plots.plot_timeline(sim.timeline, path / "timeline.png", f"{title}: first {config.realistic.timeline_clients} clients", dropouts, sim.now)
+        plots.plot_timeline(
+            sim.timeline, path / "timeline.png", f"{title}: first {config.realistic.timeline_clients} clients", dropouts, sim.now
+        )
     plots.plot_utilization(report["devices"], path / "utilization.png", "device utilization")
-    plots.plot_staleness({int(k): v for k, v in report["staleness_histogram"].items()}, path / "staleness.png", f"staleness ({config.realistic.paradigm})")
+    plots.plot_staleness(
+        {int(k): v for k, v in report["staleness_histogram"].items()}, path / "staleness.png", f"staleness ({config.realistic.paradigm})"
+    )
     return report
 
 

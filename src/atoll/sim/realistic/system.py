@@ -141,7 +141,9 @@ class DailySpec(_Spec):
 
 class TraceSpec(_Spec):
     path: str = Field(description="CSV with a header client,start,end (seconds); relative to this sys.yaml")
-    map: Literal["id", "modulo"] = Field("id", description="id: trace client k is client k; modulo: client c uses the (c mod T)-th trace client")
+    map: Literal["id", "modulo"] = Field(
+        "id", description="id: trace client k is client k; modulo: client c uses the (c mod T)-th trace client"
+    )
     offset_seconds: float = Field(0.0, ge=0, description="trace time that virtual time 0 corresponds to")
 
 
@@ -278,7 +280,9 @@ def _check_mix(kind: str, mix: dict[str, float], pinned: dict[int, str], known: 
                 f"use one of {', '.join(sorted(known))} or define it under {kind}s.profiles",
             )
     if not mix or any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
-        raise ConfigError(f"system file '{source}': {kind}s.mix needs non-negative proportions with a positive sum", "e.g. mix: {wifi: 0.7, 4g: 0.3}")
+        raise ConfigError(
+            f"system file '{source}': {kind}s.mix needs non-negative proportions with a positive sum", "e.g. mix: {wifi: 0.7, 4g: 0.3}"
+        )
 
 
 def _check_names(spec: SystemSpec, source: str) -> None:
@@ -286,12 +290,18 @@ def _check_names(spec: SystemSpec, source: str) -> None:
     _check_mix("device", spec.devices.mix, spec.devices.clients, devices, source)
     _check_mix("network", spec.networks.mix, spec.networks.clients, network_profiles(spec), source)
     if spec.server.device not in devices:
-        raise ConfigError(f"system file '{source}': unknown device profile '{spec.server.device}' for server.device", f"use one of {', '.join(sorted(devices))}")
+        raise ConfigError(
+            f"system file '{source}': unknown device profile '{spec.server.device}' for server.device",
+            f"use one of {', '.join(sorted(devices))}",
+        )
     if spec.ranks.by == "device":
         used = set(spec.devices.mix) | set(spec.devices.clients.values())
         missing = sorted(name for name in used if name not in spec.ranks.device)
         if missing:
-            raise ConfigError(f"system file '{source}': ranks.device has no rank for device profile(s) {', '.join(missing)}", "add them, e.g. ranks.device: {budget-phone: 4}")
+            raise ConfigError(
+                f"system file '{source}': ranks.device has no rank for device profile(s) {', '.join(missing)}",
+                "add them, e.g. ranks.device: {budget-phone: 4}",
+            )
         bad = {name: rank for name, rank in spec.ranks.device.items() if rank <= 0}
         if bad:
             raise ConfigError(f"system file '{source}': ranks.device must be positive, got {bad}")
@@ -339,7 +349,9 @@ def geometry_for(config, spec: SystemSpec) -> Geometry | None:
     work = spec.workload
     known = BUILTIN_GEOMETRY.get(config.model.name) if config.model.lora.target_modules == "auto" else None
     base = work.model_parameters if work.model_parameters is not None else (known.base_parameters if known else None)
-    per_rank = work.lora_parameters_per_rank if work.lora_parameters_per_rank is not None else (known.lora_parameters_per_rank if known else None)
+    per_rank = (
+        work.lora_parameters_per_rank if work.lora_parameters_per_rank is not None else (known.lora_parameters_per_rank if known else None)
+    )
     if base is None or per_rank is None:
         return None
     extra = work.extra_parameters if work.extra_parameters is not None else (known.extra_parameters if known else 0)
@@ -408,10 +420,9 @@ def resolve_fleet(config, spec: SystemSpec, source: str = "sys.yaml") -> Fleet:
 def _overrides_async(server_cls) -> bool:
     from atoll.fl.base import BaseServer
 
-    return (
-        getattr(server_cls, "aggregate_async", None) is not getattr(BaseServer, "aggregate_async", None)
-        or getattr(server_cls, "aggregate_buffered", None) is not getattr(BaseServer, "aggregate_buffered", None)
-    )
+    return getattr(server_cls, "aggregate_async", None) is not getattr(BaseServer, "aggregate_async", None) or getattr(
+        server_cls, "aggregate_buffered", None
+    ) is not getattr(BaseServer, "aggregate_buffered", None)
 
 
 def check_realistic_config(config) -> None:
@@ -510,7 +521,21 @@ def describe_spec(spec: SystemSpec) -> str:
 
 
 __all__ = [
-    "BUILTIN_DEVICES", "BUILTIN_NETWORKS", "BUILTIN_GEOMETRY", "Geometry", "SystemSpec", "Fleet",
-    "read_system", "resolve_fleet", "check_realistic_config", "geometry_for", "memory_rank", "load_for_run",
-    "device_profiles", "network_profiles", "dtype_bytes", "trace_path", "describe_spec",
+    "BUILTIN_DEVICES",
+    "BUILTIN_NETWORKS",
+    "BUILTIN_GEOMETRY",
+    "Geometry",
+    "SystemSpec",
+    "Fleet",
+    "read_system",
+    "resolve_fleet",
+    "check_realistic_config",
+    "geometry_for",
+    "memory_rank",
+    "load_for_run",
+    "device_profiles",
+    "network_profiles",
+    "dtype_bytes",
+    "trace_path",
+    "describe_spec",
 ]
