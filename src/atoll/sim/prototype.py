@@ -103,7 +103,7 @@ class PrototypeRunner:
             write_adapter(self.experiment.workbench, state, directory / f"client_{client_id}")
 
     def main_metric(self) -> str:
-        return {"classification": "accuracy", "math": "exact_match", "sft": "loss"}[self.experiment.spec.kind]
+        return {"classification": "accuracy", "math": "exact_match", "sft": "loss", "completion": "loss"}[self.experiment.spec.kind]
 
     @staticmethod
     def train_summary(updates: list[Update]) -> dict[str, float]:
