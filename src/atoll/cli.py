@@ -133,6 +133,7 @@ def list_(
             ("classification", "accuracy, macro_f1", "text -> class with a trained head"),
             ("sft", "loss, perplexity", "instruction -> response; loss on the response only"),
             ("math", "exact_match", "question -> worked answer '#### N'; generation + answer extraction"),
+            ("completion", "loss, perplexity, token_accuracy", "text -> its continuation (no template); next-token prediction"),
         ],
         "partitioners": [(name, "", text) for name, text in PARTITIONERS.items()],
         "algorithms": [
@@ -194,6 +195,7 @@ def _add_flower_commands() -> None:
 
 
 _add_flower_commands()
+__import__("atoll.lm.cli", fromlist=["register"]).register(app)  # `atoll pretrain` (torch is imported only when it runs)
 
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Comparisons and benchmarks.")
