@@ -145,7 +145,9 @@ def build(config: Config, store_dir: Path | None = None) -> Experiment:
     params = parse_params(server_cls, config.algorithm.params())
 
     raw, spec, tokenizer, data, splits = load_data(config)
-    model = load_base_model(config.model.name, spec.is_generative, spec.num_labels, tokenizer, config.model.dtype, config.seed)
+    model = load_base_model(
+        config.model.name, spec.is_generative, spec.num_labels, tokenizer, config.model.dtype, config.seed, config.model.random_init
+    )
     targets = target_modules(model, config.model.lora.target_modules)
     workbench = Workbench(
         model,

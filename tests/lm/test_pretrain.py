@@ -119,8 +119,10 @@ def test_a_checkpoint_of_another_config_is_refused(reference, tmp_path):
     tree = yaml.safe_load(config.read_text())
     tree["work_dir"] = str(work)
     config.write_text(yaml.safe_dump(tree))
+    before = (work / "config.json").read_text()
     result = CliRunner().invoke(app, ["pretrain", str(config), "--quiet"])
     assert result.exit_code == 2 and "belongs to a different pretraining config" in result.output
+    assert (work / "config.json").read_text() == before  # refused before anything was written
     assert result.output.strip().splitlines()[-1].startswith("atoll: checkpoint error")
 
 

@@ -23,7 +23,7 @@ from atoll.lm import card
 from atoll.lm.config import PretrainConfig
 from atoll.lm.corpus import Corpus, build_corpus
 from atoll.lm.evaluate import continuations, heldout_loss, heldout_windows, perplexity, unigram_loss
-from atoll.lm.train import Report, build_model, parameter_count, train
+from atoll.lm.train import Report, build_model, check_resumable, parameter_count, train
 
 
 @dataclass
@@ -106,6 +106,9 @@ def pretrain(
     started = time.perf_counter()
     torch.set_num_threads(config.train.threads)
     work_dir = Path(config.work_dir)
+    resume_step = check_resumable(work_dir, config.fingerprint())
+    if resume_step:
+        message(f"resuming from step {resume_step:,} in {work_dir}")
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "config.json").write_text(config.model_dump_json(indent=2) + "\n")
 

@@ -102,15 +102,27 @@ def save_checkpoint(path: Path, model, optimizer, state: TrainState, fingerprint
     os.replace(temporary, path)
 
 
-def load_checkpoint(path: Path, model, optimizer, fingerprint: str) -> TrainState:
+def _read_checkpoint(path: Path, fingerprint: str) -> dict:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise CheckpointError(f"cannot read '{path}' ({type(exc).__name__})", "delete it to start over") from None
-    if saved.get("fingerprint") != fingerprint:
+    if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
         raise CheckpointError(
             f"'{path}' belongs to a different pretraining config", "use another work_dir or delete the old one to start over"
         )
+    return saved
+
+
+def check_resumable(work_dir: Path, fingerprint: str) -> int:
+    """The step a run in ``work_dir`` would resume from (0 without a checkpoint); a checkpoint of
+    another config is a CheckpointError, raised before anything is written."""
+    path = work_dir / CHECKPOINT
+    return int(_read_checkpoint(path, fingerprint)["step"]) if path.is_file() else 0
+
+
+def load_checkpoint(path: Path, model, optimizer, fingerprint: str) -> TrainState:
+    saved = _read_checkpoint(path, fingerprint)
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     return TrainState(saved["step"], saved["wall_seconds"], [tuple(x) for x in saved["losses"]])
