@@ -39,10 +39,20 @@ def test_card_numbers_are_measured_and_better_than_unigram(name):
     assert config["vocab_size"] == numbers["vocab_size"] and config["model_type"] == "llama"
 
 
-def test_budget():
+def test_family_sizes_vocabularies_and_budget():
+    def numbers(name):
+        return json.loads((shipped_model_path(name) / "atoll_card.json").read_text())
+
+    edge, cloud, tiny = numbers("atoll-edge"), numbers("atoll-cloud"), numbers("atoll-tiny")
+    assert 2e6 <= edge["parameters"] <= 10e6 and edge["vocab_size"] == 4096
+    assert 15e6 <= cloud["parameters"] <= 30e6 and cloud["vocab_size"] != edge["vocab_size"]
+    edge_vocab = json.loads((shipped_model_path("atoll-edge") / "tokenizer.json").read_text())["model"]["vocab"]
+    cloud_vocab = json.loads((shipped_model_path("atoll-cloud") / "tokenizer.json").read_text())["model"]["vocab"]
+    assert set(edge_vocab) != set(cloud_vocab)  # different merges, not only a different size
     total = sum(f.stat().st_size for f in PRETRAINED_DIR.rglob("*") if f.is_file())
     assert total <= 60 * 2**20
     assert sum(f.stat().st_size for f in shipped_model_path("atoll-tiny").iterdir()) < 2**20
+    assert tiny["parameters"] < 500_000
 
 
 def test_registry_lists_and_resolves_them(tmp_path, monkeypatch):
@@ -56,8 +66,8 @@ def test_registry_lists_and_resolves_them(tmp_path, monkeypatch):
     assert all(name in listing.output for name in NAMES)
     assert all(registry.model_family(name) == "causal" and registry.BUILTIN_MODELS[name].pretrained for name in NAMES)
     monkeypatch.setattr(registry, "PRETRAINED_DIR", tmp_path)
-    with pytest.raises(ModelError, match="atoll pretrain configs/pretrain/tiny.yaml"):
-        registry.shipped_model_path("atoll-tiny")
+    with pytest.raises(ModelError, match="atoll pretrain configs/pretrain/edge.yaml"):
+        registry.shipped_model_path("atoll-edge")
 
 
 def test_random_init_keeps_the_architecture_but_not_the_weights():

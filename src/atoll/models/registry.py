@@ -2,7 +2,7 @@
 configs, local directories, hub names.
 
 No pretrained GPT-style model ships in any package on this machine, so atoll ships its own
-(`atoll-tiny` so far: trained by `atoll pretrain`, weights in
+(`atoll-edge`, `atoll-cloud`, `atoll-tiny`: trained by `atoll pretrain`, weights in
 ``models/pretrained/``). The random-init built-ins train a byte-level BPE offline on the task's text.
 """
 
@@ -34,12 +34,20 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "tiny-llama": BuiltinModel("tiny-llama", "causal", "random-init 2-layer Llama, hidden 64, offline BPE 2,048 (tests, demos)", False),
     "tiny-qwen2": BuiltinModel("tiny-qwen2", "causal", "random-init 2-layer Qwen2, hidden 64, offline BPE 2,048 (tests, demos)", False),
     "small-llama": BuiltinModel("small-llama", "causal", "random-init 4-layer Llama, hidden 256, offline BPE 4,096", False),
+    "atoll-edge": BuiltinModel(
+        "atoll-edge", "causal", "pretrained 4-layer Llama, 5.0M params, BPE 4,096, open English text (atoll pretrain)", True
+    ),
+    "atoll-cloud": BuiltinModel(
+        "atoll-cloud", "causal", "pretrained 6-layer Llama, 15.7M params, BPE 8,192, open English text (atoll pretrain)", True
+    ),
     "atoll-tiny": BuiltinModel("atoll-tiny", "causal", "pretrained 2-layer Llama, 0.2M params, BPE 1,024 (tests; < 1 MB)", True),
 }
 
 # atoll's own pretrained models: the shipped directory and the command that rebuilds it
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 SHIPPED_MODELS = {
+    "atoll-edge": "configs/pretrain/edge.yaml",
+    "atoll-cloud": "configs/pretrain/cloud.yaml",
     "atoll-tiny": "configs/pretrain/tiny.yaml",
 }
 
