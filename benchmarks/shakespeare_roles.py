@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -113,7 +114,7 @@ def main() -> None:
             results[(algorithm, init)] = json.loads(path.read_text())
     seconds = [args.runs / f"{a}-{i.replace(' ', '-')}" / "bench-seconds.txt" for a, i in cells]
     minutes = sum(float(p.read_text()) for p in seconds if p.is_file()) / 60
-    command = "python benchmarks/shakespeare_roles.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/shakespeare_roles.py " + shlex.join(sys.argv[1:])
     table = render(results, command.strip(), minutes)
     text = args.doc.read_text()
     if BEGIN in text and END in text:
