@@ -67,7 +67,8 @@ class ModelConfig(Section):
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the base model weights")
     random_init: bool = Field(
-        False, description="keep model.name's architecture and tokenizer but draw its weights at random (seeded): the no-pretraining baseline"
+        False,
+        description="keep model.name's architecture and tokenizer but draw its weights at random (seeded): the no-pretraining baseline",
     )
     max_length: int = Field(128, gt=0, description="truncate tokenised inputs to this many tokens")
     lora: LoRAConfig = Field(default_factory=LoRAConfig, description="LoRA adapter settings")
