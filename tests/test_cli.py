@@ -70,7 +70,7 @@ def test_bad_input_is_one_clean_line(tmp_path, extra, fragment):
 def test_resuming_a_corrupted_checkpoint_is_one_clean_line_and_changes_nothing(tmp_path):
     from atoll.report.progress import Progress
     from atoll.report.rundir import RunDir
-    from atoll.sim.prototype import start_run
+    from atoll.dispatch import start_run
     from atoll.config import config_with
 
     class StopAfterFirstRound(Progress):  # a kill right after round 1's checkpoint

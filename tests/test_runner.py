@@ -13,7 +13,7 @@ from atoll.config import config_with, load_config
 from atoll.experiment import build
 from atoll.report.progress import Progress
 from atoll.report.rundir import RunDir
-from atoll.sim.prototype import resume_run, start_run
+from atoll.dispatch import resume_run, start_run
 from conftest import tiny_overrides
 
 

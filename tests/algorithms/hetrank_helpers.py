@@ -89,7 +89,7 @@ def assert_resume_reproduces_the_uninterrupted_run(tmp_path, overrides: dict, st
     """Kill a run right after the checkpoint of round ``stop_after``, resume it, and compare
     every round's metrics with an uninterrupted run of the same config."""
     from atoll.report.progress import Progress
-    from atoll.sim.prototype import resume_run, start_run
+    from atoll.dispatch import resume_run, start_run
     from conftest import tiny_overrides
 
     class StopAfter(Progress):

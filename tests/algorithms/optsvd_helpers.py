@@ -19,7 +19,7 @@ from atoll.fl.state import AdapterState, LoRAFactors, Update
 from atoll.fl.store import ClientStore
 from atoll.report.progress import Progress
 from atoll.report.rundir import RunDir
-from atoll.sim.prototype import start_run
+from atoll.dispatch import start_run
 from conftest import tiny_overrides
 
 MODULES = ("q", "v")

@@ -8,9 +8,10 @@ import torch
 
 from atoll.algorithms._fedopt import optimised_keys
 from atoll.config import config_with
+from atoll.resolve import check
 from atoll.errors import ConfigError
 from atoll.report.progress import Progress
-from atoll.sim.prototype import resume_run
+from atoll.dispatch import resume_run
 from optsvd_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
     no_plots,
     MODULES,
@@ -96,7 +97,7 @@ def test_state_dict_carries_the_momentum():
 
 def test_mixed_ranks_are_refused():
     with pytest.raises(ConfigError, match="cannot aggregate different LoRA ranks"):
-        config_with(["algorithm.name=fedavgm", "model.lora.client_ranks={0: 4}"])
+        check(config_with(["algorithm.name=fedavgm", "model.lora.client_ranks={0: 4}"]))
 
 
 def test_end_to_end_and_resume(tmp_path):

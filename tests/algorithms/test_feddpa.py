@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from atoll.algorithms import get_algorithm
-from atoll.algorithms.feddpa import LOCAL, FedDPAClient, FedDPAParams
+from atoll.algorithms.catalog import FedDPAParams
+from atoll.algorithms.feddpa import LOCAL, FedDPAClient
 from atoll.config import config_with
 from atoll.data.batching import collate
 from atoll.experiment import build
@@ -18,7 +19,7 @@ from atoll.fl.store import ClientStore
 from atoll.models.branches import PRIMARY, BranchHost, ExampleGates
 from atoll.models.dual import instance_weights
 from atoll.report.progress import Progress
-from atoll.sim.prototype import start_run
+from atoll.dispatch import start_run
 from conftest import tiny_overrides
 
 

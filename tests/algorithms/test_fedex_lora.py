@@ -16,7 +16,7 @@ from hetrank_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
 from atoll.config import config_with
 from atoll.experiment import build
 from atoll.report.progress import Progress
-from atoll.sim.prototype import start_run
+from atoll.dispatch import start_run
 from conftest import tiny_overrides
 
 SIZES = [10, 25, 5, 60]

@@ -9,14 +9,15 @@ import torch
 
 from atoll.algorithms import get_algorithm
 from atoll.algorithms._personal import state_digest, unpack
-from atoll.algorithms.fedit_ft import FedITFineTuneClient, FedITFineTuneParams
+from atoll.algorithms.catalog import FedITFineTuneParams
+from atoll.algorithms.fedit_ft import FedITFineTuneClient
 from atoll.config import config_with
 from atoll.experiment import build
 from atoll.fl.base import ServerContext
 from atoll.fl.state import AdapterState, LoRAFactors, Update
 from atoll.fl.store import ClientStore
 from atoll.report.progress import Progress
-from atoll.sim.prototype import start_run
+from atoll.dispatch import start_run
 from conftest import tiny_overrides
 
 

@@ -20,7 +20,7 @@ from atoll.fl.store import ClientStore
 from atoll.models.branches import BranchHost
 from atoll.models.moe import ROUTER, adaptive_top_m, expert_name, router_init, slot_experts
 from atoll.report.progress import Progress
-from atoll.sim.prototype import resume_run, start_run
+from atoll.dispatch import resume_run, start_run
 from conftest import tiny_overrides
 
 D, K, R = 6, 5, 2

@@ -9,6 +9,7 @@ from torch import nn
 
 from atoll.algorithms.fedprox import proximal_loss
 from atoll.config import config_with
+from atoll.resolve import check
 from atoll.errors import ConfigError
 from atoll.experiment import build
 from conftest import tiny_overrides
@@ -76,7 +77,7 @@ def test_server_is_the_weighted_average_and_order_free():
 
 def test_mixed_ranks_are_refused():
     with pytest.raises(ConfigError, match="cannot aggregate different LoRA ranks"):
-        config_with(["algorithm.name=fedprox", "model.lora.client_ranks={0: 4}"])
+        check(config_with(["algorithm.name=fedprox", "model.lora.client_ranks={0: 4}"]))
 
 
 def test_mu_zero_is_fedit_bit_for_bit_and_mu_matters(tmp_path):

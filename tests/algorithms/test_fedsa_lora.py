@@ -14,9 +14,10 @@ from hetrank_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
 )
 
 from atoll.config import config_with
+from atoll.resolve import check
 from atoll.experiment import build
 from atoll.report.progress import Progress
-from atoll.sim.prototype import start_run
+from atoll.dispatch import start_run
 from conftest import tiny_overrides
 
 SIZES = [10, 25, 5, 60]
@@ -148,4 +149,4 @@ def test_end_to_end_run_exports_personal_adapters_that_reproduce_each_clients_me
     finally:
         experiment.close()
     with pytest.raises(ConfigError, match="export_personal"):  # FedDPA's personal model is a gated pair, not one LoRA
-        config_with(tiny_overrides(tmp_path, **{"algorithm.name": "feddpa", "run.export_personal": True}))
+        check(config_with(tiny_overrides(tmp_path, **{"algorithm.name": "feddpa", "run.export_personal": True})))

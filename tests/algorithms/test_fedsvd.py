@@ -8,6 +8,7 @@ import torch
 
 from atoll.algorithms.fedsvd import UPLOADED_B, refactorize
 from atoll.config import config_with
+from atoll.resolve import check
 from atoll.errors import ConfigError, UpdateError
 from atoll.fl.state import AdapterState, LoRAFactors
 from optsvd_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
@@ -104,7 +105,7 @@ def test_upload_carries_B_and_head_only_and_A_is_frozen():
 
 def test_mixed_ranks_are_refused():
     with pytest.raises(ConfigError, match="cannot aggregate different LoRA ranks"):
-        config_with(["algorithm.name=fedsvd", "model.lora.client_ranks={0: 4}"])
+        check(config_with(["algorithm.name=fedsvd", "model.lora.client_ranks={0: 4}"]))
 
 
 def test_end_to_end_orthonormal_A_and_nothing_stored_per_client(tmp_path):

@@ -20,7 +20,7 @@ from atoll.algorithms.flora import fresh_lora, rebuild_base
 from atoll.config import config_with
 from atoll.experiment import build
 from atoll.report.progress import Progress
-from atoll.sim.prototype import start_run
+from atoll.dispatch import start_run
 from conftest import tiny_overrides
 
 SIZES = [10, 25, 5, 60]

@@ -23,7 +23,7 @@ from atoll.experiment import build
 from atoll.fl.base import average_states
 from atoll.fl.state import AdapterState, LoRAFactors, Update
 from atoll.report.progress import Progress
-from atoll.sim.prototype import start_run
+from atoll.dispatch import start_run
 from conftest import tiny_overrides
 
 SIZES = [10, 25, 5, 60]

@@ -19,7 +19,7 @@ from atoll.fl.state import AdapterState, LoRAFactors, Update
 from atoll.models.branches import PRIMARY, BranchHost, FixedGates
 from atoll.models.ravan import RAVAN, default_head_rank, ravan_bases
 from atoll.report.progress import Progress
-from atoll.sim.prototype import start_run
+from atoll.dispatch import start_run
 from conftest import tiny_overrides
 
 SHAPES = {"q": (12, 10), "v": (9, 10)}

@@ -10,11 +10,12 @@ import torch
 
 from atoll.algorithms.scaffold import CONTROL, CONTROL_DELTA, prefixed_extras, variate_tensors, with_prefixed_extras
 from atoll.config import config_with
+from atoll.resolve import check
 from atoll.errors import ConfigError
 from atoll.experiment import build
 from atoll.fl.store import ClientStore
 from atoll.report.progress import Progress
-from atoll.sim.prototype import resume_run
+from atoll.dispatch import resume_run
 from conftest import tiny_overrides
 from optsvd_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
     no_plots,
@@ -149,7 +150,7 @@ def test_identical_inputs_with_unit_server_step_give_that_input_back():
 
 def test_mixed_ranks_are_refused():
     with pytest.raises(ConfigError, match="cannot aggregate different LoRA ranks"):
-        config_with(["algorithm.name=scaffold", "model.lora.client_ranks={0: 4}"])
+        check(config_with(["algorithm.name=scaffold", "model.lora.client_ranks={0: 4}"]))
 
 
 def test_round_one_is_fedit_then_the_variates_act(tmp_path):

@@ -30,7 +30,7 @@ pytest.importorskip("flwr")
 from atoll.config import config_with  # noqa: E402
 from atoll.engines.flower.processes import ManagedProcess, flower_env, free_port, wait_healthy  # noqa: E402
 from atoll.report.progress import Progress  # noqa: E402
-from atoll.sim.prototype import start_run  # noqa: E402
+from atoll.dispatch import start_run  # noqa: E402
 from conftest import tiny_overrides  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]

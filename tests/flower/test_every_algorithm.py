@@ -25,10 +25,10 @@ from atoll.algorithms import available  # noqa: E402
 from atoll.config import config_with  # noqa: E402
 from atoll.engines.flower import client as flower_client  # noqa: E402
 from atoll.engines.flower import protocol  # noqa: E402
-from atoll.engines.flower.checks import aggregates_by_weighted_mean  # noqa: E402
+from atoll.algorithms import specs  # noqa: E402
 from atoll.errors import AlgorithmError, AtollError  # noqa: E402
 from atoll.report.progress import Progress  # noqa: E402
-from atoll.sim.prototype import start_run  # noqa: E402
+from atoll.dispatch import start_run  # noqa: E402
 from conftest import tiny_overrides  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -131,7 +131,7 @@ RANK_CYCLE = {"native", "pad"}
 def test_algorithm_runs_unchanged_on_the_flower_engine(tmp_path, name):
     server_cls = available()[name]
     extra = {"algorithm.name": name, "eval.local": "final", "federation.rounds": 2, "federation.sample_rate": 0.75}
-    if server_cls.rank_support in RANK_CYCLE:
+    if server_cls.capabilities.mixed_ranks in RANK_CYCLE:
         extra["model.lora.client_ranks"] = "{1: 4}"  # mixed ranks where the algorithm supports them
     local_config = config_with(tiny_overrides(tmp_path / "local", **extra, **{"run.dir": str(tmp_path / "local")}))
     start_run(local_config, Progress())  # every algorithm runs this config locally: a failure is a regression, not a skip
@@ -145,7 +145,7 @@ def test_algorithm_runs_unchanged_on_the_flower_engine(tmp_path, name):
     assert (tmp_path / "flower" / "summary.json").is_file()
 
 
-MEAN_ALGORITHMS = [n for n, cls in available().items() if n != "centralized" and aggregates_by_weighted_mean(cls)]
+MEAN_ALGORITHMS = [n for n, spec in specs().items() if spec.capabilities.weighted_mean and not spec.capabilities.pooled_data]
 PRIVACY = {
     # SecAgg+ quantizes uploads (2**22 levels over [-8, 8]): agreement to 1e-4
     "secagg": ({"flower.secagg.enabled": "true"}, 1e-4),

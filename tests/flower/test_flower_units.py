@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict  #
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from atoll.config import config_with  # noqa: E402
+from atoll.resolve import check
 from atoll.engines.flower import client as flower_client  # noqa: E402
 from atoll.engines.flower import protocol  # noqa: E402
 from atoll.engines.flower.codec import (  # noqa: E402
@@ -191,7 +192,7 @@ def test_node_directory_maps_partitions_and_ignores_nodes_of_another_federation(
 )
 def test_impossible_flower_settings_are_one_line_config_errors(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message) as error:
-        config_with(tiny_overrides(tmp_path, **{"engine": "flower", **overrides}))
+        check(config_with(tiny_overrides(tmp_path, **{"engine": "flower", **overrides})))
     assert "\n" not in str(error.value)
 
 

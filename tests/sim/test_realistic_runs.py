@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from atoll.cli import app
 from atoll.config import config_with, load_config
 from atoll.report.progress import Progress
-from atoll.sim.prototype import start_run
+from atoll.dispatch import start_run
 from conftest import tiny_overrides
 
 SYSTEM = {

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from atoll import algorithms
 from atoll.cli import app
 from atoll.config import config_with, load_config
+from atoll.resolve import check, resolve
 from atoll.errors import ConfigError, DataError
 from atoll.sim.realistic.availability import DailyWindows, generate_trace, read_trace, write_trace
 from atoll.sim.realistic.draws import Draws
@@ -73,7 +74,7 @@ def realistic(tmp_path, system: Path, **extra) -> list[str]:
 def test_a_bad_sys_yaml_is_one_clear_line(tmp_path, tree, fragment):
     path = write(tmp_path, tree)
     with pytest.raises((ConfigError, DataError)) as error:
-        config_with(realistic(tmp_path, path))
+        check(config_with(realistic(tmp_path, path)))
     assert fragment in str(error.value)
     assert "\n" not in str(error.value)
 
@@ -103,7 +104,7 @@ def test_a_bad_trace_is_refused_when_the_config_is_loaded(tmp_path):
     write(tmp_path, "client,start,end\n0,5,1\n", "trace.csv")
     path = write(tmp_path, {**GOOD, "availability": {"windows": "trace", "trace": {"path": "trace.csv"}}})
     with pytest.raises(DataError, match="line 2"):
-        config_with(realistic(tmp_path, path))
+        check(config_with(realistic(tmp_path, path)))
 
 
 def test_the_shipped_trace_and_generated_traces_parse(tmp_path):
@@ -125,27 +126,27 @@ def test_every_shipped_sys_yaml_is_valid(name):
 def test_config_level_mistakes_are_refused(tmp_path):
     good = write(tmp_path, GOOD)
     with pytest.raises(ConfigError, match="needs a system file"):
-        config_with(tiny_overrides(tmp_path, **{"mode": "realistic"}))
+        check(config_with(tiny_overrides(tmp_path, **{"mode": "realistic"})))
     with pytest.raises(ConfigError, match="realistic.dry_run needs mode: realistic"):
-        config_with(tiny_overrides(tmp_path, **{"realistic.dry_run": "true"}))
+        check(config_with(tiny_overrides(tmp_path, **{"realistic.dry_run": "true"})))
     with pytest.raises(ConfigError, match="system file '.*nope.yaml' does not exist"):
-        config_with(realistic(tmp_path, tmp_path / "nope.yaml"))
+        check(config_with(realistic(tmp_path, tmp_path / "nope.yaml")))
     with pytest.raises(ConfigError, match="realistic.sync.deadline_seconds is not set"):
-        config_with(realistic(tmp_path, good, **{"realistic.sync.wait": "deadline"}))
+        check(config_with(realistic(tmp_path, good, **{"realistic.sync.wait": "deadline"})))
     with pytest.raises(ConfigError, match="realistic.paradigm"):
-        config_with(realistic(tmp_path, good, **{"realistic.paradigm": "gossip"}))
+        check(config_with(realistic(tmp_path, good, **{"realistic.paradigm": "gossip"})))
     with pytest.raises(ConfigError, match="target_value"):
-        config_with(realistic(tmp_path, good, **{"realistic.target_metric": "accuracy"}))
+        check(config_with(realistic(tmp_path, good, **{"realistic.target_metric": "accuracy"})))
 
 
 def test_a_sync_only_algorithm_is_refused_in_an_async_paradigm_at_load(tmp_path):
-    sync_only = [name for name, cls in algorithms.available().items() if not cls.supports_async]
+    sync_only = [name for name, cls in algorithms.available().items() if not cls.capabilities.asynchronous]
     if not sync_only:
-        pytest.skip("no registered algorithm declares supports_async = False")
+        pytest.skip("no registered algorithm declares asynchronous=False")
     good = write(tmp_path, GOOD)
     for paradigm in ("fedasync", "fedbuff"):
         with pytest.raises(ConfigError, match=f"algorithm '{sync_only[0]}' cannot run asynchronously"):
-            config_with(realistic(tmp_path, good, **{"algorithm.name": sync_only[0], "realistic.paradigm": paradigm}))
+            check(config_with(realistic(tmp_path, good, **{"algorithm.name": sync_only[0], "realistic.paradigm": paradigm})))
 
 
 def test_the_cli_refuses_a_bad_system_with_one_line_exit_2_and_nothing_written(tmp_path):
@@ -212,7 +213,7 @@ def test_daily_windows_repeat_with_jitter_and_skip_absent_days():
 
 
 def test_ranks_by_device_tier_reach_the_server_and_the_clients(tmp_path):
-    native = [name for name, cls in algorithms.available().items() if cls.rank_support != "refuse" and name != "centralized"]
+    native = [name for name, cls in algorithms.available().items() if cls.capabilities.mixed_ranks != "refuse" and name != "centralized"]
     system = write(
         tmp_path,
         {
@@ -224,11 +225,13 @@ def test_ranks_by_device_tier_reach_the_server_and_the_clients(tmp_path):
             "ranks": {"by": "device", "device": {"laptop": 16, "budget-phone": 4}},
         },
     )
-    config = config_with(realistic(tmp_path, system, **{"algorithm.name": "local-only" if "local-only" in native else native[0]}))
-    assert [config.rank_of(c) for c in range(4)] == [16, 4, 4, 16]
+    given = config_with(realistic(tmp_path, system, **{"algorithm.name": "local-only" if "local-only" in native else native[0]}))
+    run = resolve(given)
+    config = run.config
+    assert run.client_ranks == [config.rank_of(c) for c in range(4)] == [16, 4, 4, 16]
     from atoll.experiment import build
 
-    experiment = build(config)
+    experiment = build(given)
     try:
         assert experiment.server.context.client_ranks == [16, 4, 4, 16]
         assert [experiment.clients[c].context.rank for c in range(4)] == [16, 4, 4, 16]
@@ -237,22 +240,25 @@ def test_ranks_by_device_tier_reach_the_server_and_the_clients(tmp_path):
     # reloading the resolved config gives the same ranks (no conflict with what it wrote)
     again = tmp_path / "resolved.yaml"
     again.write_text(config.to_yaml())
-    assert load_config(again) == config
+    assert load_config(again) == config and resolve(load_config(again)).client_ranks == run.client_ranks
 
 
 def test_mixed_ranks_from_the_system_are_refused_for_an_algorithm_that_cannot_mix_them(tmp_path):
     devices = {"mix": {"laptop": 1, "budget-phone": 3}, "clients": {0: "laptop", 1: "budget-phone"}}
     system = write(tmp_path, {**GOOD, "devices": devices, "ranks": {"by": "device", "device": {"laptop": 16, "budget-phone": 4}}})
     with pytest.raises(ConfigError, match="cannot aggregate different LoRA ranks"):
-        config_with(realistic(tmp_path, system, **{"algorithm.name": "fedit"}))
+        check(config_with(realistic(tmp_path, system, **{"algorithm.name": "fedit"})))
     with pytest.raises(ConfigError, match="cannot aggregate different LoRA ranks"):
-        config_with(realistic(tmp_path, system, **{"algorithm.name": "fedit", "realistic.dry_run": "true"}))
+        check(config_with(realistic(tmp_path, system, **{"algorithm.name": "fedit", "realistic.dry_run": "true"})))
 
 
 def test_one_rank_for_every_device_becomes_the_federation_rank(tmp_path):
     system = write(tmp_path, {**GOOD, "ranks": {"by": "device", "device": {"laptop": 4, "budget-phone": 4}}})
-    config = config_with(realistic(tmp_path, system))
-    assert config.model.lora.rank == 4 and config.model.lora.client_ranks is None
+    given = config_with(realistic(tmp_path, system))
+    run = resolve(given)
+    config = run.config
+    assert config.model.lora.rank == 4 and config.model.lora.client_ranks is None and run.client_ranks == [4] * 4
+    assert given.model.lora.rank == 8, "resolving never rewrites the config it was given"
 
 
 def test_ranks_by_memory_budget_pick_the_largest_rank_that_fits():
@@ -283,7 +289,7 @@ def test_ranks_by_memory_are_refused_when_a_device_cannot_hold_the_model(tmp_pat
         },
     )
     with pytest.raises(ConfigError, match="cannot hold model"):
-        config_with(realistic(tmp_path, system, **{"algorithm.name": "local-only"}))
+        check(config_with(realistic(tmp_path, system, **{"algorithm.name": "local-only"})))
 
 
 def test_the_geometry_table_matches_the_built_model(tmp_path):

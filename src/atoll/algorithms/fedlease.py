@@ -14,9 +14,9 @@
 4. Server: cluster-wise FedAvg: expert, routers and head of cluster m <- sum over m's updating
    members of p_k x_k, p_k = n_k / sum of their n. An update only reaches its own cluster.
 
-Flags: ``personalized`` (a client's model is its cluster's routers and head over shared experts);
+Flags: ``personal`` (a client's model is its cluster's routers and head over shared experts);
 no global model (evaluation on the global test set averages the clients' own models); not
-``supports_async`` (clustering needs every client's warm-up adapter at one point in time); mixed
+``asynchronous`` (clustering needs every client's warm-up adapter at one point in time); mixed
 ranks refused (experts are shared across clusters' clients).
 """
 
@@ -25,10 +25,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import SPECS
 from atoll.errors import ConfigError, UpdateError
 from atoll.fl.base import BaseClient, BaseServer, average_states, weighted_average
 from atoll.fl.state import AdapterState, LoRAFactors, Update, example_weights
@@ -36,13 +35,6 @@ from atoll.models.branches import BranchHost, train_parameters
 from atoll.models.moe import ROUTER, AdaptiveTopM, MixtureOfExperts, expert_name, router_init
 
 CLUSTER_KEY = "fedlease.cluster"
-
-
-class FedLEASEParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    warmup_rounds: int = Field(1, gt=0, description="rounds of independent local LoRA training (all clients) before clustering")
-    max_clusters: int = Field(8, gt=0, description="at most this many clusters (experts); the number is chosen by silhouette score")
 
 
 # -- allocation: distances, clustering, silhouette ------------------------------------------------
@@ -208,17 +200,9 @@ class FedLEASEClient(BaseClient):
 # -- server ------------------------------------------------------------------------------------------
 
 
-@register
 class FedLEASE(BaseServer):
-    name = "fedlease"
-    paper = "Wang, Bian, Zhang, Xu, Adaptive LoRA Experts Allocation and Selection for Federated Fine-Tuning, NeurIPS 2025"
-    Params = FedLEASEParams
+    spec = SPECS["fedlease"]
     client_class = FedLEASEClient
-    rank_support = "refuse"
-    supports_async = False
-    personalized = True
-    has_global_model = False
-    weighted_mean_aggregation = False  # cluster-wise means, not one mean over all updates
 
     def __init__(self, context, params):
         super().__init__(context, params)

@@ -12,24 +12,18 @@ personal too (stored beside B_k, never uploaded).
 
 There is no global model (the server has no B): global accuracy is the mean of the clients'
 personal adapters on the global test set; local accuracy uses each client's own B_k.
-rank_support "refuse": A_bar is one tensor of one rank. supports_async True: averaging the
+mixed_ranks "refuse": A_bar is one tensor of one rank. asynchronous: averaging the
 shared A is plain FedAvg on one factor and can take one update at a time.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import FedSALoRAParams, SPECS
 from atoll.algorithms._lowrank import omit
 from atoll.fl.base import BaseClient, BaseServer, average_states
 from atoll.fl.state import AdapterState, LoRAFactors, Update, example_weights
-
-
-class FedSALoRAParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    share_head: bool = Field(True, description="federate the classifier head (FedAvg); false keeps it personal beside B_k")
 
 
 class FedSALoRAClient(BaseClient):
@@ -64,16 +58,9 @@ class FedSALoRAClient(BaseClient):
         return omit(trained, "B", extra=self.params.share_head)
 
 
-@register
 class FedSALoRA(BaseServer):
-    name = "fedsa-lora"
-    paper = "Guo, Zeng, Wang, Fan, Wang, Qu, Selective Aggregation for Low-Rank Adaptation in Federated Learning, ICLR 2025"
-    Params = FedSALoRAParams
+    spec = SPECS["fedsa-lora"]
     client_class = FedSALoRAClient
-    rank_support = "refuse"
-    supports_async = True
-    personalized = True
-    has_global_model = False
 
     def __init__(self, context, params):
         super().__init__(context, params)

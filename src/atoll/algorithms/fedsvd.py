@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import SPECS
 from atoll.algorithms._factorize import lowrank_svd
 from atoll.errors import UpdateError
 from atoll.fl.base import BaseClient, BaseServer, weighted_average
@@ -44,19 +44,12 @@ class FedSVDClient(BaseClient):
         return AdapterState({}, extra)
 
 
-@register
 class FedSVD(BaseServer):
     """Mixed ranks are refused: clients must multiply one shared A. Not asynchronous: A is replaced
     every round, so a B trained against an earlier A no longer matches it."""
 
-    name = "fedsvd"
-    paper = (
-        "Lee, Park, Lee, Wagner, Seong, Bocklet, Lee, Hwang, FedSVD: Adaptive Orthogonalization for "
-        "Private Federated Learning with LoRA, NeurIPS 2025"
-    )
+    spec = SPECS["fedsvd"]
     client_class = FedSVDClient
-    rank_support = "refuse"
-    supports_async = False
 
     def aggregate(self, round: int, updates: list[Update]) -> None:
         if not updates:

@@ -7,13 +7,13 @@ Because every client multiplies the same A0, aggregation is exact:
     s * (sum_k p_k B_k) A0 = sum_k p_k s B_k A0.
 Only B and the head travel, both ways: every client rebuilds A0 from the shared seed.
 
-rank_support "refuse": one frozen A0 of one rank is the method. supports_async True: with A
+mixed_ranks "refuse": one frozen A0 of one rank is the method. asynchronous: with A
 fixed, mixing one client's B into the global B at a time stays exact.
 """
 
 from __future__ import annotations
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import SPECS
 from atoll.algorithms._lowrank import fill_factor, omit
 from atoll.fl.base import BaseClient, BaseServer, average_states
 from atoll.fl.state import AdapterState, Update, example_weights
@@ -32,13 +32,9 @@ class FFALoRAClient(BaseClient):
         return omit(trained, "A")
 
 
-@register
 class FFALoRA(BaseServer):
-    name = "ffa-lora"
-    paper = "Sun, Li, Li, Ding, Improving LoRA in Privacy-preserving Federated Learning, ICLR 2024"
+    spec = SPECS["ffa-lora"]
     client_class = FFALoRAClient
-    rank_support = "refuse"
-    supports_async = True
 
     def configure(self, round: int, client_id: int) -> AdapterState:
         return omit(self.global_state, "A")

@@ -15,33 +15,23 @@ accumulation order), or the dense merged base once that is smaller (``downlink: 
 the download grows with sum_k r_k until it reaches the dense size. ``downlink: dense`` always
 sends the dense base. The fresh LoRA itself costs nothing: every client draws it from the seed.
 
-rank_support "native". supports_async False: a round's fresh LoRAs and its stack are merged
+mixed_ranks "native". not asynchronous: a round's fresh LoRAs and its stack are merged
 together; an update trained on an older base would be merged onto a newer one.
 """
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import SPECS
 from atoll.algorithms._lowrank import kaiming_uniform, stack
 from atoll.fl.base import BaseClient, BaseServer, weighted_average
 from atoll.fl.state import AdapterState, LoRAFactors, Update, example_weights
 from atoll.seeding import torch_generator
 
 STACK_PREFIX = "flora/"
-
-
-class FLoRAParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    downlink: Literal["auto", "dense"] = Field(
-        "auto",
-        description="auto: send every round's stacked factors while smaller than the dense merged base, then the dense base; dense: always the dense base",
-    )
 
 
 def stack_key(round: int, module: str, which: str) -> str:
@@ -98,17 +88,9 @@ class FLoRAClient(BaseClient):
         return AdapterState(trained.lora, trained.extra)  # the base is the server's; never sent back
 
 
-@register
 class FLoRA(BaseServer):
-    name = "flora"
-    paper = (
-        "Wang, Shen, He, Sun, Wang, Lyu, Li, FLoRA: Federated Fine-Tuning Large Language Models "
-        "with Heterogeneous Low-Rank Adaptations, NeurIPS 2024"
-    )
-    Params = FLoRAParams
+    spec = SPECS["flora"]
     client_class = FLoRAClient
-    rank_support = "native"
-    supports_async = False
 
     def __init__(self, context, params):
         super().__init__(context, params)

@@ -24,7 +24,7 @@ import weakref
 import torch
 from torch import Tensor
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import SPECS
 from atoll.algorithms._factorize import stacked_factors, truncated_qr
 from atoll.errors import ConfigError, UpdateError
 from atoll.fl.base import BaseClient, BaseServer, weighted_average
@@ -82,7 +82,6 @@ class ILoRAClient(BaseClient):
         return AdapterState(trained.lora, trained.extra)  # the base is W0's, never sent
 
 
-@register
 class ILoRA(BaseServer):
     """Mixed ranks are refused: the paper truncates the global QR to each client's r_k, but its
     base W0 - B_k A_k then differs per rank and the global model is left undefined. Sync only: the
@@ -90,13 +89,8 @@ class ILoRA(BaseServer):
     ILoRA's product-space aggregation (a product-space rule, qr_aggregate over [global, x_k] with
     weights [1 - a, a], would be the natural extension)."""
 
-    name = "ilora"
-    paper = (
-        "Zhou, Liu, Shang, ILoRA: Federated Learning with Low-Rank Adaptation for Heterogeneous Client Aggregation, arXiv:2511.16069, 2025"
-    )
+    spec = SPECS["ilora"]
     client_class = ILoRAClient
-    rank_support = "refuse"
-    supports_async = False
 
     def __init__(self, context, params):
         super().__init__(context, params)

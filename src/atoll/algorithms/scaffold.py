@@ -27,13 +27,11 @@ default here (the paper suggests option II for SGD). On the comparison task (doc
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import SPECS
 from atoll.errors import UpdateError
 from atoll.fl.base import BaseClient, BaseServer, average_states
 from atoll.fl.state import AdapterState, Update, example_weights
@@ -43,15 +41,6 @@ from atoll.models.adapters import LiveAdapter
 
 CONTROL = "scaffold.c."  # server variate c, sent down as extra tensors
 CONTROL_DELTA = "scaffold.dc."  # dc_i = c_i+ - c_i, sent up as extra tensors
-
-
-class ScaffoldParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    server_lr: float = Field(1.0, gt=0, description="global step size eta_g on the averaged model change (1: FedAvg of the models)")
-    control_update: Literal["option-i", "option-ii"] = Field(
-        "option-i",
-        description="client variate update: option-i (first local gradient at x; the default, sound with AdamW) or option-ii (from the model change, the paper's SGD choice)",
-    )
 
 
 def variate_tensors(state: AdapterState, trainable: Trainable = Trainable()) -> dict[str, Tensor]:
@@ -168,18 +157,13 @@ class ScaffoldClient(BaseClient):
         return with_prefixed_extras(trained, CONTROL_DELTA, delta)
 
 
-@register
 class Scaffold(BaseServer):
     """SCAFFOLD on the adapter tensors (LoRA A, B and heads; never the scales). Mixed ranks are
     refused (variates need one shape per tensor). Not asynchronous: y_i - x and the |S|/N variate
     step assume every update started from the current x within one synchronous round."""
 
-    name = "scaffold"
-    paper = "Karimireddy, Kale, Mohri, Reddi, Stich, Suresh, SCAFFOLD: Stochastic Controlled Averaging for Federated Learning, ICML 2020"
-    Params = ScaffoldParams
+    spec = SPECS["scaffold"]
     client_class = ScaffoldClient
-    rank_support = "refuse"
-    supports_async = False
 
     def __init__(self, context, params):
         super().__init__(context, params)

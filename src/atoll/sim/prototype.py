@@ -10,10 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from atoll.algorithms.baselines import POOLED_CLIENT
+from atoll.fl.capabilities import POOLED_CLIENT
 from atoll.config import Config
-from atoll.errors import CheckpointError, ConfigError
-from atoll.experiment import Experiment, build
+from atoll.experiment import Experiment
 from atoll.fl.state import Update, check_finite, example_weights
 from atoll.report import plots
 from atoll.report.progress import Progress
@@ -122,7 +121,7 @@ class PrototypeRunner:
         server = self.experiment.server
         final = round == self.config.federation.rounds
         result: dict[str, Any] = {"global": server.evaluate(round)}
-        if not result["global"] and final and not server.has_global_model:
+        if not result["global"] and final and not server.capabilities.global_model:
             result["global"] = self.personal_global_evaluation()
         local = self.config.eval.local
         if local == "always" or (local == "final" and final):
@@ -245,65 +244,7 @@ class PrototypeRunner:
             )
         if self.config.run.export_personal:
             self.run_dir.replace_dir("personal", self.export_personal)
-        if server.has_global_model:
+        if server.capabilities.global_model:
             state = server.global_state
             self.run_dir.replace_dir("adapter", lambda staging: write_adapter(experiment.workbench, state, staging))
         return summary
-
-
-def start_run(config: Config, progress: Progress) -> tuple[RunDir, dict[str, Any]]:
-    """Build everything first (user errors surface before any directory exists), then run."""
-    if config.mode == "realistic":  # the event-driven simulation of devices (atoll.sim.realistic)
-        from atoll.sim.realistic import start_realistic_run
-
-        return start_realistic_run(config, progress)
-    if config.engine == "flower":  # Flower's simulation or deployment engine (atoll.engines.flower)
-        from atoll.engines.flower import start_flower_run
-
-        return start_flower_run(config, progress)
-    path = RunDir.choose_path(config)
-    RunDir.check_new(path)
-    experiment = build(config)
-    try:
-        run_dir = RunDir.create(path, config)
-        progress.message(f"run directory {path}")
-        return run_dir, PrototypeRunner(experiment, run_dir, progress).run()
-    finally:
-        experiment.close()
-
-
-def resume_run(path: Path, progress: Progress) -> tuple[RunDir, dict[str, Any]]:
-    """Continue a killed run from its newest checkpoint; ends at the uninterrupted run's metrics."""
-    run_dir, config = RunDir.open_existing(path)
-    if config.mode == "realistic":
-        raise ConfigError("realistic-mode runs cannot be resumed", "start the run again: the same config and seed give the same timeline")
-    if config.engine == "flower":
-        raise ConfigError("Flower runs cannot be resumed: clients' private state lived on their nodes", "start the run again")
-    rounds = run_dir.checkpoint_rounds()
-    experiment = build(config)
-    try:
-        runner = PrototypeRunner(experiment, run_dir, progress)
-        if rounds:
-            last = rounds[-1]
-            tensors, clients_dir, meta = run_dir.load_checkpoint(last)
-            if meta.get("config") != config_digest(config):
-                raise CheckpointError(f"checkpoint of round {last} was written with another config", "start a new run")
-            experiment.server.load_state_dict(tensors)
-            experiment.store.load(clients_dir)
-        else:
-            last = 0
-        runner.records = run_dir.truncate_metrics(last)
-        if last >= config.federation.rounds:
-            progress.message(f"run already finished {last} rounds; rewriting its summary")
-            return run_dir, runner.finish()
-        if last == 0:
-            runner.records = run_dir.truncate_metrics(-1)
-        progress.message(f"resuming {path} after round {last}")
-        return run_dir, runner.run(first_round=last + 1)
-    finally:
-        experiment.close()
-
-
-def reject_overrides_on_resume(overrides: list[str]) -> None:
-    if overrides:
-        raise ConfigError("--set cannot change a run being resumed", "resume without --set, or start a new run")

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from atoll.algorithms.baselines import POOLED_CLIENT
+from atoll.fl.capabilities import POOLED_CLIENT
 from atoll.fl.base import local_steps
 from atoll.fl.state import AdapterState, Update, check_finite, example_weights
 from atoll.seeding import numpy_rng
@@ -85,7 +85,7 @@ class ModelBackend:
 
     def evaluate(self, round: int, final: bool) -> dict[str, Any]:
         result: dict[str, Any] = {"global": self.server.evaluate(round)}
-        if not result["global"] and final and not self.server.has_global_model:
+        if not result["global"] and final and not self.server.capabilities.global_model:
             result["global"] = self.helper.personal_global_evaluation()
         local = self.config.eval.local
         if round > 0 and (local == "always" or (local == "final" and final)):

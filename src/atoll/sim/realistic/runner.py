@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from atoll.algorithms.baselines import POOLED_CLIENT
+from atoll.fl.capabilities import POOLED_CLIENT
 from atoll.config import Config
 from atoll.report.progress import Progress
 from atoll.report.rundir import RunDir, write_atomic
@@ -28,7 +28,6 @@ from atoll.sim.realistic.system import (
     describe_spec,
     device_profiles,
     geometry_for,
-    load_for_run,
     network_profiles,
     system_source,
     trace_path,
@@ -300,10 +299,10 @@ class MetricsWriter:
             self.handle = None
 
 
-def start_realistic_run(config: Config, progress: Progress) -> tuple[RunDir, dict[str, Any]]:
+def start_realistic_run(run, progress: Progress) -> tuple[RunDir, dict[str, Any]]:
     """Everything that can fail on user input fails before the run directory exists."""
     started = time.perf_counter()
-    spec, fleet = load_for_run(config)
+    config, spec, fleet = run.config, run.system, run.fleet
     path = RunDir.choose_path(config)
     RunDir.check_new(path)
     experiment = None
@@ -312,7 +311,7 @@ def start_realistic_run(config: Config, progress: Progress) -> tuple[RunDir, dic
     else:
         from atoll.experiment import build
 
-        experiment = build(config)
+        experiment = build(run)
     try:
         run_dir = RunDir.create(path, config)
         write_atomic(path / "system.yaml", f"# resolved from {config.system}\n" + describe_spec(spec))
