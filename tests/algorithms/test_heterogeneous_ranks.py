@@ -39,7 +39,9 @@ def test_a_one_rank_cycle_is_homogeneous_for_every_algorithm():
 @pytest.mark.parametrize("name", sorted(available()))
 def test_every_algorithm_runs_mixed_ranks_or_refuses_them_clearly(name, tmp_path):
     server_cls = available()[name]
-    assert server_cls.capabilities.mixed_ranks in ("native", "pad", "refuse"), f"{name}: mixed_ranks={server_cls.capabilities.mixed_ranks!r}"
+    assert server_cls.capabilities.mixed_ranks in ("native", "pad", "refuse"), (
+        f"{name}: mixed_ranks={server_cls.capabilities.mixed_ranks!r}"
+    )
     overrides = tiny_overrides(tmp_path, **{"algorithm.name": name, "model.lora.rank_cycle": [4, 8], "train.local_steps": 2})
     if server_cls.capabilities.mixed_ranks == "refuse":
         with pytest.raises(ConfigError, match=r"cannot aggregate different LoRA ranks \[4, 8\]"):
