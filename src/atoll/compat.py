@@ -63,6 +63,21 @@ def check_paradigm(config: Config, spec: AlgorithmSpec, ranks: set[int]) -> None
         )
 
 
+def check_stages(config: Config, spec: AlgorithmSpec) -> None:
+    """Each protection stage in ``federation.stages`` against the capabilities it requires (a
+    robust rule in place of the mean, secure aggregation or central DP need a weighted-mean
+    aggregation, say)."""
+    from atoll.fl.stages import STAGES
+
+    for name in config.federation.stages:
+        missing = sorted(capability for capability in STAGES[name].requires if not getattr(spec.capabilities, capability))
+        if missing:
+            raise ConfigError(
+                f"protection stage '{name}' needs an algorithm whose capabilities include {', '.join(missing)}; '{spec.name}' does not",
+                f"use one of: {names_with(missing[0])}",
+            )
+
+
 def check_engine(config: Config, spec: AlgorithmSpec) -> None:
     """What the Flower engine asks of an algorithm: no pooled data; a weighted-mean aggregation
     under secure aggregation or central DP (both only ever show the algorithm a mean)."""

@@ -230,6 +230,13 @@ class FederationConfig(Section):
     clients: int = Field(10, gt=0, description="number of clients")
     rounds: int = Field(5, gt=0, description="number of federated rounds")
     sample_rate: float = Field(1.0, gt=0, le=1, description="fraction of clients sampled each round, in (0, 1]")
+    behaviours: dict[int, str] = Field(
+        default_factory=dict, description="client id -> how it trains and uploads (see atoll.fl.stages.BEHAVIOURS; default: honest)"
+    )
+    stages: list[str] = Field(
+        default_factory=list,
+        description="protection stages run after the default finiteness check, in order (see atoll.fl.stages.STAGES)",
+    )
 
 
 class AlgorithmConfig(BaseModel):

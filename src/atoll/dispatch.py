@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from atoll.config import Config
-from atoll.errors import CheckpointError, ConfigError
+from atoll.errors import ConfigError
 from atoll.experiment import build
 from atoll.report.progress import Progress
 from atoll.report.rundir import RunDir
 from atoll.resolve import ResolvedRun, resolve
-from atoll.sim.prototype import PrototypeRunner, config_digest
+from atoll.fl.federation import Federation
+from atoll.report.recorder import Recorder
+from atoll.sim.prototype import SynchronousLoop
 
 
 def start_run(config: Config | ResolvedRun, progress: Progress) -> tuple[RunDir, dict[str, Any]]:
@@ -30,14 +32,14 @@ def start_run(config: Config | ResolvedRun, progress: Progress) -> tuple[RunDir,
     if config.engine == "flower":  # Flower's simulation or deployment engine (atoll.engines.flower)
         from atoll.engines.flower import start_flower_run
 
-        return start_flower_run(config, progress)
+        return start_flower_run(run, progress)
     path = RunDir.choose_path(config)
     RunDir.check_new(path)
     experiment = build(run)
     try:
-        run_dir = RunDir.create(path, config)
+        run_dir = RunDir.create(path, config, run.to_json())
         progress.message(f"run directory {path}")
-        return run_dir, PrototypeRunner(experiment, run_dir, progress).run()
+        return run_dir, SynchronousLoop(Federation(experiment), Recorder(run_dir, progress)).run()
     finally:
         experiment.close()
 
@@ -49,26 +51,16 @@ def resume_run(path: Path, progress: Progress) -> tuple[RunDir, dict[str, Any]]:
         raise ConfigError("realistic-mode runs cannot be resumed", "start the run again: the same config and seed give the same timeline")
     if config.engine == "flower":
         raise ConfigError("Flower runs cannot be resumed: clients' private state lived on their nodes", "start the run again")
-    rounds = run_dir.checkpoint_rounds()
     experiment = build(config)
     try:
-        runner = PrototypeRunner(experiment, run_dir, progress)
-        if rounds:
-            last = rounds[-1]
-            tensors, clients_dir, meta = run_dir.load_checkpoint(last)
-            if meta.get("config") != config_digest(config):
-                raise CheckpointError(f"checkpoint of round {last} was written with another config", "start a new run")
-            experiment.server.load_state_dict(tensors)
-            experiment.store.load(clients_dir)
-        else:
-            last = 0
-        runner.records = run_dir.truncate_metrics(last)
+        federation = Federation(experiment)
+        last = federation.restore(run_dir)
+        records = run_dir.truncate_metrics(last if last else -1)
+        recorder = Recorder(run_dir, progress, records=records)
         if last >= config.federation.rounds:
             progress.message(f"run already finished {last} rounds; rewriting its summary")
-            return run_dir, runner.finish()
-        if last == 0:
-            runner.records = run_dir.truncate_metrics(-1)
+            return run_dir, federation.finish(recorder)
         progress.message(f"resuming {path} after round {last}")
-        return run_dir, runner.run(first_round=last + 1)
+        return run_dir, SynchronousLoop(federation, recorder).run(first_round=last + 1)
     finally:
         experiment.close()

@@ -4,7 +4,7 @@
 validates its parameters, runs the one compatibility check (:mod:`atoll.compat`), reads the
 realistic-mode system file and its trace, assigns every client its device, network and LoRA
 rank, and checks the Flower settings. The result, a :class:`ResolvedRun`, is what every driver
-runs and what the run directory records (``config.yaml`` and ``resolved.json``, written once); the
+runs and what the run directory records (``config.yaml`` and ``resolved.json``, written once by :meth:`atoll.report.rundir.RunDir.create`); the
 Flower ServerApp and ClientApps receive it as it is and check nothing again.
 
 The user's config object is never changed: the run's effective config (the ranks a sys.yaml
@@ -24,8 +24,7 @@ from atoll.algorithms import parse_params, spec_of
 from atoll.config import Config, build_config
 from atoll.errors import ConfigError
 from atoll.fl.capabilities import AlgorithmSpec
-
-RESOLVED_FILE = "resolved.json"
+from atoll.fl.stages import check_behaviours
 
 
 @dataclass
@@ -86,6 +85,8 @@ def resolve(config: Config) -> ResolvedRun:
     ranks = [config.rank_of(c) for c in range(config.federation.clients)]
     compat.check_ranks(spec, set(ranks))
     compat.check_personal_export(config, spec)
+    check_behaviours(config)
+    compat.check_stages(config, spec)
     effective = config
     system_path = system = fleet = None
     if config.mode == "realistic":

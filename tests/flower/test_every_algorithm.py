@@ -26,6 +26,7 @@ from atoll.config import config_with  # noqa: E402
 from atoll.engines.flower import client as flower_client  # noqa: E402
 from atoll.engines.flower import protocol  # noqa: E402
 from atoll.algorithms import specs  # noqa: E402
+from atoll.resolve import resolve  # noqa: E402
 from atoll.errors import AlgorithmError, AtollError  # noqa: E402
 from atoll.report.progress import Progress  # noqa: E402
 from atoll.dispatch import start_run  # noqa: E402
@@ -97,7 +98,7 @@ class InProcessGrid:
 def run_on_flower(config, run_dir):
     from atoll.engines.flower.server import run_server
 
-    run_config = {protocol.RUN_CONFIG_KEY: config.to_yaml(), protocol.RUN_DIR_KEY: str(run_dir)}
+    run_config = protocol.run_config_for(resolve(config), run_dir)
     grid = InProcessGrid(run_config, config.federation.clients)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     run_server(grid, context)

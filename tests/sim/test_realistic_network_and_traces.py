@@ -19,11 +19,11 @@ import pytest
 import yaml
 
 from atoll.config import config_with
+from atoll.resolve import resolve
 from atoll.errors import DataError
 from atoll.sim.realistic.availability import TraceWindows, read_trace
 from atoll.sim.realistic.draws import Draws, gaussian
 from atoll.sim.realistic.runner import build_simulation, dry_backend
-from atoll.sim.realistic.system import load_for_run
 
 NBYTES = 1000  # 4 bytes * (0 LoRA parameters per rank + 250 extra parameters)
 LATENCY = 0.5
@@ -66,8 +66,8 @@ def make_sim(tmp_path, tree: dict, clients: int, **overrides):
         "run.root": str(tmp_path / "runs"),
     }
     values.update(overrides)
-    config = config_with([f"{k}={v}" for k, v in values.items()])
-    spec, fleet = load_for_run(config)
+    run = resolve(config_with([f"{k}={v}" for k, v in values.items()]))
+    config, spec, fleet = run.config, run.system, run.fleet
     return build_simulation(config, spec, fleet, dry_backend(config, spec, fleet), record_events=True)
 
 

@@ -294,11 +294,12 @@ def test_ranks_by_memory_are_refused_when_a_device_cannot_hold_the_model(tmp_pat
 
 def test_the_geometry_table_matches_the_built_model(tmp_path):
     from atoll.experiment import build
+    from atoll.fl.federation import Federation
     from atoll.sim.realistic.backends import ModelBackend
 
     experiment = build(config_with(tiny_overrides(tmp_path)))
     try:
-        measured = ModelBackend(experiment, None)
+        measured = ModelBackend(Federation(experiment))
         table = BUILTIN_GEOMETRY["tiny-bert"]
         cost = measured.cost(8)
         assert cost.base_parameters == table.base_parameters

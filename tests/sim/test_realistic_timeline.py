@@ -12,12 +12,12 @@ import pytest
 import yaml
 
 from atoll.config import config_with
+from atoll.resolve import resolve
 from atoll.seeding import numpy_rng
 from atoll.sim.realistic.backends import DryBackend
 from atoll.sim.realistic.draws import Draws
 from atoll.sim.realistic.events import EventKind, EventQueue
 from atoll.sim.realistic.runner import build_simulation, dry_backend
-from atoll.sim.realistic.system import load_for_run
 
 TRANSFER = 1.5
 TRAIN = {"fast": 10.0, "mid": 20.0, "slow": 40.0, "crawl": 80.0}
@@ -93,8 +93,8 @@ def make_sim(tmp_path, system: dict, **overrides):
         "run.root": str(tmp_path / "runs"),
     }
     values.update(overrides)
-    config = config_with([f"{k}={v}" for k, v in values.items()])
-    spec, fleet = load_for_run(config)
+    run = resolve(config_with([f"{k}={v}" for k, v in values.items()]))
+    config, spec, fleet = run.config, run.system, run.fleet
     backend = RecordingBackend(dry_backend(config, spec, fleet))
     return build_simulation(config, spec, fleet, backend, record_events=True), backend
 
@@ -342,8 +342,8 @@ def phone_week(tmp_path, folder: str, seed: int = 0, tokens: int = 32, **overrid
         "run.root": str(tmp_path / folder),
     }
     values.update(overrides)
-    config = config_with([f"{k}={v}" for k, v in values.items()])
-    spec, fleet = load_for_run(config)
+    run = resolve(config_with([f"{k}={v}" for k, v in values.items()]))
+    config, spec, fleet = run.config, run.system, run.fleet
     return build_simulation(config, spec, fleet, dry_backend(config, spec, fleet), record_events=True)
 
 

@@ -140,6 +140,7 @@ class Job:
         "trained",
         "snapshot",
         "token",
+        "trips",
     )
 
     def __init__(self, client: SimClient, round: int, version: int, started: float):
@@ -159,6 +160,7 @@ class Job:
         self.trained = False
         self.snapshot: Any = _NO_SNAPSHOT
         self.token = client.token
+        self.trips = 0
 
 
 _NO_SNAPSHOT = object()
@@ -475,6 +477,7 @@ class Simulation:
             job.result, job.bytes_up = self._timed("train", self.backend.train, job.round, job.client.id, job.payload)
         else:
             job.result, job.bytes_up = self.backend.train(job.round, job.client.id, job.payload)
+        job.trips = self.backend.upload_trips(job.result)  # extra message round trips of protections
         job.trained = True
 
     def _on_training_done(self, index: int, token: int) -> bool:
@@ -494,6 +497,8 @@ class Simulation:
         link = client.link
         if link is not None:
             job.upload_seconds = self._transfer(client, job.bytes_up, link.up_median, link.up_sigma, self._base_up)
+            if job.trips:
+                job.upload_seconds += 2.0 * job.trips * link.latency
         self.push(now + job.upload_seconds, UPLOAD_DONE, index, token)
         return True
 
@@ -575,6 +580,7 @@ class Simulation:
         train = self._timed("summary", self.backend.train_summary, [job.result for job in delivered])
         if train:
             record["train"] = train
+        record.update(self.backend.round_extras(round))
         if staleness:
             record["staleness"] = staleness if len(staleness) <= 100 else {"mean": float(np.mean(staleness)), "max": int(max(staleness))}
         if round % self.eval_every == 0 or round >= self.rounds:
@@ -582,6 +588,8 @@ class Simulation:
         self._emit(record)
         if round >= self.rounds:
             self.stop("rounds")
+        elif (reason := self.backend.stop_reason()) is not None:
+            self.stop(reason)
 
     def _evaluate(self, record: dict[str, Any], final: bool) -> None:
         result = self._timed("evaluate", self.backend.evaluate, record["round"], final)
