@@ -115,7 +115,7 @@ def test_experts_start_as_size_weighted_cluster_means():
         router = server.experts[cluster].extra["router.q.weight"]
         assert router.shape == (2 * 2 - 1, K)
     download = server.configure(2, 1)
-    assert int(download.extra[CLUSTER_KEY]) == 1
+    assert int(download.control[CLUSTER_KEY]) == 1
     assert set(download.lora) == {expert_key(e, m) for e in range(2) for m in ("q", "v")}
 
 

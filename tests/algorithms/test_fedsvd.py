@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from atoll.algorithms.fedsvd import UPLOADED_B, refactorize
+from atoll.algorithms.fedsvd import refactorize
 from atoll.config import config_with
 from atoll.resolve import check
 from atoll.errors import ConfigError, UpdateError
@@ -94,11 +94,13 @@ def test_upload_carries_B_and_head_only_and_A_is_frozen():
     state = random_state(3)
     client = make_client("fedsvd")
     upload = client.upload(1, state, state)
-    assert not upload.lora and set(upload.extra) == {UPLOADED_B + n for n in MODULES} | set(state.extra)
+    assert set(upload.lora) == set(MODULES) and set(upload.extra) == set(state.extra)
+    for name in MODULES:  # B as a LoRA factor with A left out: protections see it as model data
+        assert upload.lora[name].A is None and torch.equal(upload.lora[name].B, state.lora[name].B)
     assert upload.nbytes() < state.nbytes()
     assert client.trainable(1).lora_A is False and client.trainable(1).lora_B is True
     server = make_server("fedsvd", initial=state)
-    bad = AdapterState({}, {k: v for k, v in upload.extra.items() if k != UPLOADED_B + "q"})
+    bad = AdapterState({n: f for n, f in upload.lora.items() if n != "q"}, dict(upload.extra))
     with pytest.raises(UpdateError):
         server.aggregate(1, updates_for([upload, bad], SIZES[:2]))
 

@@ -83,7 +83,7 @@ def test_download_rebuilds_the_base_exactly_and_grows_with_the_sum_of_ranks():
         rebuilt = rebuild_base(download)
         for name, tensor in server.global_state.base.items():
             assert torch.equal(rebuilt[name], tensor)  # bit for bit: the client trains on the server's W0'
-        stacked = sum(t.numel() for key, t in download.extra.items() if key.startswith("flora/"))
+        stacked = sum(t.numel() for key, t in download.control.items() if key.startswith("flora/"))
         assert stacked == 2 * sum(ranks) * (d + k)
         downloads[sum(ranks)] = download.nbytes()
     assert downloads[16] > downloads[8]

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from atoll.algorithms.scaffold import CONTROL, CONTROL_DELTA, prefixed_extras, variate_tensors, with_prefixed_extras
+from atoll.algorithms.scaffold import CONTROL, CONTROL_DELTA, control_of, variate_tensors, with_control
 from atoll.config import config_with
 from atoll.resolve import check
 from atoll.errors import ConfigError
@@ -72,7 +72,7 @@ def option_ii_setup(seed, store, overrides=()):
     x = random_state(seed)
     y = random_state(seed + 1)
     c = random_like(variate_tensors(x), seed + 2)
-    start = with_prefixed_extras(x, CONTROL, c)
+    start = with_control(x, CONTROL, c)
     return client, x, y, c, start
 
 
@@ -86,7 +86,7 @@ def test_option_ii_variate_update_and_upload():
     xs, ys = variate_tensors(x), variate_tensors(y)
     expected = {k: c_i[k] - c[k] + (xs[k] - ys[k]) / (7 * 0.01) for k in c}
     stored = store.get(2)
-    sent = prefixed_extras(upload, CONTROL_DELTA)
+    sent = control_of(upload, CONTROL_DELTA)
     assert set(stored) == set(c) == set(sent)
     for key in c:
         assert torch.allclose(stored[key], expected[key], atol=1e-4)
@@ -107,7 +107,7 @@ def test_option_ii_divides_by_the_sum_of_scheduled_step_sizes():
 
 
 def server_round(server, states, deltas, ids):
-    ups = updates_for([with_prefixed_extras(s, CONTROL_DELTA, d) for s, d in zip(states, deltas)], [SIZES[i] for i in ids], ids=ids)
+    ups = updates_for([with_control(s, CONTROL_DELTA, d) for s, d in zip(states, deltas)], [SIZES[i] for i in ids], ids=ids)
     server.aggregate(1, ups)
 
 
@@ -209,7 +209,7 @@ def test_option_i_keeps_the_raw_gradient_of_the_first_local_step(tmp_path):
             after_backward()
         trained = experiment.workbench.active.read()
         client.keep(1, download, trained)
-        stored, sent = experiment.store.get(1), prefixed_extras(client.upload(1, download, trained), CONTROL_DELTA)
+        stored, sent = experiment.store.get(1), control_of(client.upload(1, download, trained), CONTROL_DELTA)
         assert set(stored) == set(first) == set(sent)
         for key in first:
             assert torch.equal(stored[key], first[key]), key

@@ -151,7 +151,7 @@ class FedLEASEClient(BaseClient):
         PEFT's adapter (whose own LoRA is reset to B = 0 and gated off). Every live tensor is
         written, so nothing of the previous client survives."""
         self.context.store.discard(self.client_id)  # the warm-up adapter is not needed any more
-        own = int(download.extra[CLUSTER_KEY])
+        own = int(download.control[CLUSTER_KEY])
         experts: dict[int, dict[str, LoRAFactors]] = {}
         for key, factors in download.lora.items():
             expert, layer = parse_expert_key(key)
@@ -163,12 +163,12 @@ class FedLEASEClient(BaseClient):
         for expert, factors in experts.items():
             self.host.write_lora(expert_name(expert), factors)
         mixture.write_routers({k: v for k, v in download.extra.items() if k.startswith(ROUTER + ".")})
-        head = {k: v for k, v in download.extra.items() if not k.startswith(ROUTER + ".") and k != CLUSTER_KEY}
+        head = {k: v for k, v in download.extra.items() if not k.startswith(ROUTER + ".")}
         workbench.load(AdapterState(lora=workbench.initial_state(self.context.rank).lora, extra=head, base=download.base))
         return mixture, own
 
     def run(self, round: int, download: AdapterState) -> Update:
-        if CLUSTER_KEY not in download.extra:
+        if CLUSTER_KEY not in download.control:
             return super().run(round, download)
         mixture, own = self.load_mixture(download)
         workbench = self.workbench
@@ -189,7 +189,7 @@ class FedLEASEClient(BaseClient):
     def evaluate(self, download: AdapterState, indices: np.ndarray | None = None) -> dict[str, float]:
         chosen = self.context.test_indices if indices is None else indices
         max_generate = self.context.config.eval.max_generate
-        if CLUSTER_KEY not in download.extra:
+        if CLUSTER_KEY not in download.control:
             self.workbench.load(self.compose(0, download))
             return self.workbench.evaluate(chosen, max_generate=max_generate)
         mixture, own = self.load_mixture(download)
@@ -235,9 +235,8 @@ class FedLEASE(BaseServer):
             return AdapterState() if client_id in self.warmup else self.global_state
         own = self.clusters[client_id]
         lora = {expert_key(m, layer): factors for m, state in enumerate(self.experts) for layer, factors in state.lora.items()}
-        extra = dict(self.experts[own].extra)
-        extra[CLUSTER_KEY] = torch.tensor(own, dtype=torch.int64)
-        return AdapterState(lora, extra, dict(self.global_state.base))
+        control = {CLUSTER_KEY: torch.tensor(own, dtype=torch.int64)}  # which expert is the client's own
+        return AdapterState(lora, dict(self.experts[own].extra), dict(self.global_state.base), control)
 
     def aggregate(self, round: int, updates: list[Update]) -> None:
         if self.clusters is None:

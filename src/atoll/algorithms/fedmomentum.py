@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from atoll.algorithms.catalog import SPECS
-from atoll.algorithms._factorize import lowrank_svd, stacked_factors
+from atoll.algorithms._lowrank import lowrank_svd, stack
 from atoll.errors import UpdateError
 from atoll.fl.base import BaseClient, BaseServer, weighted_average
 from atoll.fl.state import AdapterState, LoRAFactors, Update, example_weights
@@ -40,7 +40,7 @@ def momentum_split(
     factors: list[LoRAFactors], weights: list[float], rank: int, scale: float, energy: float
 ) -> tuple[LoRAFactors, Tensor | None, int]:
     """(new balanced LoRA factors, dense residual merged into the base or None, r_eff) for one module."""
-    left, right = stacked_factors(factors, weights)
+    left, right = stack(factors, weights, torch.float64)
     U, S, Vh = lowrank_svd(left, right)
     if S.numel() < rank:
         raise ValueError(f"rank {rank} exceeds the layer's dimensions {left.shape[0]} x {right.shape[1]}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from atoll.algorithms.catalog import FedSALoRAParams, SPECS
-from atoll.algorithms._lowrank import omit
 from atoll.fl.base import BaseClient, BaseServer, average_states
 from atoll.fl.state import AdapterState, LoRAFactors, Update, example_weights
 
@@ -55,7 +54,7 @@ class FedSALoRAClient(BaseClient):
         self.context.store.put(self.client_id, tensors)
 
     def upload(self, round: int, start: AdapterState, trained: AdapterState) -> AdapterState:
-        return omit(trained, "B", extra=self.params.share_head)
+        return trained.without("B", extra=self.params.share_head)
 
 
 class FedSALoRA(BaseServer):
@@ -65,7 +64,7 @@ class FedSALoRA(BaseServer):
     def __init__(self, context, params):
         super().__init__(context, params)
         # the server holds A_bar (and the shared head) only; B never exists here
-        self.global_state = omit(self.global_state, "B", extra=params.share_head)
+        self.global_state = self.global_state.without("B", extra=params.share_head)
 
     def aggregate(self, round: int, updates: list[Update]) -> None:
         if not updates:

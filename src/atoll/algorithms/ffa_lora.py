@@ -14,7 +14,6 @@ fixed, mixing one client's B into the global B at a time stays exact.
 from __future__ import annotations
 
 from atoll.algorithms.catalog import SPECS
-from atoll.algorithms._lowrank import fill_factor, omit
 from atoll.fl.base import BaseClient, BaseServer, average_states
 from atoll.fl.state import AdapterState, Update, example_weights
 from atoll.fl.workbench import Trainable
@@ -23,13 +22,13 @@ from atoll.fl.workbench import Trainable
 class FFALoRAClient(BaseClient):
     def compose(self, round: int, download: AdapterState) -> AdapterState:
         # A0 is the seeded initial A of the global rank: identical in every process with the same seed
-        return fill_factor(download, self.workbench.initial_state(download.rank()), "A")
+        return download.completed(self.workbench.initial_state(download.rank()), "A")
 
     def trainable(self, round: int) -> Trainable:
         return Trainable(lora_A=False)
 
     def upload(self, round: int, start: AdapterState, trained: AdapterState) -> AdapterState:
-        return omit(trained, "A")
+        return trained.without("A")
 
 
 class FFALoRA(BaseServer):
@@ -37,7 +36,7 @@ class FFALoRA(BaseServer):
     client_class = FFALoRAClient
 
     def configure(self, round: int, client_id: int) -> AdapterState:
-        return omit(self.global_state, "A")
+        return self.global_state.without("A")
 
     def aggregate(self, round: int, updates: list[Update]) -> None:
         if not updates:

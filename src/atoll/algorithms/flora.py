@@ -67,7 +67,7 @@ def rebuild_base(message: AdapterState) -> dict[str, Tensor]:
     if message.base:
         return {n: t.clone() for n, t in message.base.items()}
     stacks: dict[int, dict[str, dict[str, Tensor]]] = {}
-    for key, tensor in message.extra.items():
+    for key, tensor in message.control.items():
         if key.startswith(STACK_PREFIX):
             round, module, which = parse_stack_key(key)
             stacks.setdefault(round, {}).setdefault(module, {})[which] = tensor
@@ -81,7 +81,7 @@ def rebuild_base(message: AdapterState) -> dict[str, Tensor]:
 class FLoRAClient(BaseClient):
     def compose(self, round: int, download: AdapterState) -> AdapterState:
         template = self.workbench.initial_state(self.context.rank)
-        extra = {n: t.clone() for n, t in download.extra.items() if not n.startswith(STACK_PREFIX)}
+        extra = {n: t.clone() for n, t in download.extra.items()}
         return AdapterState(fresh_lora(template, self.context.config.seed, round), extra, rebuild_base(download))
 
     def upload(self, round: int, start: AdapterState, trained: AdapterState) -> AdapterState:
@@ -103,11 +103,12 @@ class FLoRA(BaseServer):
         extra = dict(self.global_state.extra)
         if self.stacks is None:
             return AdapterState({}, extra, dict(self.global_state.base))
+        control = {}  # every round's stacked factors, from which the client rebuilds the merged base
         for merged_round, modules in self.stacks:
             for module, (B_stack, A_stack) in modules.items():
-                extra[stack_key(merged_round, module, "B")] = B_stack
-                extra[stack_key(merged_round, module, "A")] = A_stack
-        return AdapterState({}, extra)
+                control[stack_key(merged_round, module, "B")] = B_stack
+                control[stack_key(merged_round, module, "A")] = A_stack
+        return AdapterState({}, extra, {}, control)
 
     def aggregate(self, round: int, updates: list[Update]) -> None:
         if not updates:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from atoll.algorithms.catalog import SPECS
-from atoll.algorithms._factorize import stacked_factors, truncated_qr
+from atoll.algorithms._lowrank import stack, truncated_qr
 from atoll.errors import ConfigError, UpdateError
 from atoll.fl.base import BaseClient, BaseServer, weighted_average
 from atoll.fl.state import AdapterState, LoRAFactors, Update, example_weights
@@ -44,7 +44,7 @@ def qr_init(W0: Tensor, rank: int, scale: float) -> tuple[LoRAFactors, Tensor]:
 
 def qr_aggregate(factors: list[LoRAFactors], weights: list[float], rank: int, scale: float) -> LoRAFactors:
     """B = Q_r, A = R_r / s from the truncated QR of sum_k p_k s_k B_k A_k (never formed densely)."""
-    left, right = stacked_factors(factors, weights)
+    left, right = stack(factors, weights, torch.float64)
     Q, R = truncated_qr(left, right, rank)
     return LoRAFactors((R / scale).to(factors[0].A.dtype), Q.to(factors[0].B.dtype), scale)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 
 from atoll.algorithms.catalog import RoLoRAParams, SPECS
-from atoll.algorithms._lowrank import omit
 from atoll.fl.base import BaseClient, BaseServer, average_states
 from atoll.fl.state import AdapterState, Update, example_weights
 from atoll.fl.workbench import Trainable
@@ -41,7 +40,7 @@ class RoLoRAClient(BaseClient):
         return Trainable(lora_A=factor == "A", lora_B=factor == "B")
 
     def upload(self, round: int, start: AdapterState, trained: AdapterState) -> AdapterState:
-        return omit(trained, frozen_factor(round, self.params))
+        return trained.without(frozen_factor(round, self.params))
 
 
 class RoLoRA(BaseServer):

@@ -83,8 +83,8 @@ class AsyncRule:
 
 
 def _async_pairs(current: AdapterState, incoming: AdapterState, client_id: int):
-    """(container, key, current tensor, incoming tensor) for every tensor both carry with data.
-    Empty placeholders (a factor a partial message leaves out) are skipped."""
+    """(container, key, current tensor, incoming tensor) for every model tensor both carry (LoRA
+    factors present in both, extras, base deltas); control data is the algorithm's own business."""
     from atoll.errors import UpdateError
 
     pairs = []
@@ -94,7 +94,7 @@ def _async_pairs(current: AdapterState, incoming: AdapterState, client_id: int):
         mine = current.lora[name]
         for which in ("A", "B"):
             theirs_t, mine_t = getattr(factors, which), getattr(mine, which)
-            if theirs_t.numel() == 0 or mine_t.numel() == 0:
+            if theirs_t is None or mine_t is None:  # a factor the message leaves out
                 continue
             if theirs_t.shape != mine_t.shape:
                 raise UpdateError(
@@ -119,7 +119,7 @@ def _replaced(state: AdapterState, new: dict) -> AdapterState:
         lora[name] = LoRAFactors(new.get(("lora", (name, "A")), f.A), new.get(("lora", (name, "B")), f.B), f.scale)
     extra = {k: new.get(("extra", k), t) for k, t in state.extra.items()}
     base = {k: new.get(("base", k), t) for k, t in state.base.items()}
-    return AdapterState(lora, extra, base)
+    return AdapterState(lora, extra, base, dict(state.control))
 
 
 def mix_states(current: AdapterState, incoming: AdapterState, alpha: float, client_id: int = -1) -> AdapterState:
