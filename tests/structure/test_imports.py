@@ -122,3 +122,26 @@ def test_a_config_error_appears_before_torch_is_imported(tmp_path):
     lines = result.stdout.strip().splitlines()
     assert "downlink" in lines[0] and "different LoRA ranks" in lines[1] and "SecAgg+" in lines[2]
     assert lines[-1] == "imported: [] []", lines[-1]
+
+
+LAYER_RULES = [
+    # (modules matching this prefix, may not import modules matching any of these prefixes)
+    ("atoll.config", ["atoll.algorithms", "atoll.engines", "atoll.sim", "atoll.fl", "atoll.resolve", "atoll.models", "atoll.data"]),
+    ("atoll.fl", ["atoll.sim", "atoll.engines", "atoll.dispatch", "atoll.cli", "atoll.experiment", "atoll.resolve"]),
+    ("atoll.algorithms", ["atoll.sim", "atoll.engines", "atoll.dispatch", "atoll.cli", "atoll.experiment"]),
+    ("atoll.sim", ["atoll.engines", "atoll.dispatch", "atoll.cli"]),
+    ("atoll.engines", ["atoll.sim", "atoll.dispatch", "atoll.cli"]),
+    ("atoll.resolve", ["atoll.experiment", "atoll.sim.realistic.engine", "atoll.fl.federation", "atoll.fl.base"]),
+]
+
+
+def test_layers_depend_only_downwards():
+    """The schema knows no engine; the federated core and the algorithms know no driver; the
+    drivers know neither each other nor the dispatcher (only atoll.dispatch knows every driver)."""
+    graph = import_graph()
+    broken = []
+    for module, targets in graph.items():
+        for prefix, forbidden in LAYER_RULES:
+            if module == prefix or module.startswith(prefix + "."):
+                broken += [f"{module} -> {t}" for t in targets for f in forbidden if t == f or t.startswith(f + ".")]
+    assert not broken, "\n".join(sorted(broken))
