@@ -48,3 +48,11 @@ def tiny_config(tmp_path):
         return config_with(tiny_overrides(tmp_path / "runs", **extra))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def reference_runs(tmp_path_factory):
+    """Local-engine runs of tiny configs made once per session and shared (see helpers.ReferenceRuns)."""
+    from helpers import ReferenceRuns, shared_temp_dir
+
+    return ReferenceRuns(shared_temp_dir(tmp_path_factory, "reference-runs"))

@@ -1,0 +1,145 @@
+"""What tests need from a run, read from outside: metrics records, run directories, reference runs
+shared across tests, and the one module that reaches inside atoll for what a run directory does
+not hold (the registry of algorithms, the global and local test splits).
+
+The federation is being reshaped (one federation object, three drivers). Tests that compare
+engines or reproduce a run from its directory go through the CLI, ``start_run``, ``load_config``
+and the run directory; where they need an internal, they call a function here, so a reshaping
+adapts this file and nothing else.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# keys of a metrics.jsonl record that measure the machine running the test, not the run
+TIMING_KEYS = ("seconds", "wall_seconds")
+# what every engine writes for a round: the task metrics, traffic and who trained
+TASK_KEYS = ("round", "clients", "train", "global", "local", "bytes_up", "bytes_down")
+
+
+def read_records(run_dir: Path, drop: tuple[str, ...] = TIMING_KEYS) -> list[dict[str, Any]]:
+    """Every metrics.jsonl record of ``run_dir`` with the keys in ``drop`` removed."""
+    records = []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for key in drop:
+            record.pop(key, None)
+        records.append(record)
+    return records
+
+
+def task_view(record: dict[str, Any]) -> dict[str, Any]:
+    """The part of a record every engine must agree on (no engine-specific keys)."""
+    return {key: record[key] for key in TASK_KEYS if key in record}
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def assert_same_length(first: list, second: list, what: str = "lists") -> None:
+    """Compare lengths before a pairwise loop: a zip would silently drop the longer tail."""
+    assert len(first) == len(second), f"{what}: {len(first)} vs {len(second)} items"
+
+
+# -- the registry ------------------------------------------------------------------------------------
+
+
+def algorithm_names() -> list[str]:
+    """Every registered algorithm, sorted (read at collection time, so new ones are covered)."""
+    from atoll.algorithms import available
+
+    return sorted(available())
+
+
+def algorithm_class(name: str):
+    from atoll.algorithms import get_algorithm
+
+    return get_algorithm(name)
+
+
+# -- the data a run directory does not hold ------------------------------------------------------------
+
+
+@dataclass
+class Examples:
+    """Raw texts and their class ids (classification)."""
+
+    texts: list[str]
+    labels: list[int]
+    label_names: list[str]
+
+
+def _examples(config, pick) -> Examples:
+    from atoll.experiment import load_data
+
+    raw, spec, _, _, splits = load_data(config)
+    index = {name: i for i, name in enumerate(spec.label_names)}
+    rows = [int(i) for i in pick(splits)]
+    texts = [str(raw.columns[spec.text_column][i]) for i in rows]
+    labels = [index[str(raw.columns[spec.label_column][i])] for i in rows]
+    return Examples(texts, labels, list(spec.label_names))
+
+
+def global_test_examples(config) -> Examples:
+    """The run's global test split (the seeded split the run evaluated ``final_global`` on)."""
+    return _examples(config, lambda splits: splits.global_test)
+
+
+def local_test_examples(config, client_id: int) -> Examples:
+    """Client ``client_id``'s local test split."""
+    return _examples(config, lambda splits: splits.client_test[client_id])
+
+
+# -- reference runs shared across tests (and across xdist workers) ---------------------------------------
+
+
+def shared_temp_dir(tmp_path_factory, name: str) -> Path:
+    """A directory under this session's pytest temp root that every xdist worker sees."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    path = base / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class ReferenceRuns:
+    """Local-engine runs of tiny configs, each made once per test session and then shared.
+
+    ``get(**overrides)`` returns the run directory of ``tiny_overrides(**overrides)`` on the local
+    engine, running it the first time any worker asks (a file lock keeps two workers from running
+    the same config). Treat the directory as read-only: copy it before changing anything.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def get(self, **overrides) -> Path:
+        from atoll.config import config_with
+        from atoll.report.progress import Progress
+        from atoll.sim.prototype import start_run
+        from conftest import tiny_overrides
+
+        key = hashlib.sha256(json.dumps(sorted((k, str(v)) for k, v in overrides.items())).encode()).hexdigest()[:16]
+        path = self.root / key
+        with open(self.root / f"{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (path / "summary.json").is_file():
+                shutil.rmtree(path, ignore_errors=True)
+                values = {"run.plots": "false", **overrides, "run.dir": str(path)}
+                start_run(config_with(tiny_overrides(self.root / "roots", **values)), Progress())
+        return path
+
+    def copy(self, destination: Path, **overrides) -> Path:
+        """A private copy of the reference run of ``overrides`` at ``destination``."""
+        shutil.copytree(self.get(**overrides), destination)
+        return destination
