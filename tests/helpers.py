@@ -11,6 +11,7 @@ adapts this file and nothing else.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -78,10 +79,20 @@ class Examples:
     label_names: list[str]
 
 
-def _examples(config, pick) -> Examples:
+@functools.lru_cache(maxsize=8)
+def _data_of(config_yaml: str):
+    """(raw columns, task spec, splits) of a resolved config, loaded once per config."""
+    import yaml
+
+    from atoll.config import build_config
     from atoll.experiment import load_data
 
-    raw, spec, _, _, splits = load_data(config)
+    raw, spec, _, _, splits = load_data(build_config(yaml.safe_load(config_yaml)))
+    return raw, spec, splits
+
+
+def _examples(config, pick) -> Examples:
+    raw, spec, splits = _data_of(config.to_yaml())
     index = {name: i for i, name in enumerate(spec.label_names)}
     rows = [int(i) for i in pick(splits)]
     texts = [str(raw.columns[spec.text_column][i]) for i in rows]
@@ -143,3 +154,30 @@ class ReferenceRuns:
         """A private copy of the reference run of ``overrides`` at ``destination``."""
         shutil.copytree(self.get(**overrides), destination)
         return destination
+
+
+def mixes_ranks(name: str) -> bool:
+    """Whether the algorithm aggregates clients of different LoRA ranks (natively or by padding)."""
+    return algorithm_class(name).rank_support in ("native", "pad")
+
+
+def algorithm_case(name: str, model_dir: Path) -> dict[str, Any]:
+    """The per-algorithm run the engine comparisons and the run-directory tests share: 2 rounds,
+    3 of 4 clients sampled, final local evaluation, client 1 at rank 4 where ranks may mix, on a
+    plain Hugging Face model directory."""
+    case = {
+        "model.name": str(model_dir),
+        "algorithm.name": name,
+        "eval.local": "final",
+        "federation.rounds": 2,
+        "federation.sample_rate": 0.75,
+    }
+    if mixes_ranks(name):
+        case["model.lora.client_ranks"] = "{1: 4}"
+    case.update(CASE_PARAMS.get(name, {}))
+    return case
+
+
+# FedMomentum merges into the base only the components beyond rank r up to energy tau; with tau = 1
+# every component is kept, so the tiny run writes a base delta
+CASE_PARAMS = {"fedmomentum": {"algorithm.energy": 1.0}}
