@@ -181,3 +181,51 @@ def algorithm_case(name: str, model_dir: Path) -> dict[str, Any]:
 # FedMomentum merges into the base only the components beyond rank r up to energy tau; with tau = 1
 # every component is kept, so the tiny run writes a base delta
 CASE_PARAMS = {"fedmomentum": {"algorithm.energy": 1.0}}
+
+
+# -- what one round should produce, computed in process ---------------------------------------------------
+
+
+@dataclass
+class ClippedRound:
+    """Round 1 of a run under client- or server-side fixed clipping without noise, computed here:
+    each sampled client's update norm before clipping, and the adapters before and after."""
+
+    update_norms: list[float]
+    initial_adapter: Path
+    expected_adapter: Path
+
+
+def clipped_round_one(config, clip: float, directory: Path) -> ClippedRound:
+    """Train round 1's sampled clients from the global adapter as the engines do, clip each update
+    (all of its tensors as one vector) to norm ``clip``, average them with equal weights, and write
+    the initial and the resulting global adapter in PEFT format under ``directory``."""
+    import torch
+
+    from atoll.experiment import build
+    from atoll.fl.state import AdapterState
+
+    experiment = build(config)
+    try:
+        server = experiment.server
+        start = server.global_state.clone()
+        keys = [key for key in start.to_tensors() if not key.endswith(".s")]
+        origin = start.to_tensors()
+        total = {key: torch.zeros_like(origin[key], dtype=torch.float32) for key in keys}
+        norms = []
+        selected = server.sample(1, experiment.real_client_ids)
+        for client_id in selected:
+            uploaded = experiment.clients[client_id].run(1, server.configure(1, client_id)).state.to_tensors()
+            assert [key for key in uploaded if not key.endswith(".s")] == keys, "the update carries other tensors than the global adapter"
+            delta = {key: uploaded[key].float() - origin[key].float() for key in keys}
+            norm = float(torch.sqrt(sum((d**2).sum() for d in delta.values())))
+            norms.append(norm)
+            for key in keys:
+                total[key] += delta[key] * min(1.0, clip / norm) / len(selected)
+        result = {**origin, **{key: (origin[key].float() + total[key]).to(origin[key].dtype) for key in keys}}
+        initial, expected = directory / "initial", directory / "expected"
+        experiment.workbench.save_peft(start, initial)
+        experiment.workbench.save_peft(AdapterState.from_tensors(result), expected)
+        return ClippedRound(norms, initial, expected)
+    finally:
+        experiment.close()
