@@ -229,3 +229,50 @@ def clipped_round_one(config, clip: float, directory: Path) -> ClippedRound:
         return ClippedRound(norms, initial, expected)
     finally:
         experiment.close()
+
+
+# -- the math task's scoring chain ---------------------------------------------------------------------------
+
+
+@dataclass
+class MathTask:
+    spec: Any
+    tokenizer: Any
+    data: Any
+
+
+def math_task(rows: list[dict[str, str]], directory: Path, max_length: int = 128) -> MathTask:
+    """GSM8K-style rows {question, answer} as a local .jsonl source, read as the math task and
+    tokenized with tiny-llama's byte-level BPE (trained offline on the rows)."""
+    from atoll.config import DataConfig
+    from atoll.data.sources import load_source
+    from atoll.data.tasks import resolve_task, tokenize
+    from atoll.models.registry import load_tokenizer
+
+    path = directory / "math.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    raw = load_source(str(path))
+    spec = resolve_task(DataConfig(source=str(path), task="math", prompt_column="question", response_column="answer"), raw)
+    tokenizer = load_tokenizer("tiny-llama", lambda: spec.corpus(raw), directory)
+    return MathTask(spec, tokenizer, tokenize(spec, raw, tokenizer, max_length, directory, "all"))
+
+
+def evaluate_math(model, task: MathTask, batch_size: int, max_generate: int, max_new_tokens: int) -> dict[str, float]:
+    """The run's evaluation of ``model`` on every example of ``task`` (answer loss, then greedy
+    generation, answer extraction and exact match on the first ``max_generate``)."""
+    import numpy as np
+
+    from atoll.fl.trainer import evaluate_model
+
+    indices = np.arange(len(task.data))
+    return evaluate_model(
+        model,
+        task.spec,
+        task.data,
+        indices,
+        int(task.tokenizer.pad_token_id),
+        batch_size,
+        tokenizer=task.tokenizer,
+        max_generate=max_generate,
+        max_new_tokens=max_new_tokens,
+    )
