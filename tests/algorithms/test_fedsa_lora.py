@@ -26,7 +26,7 @@ def test_server_averages_A_and_never_holds_or_changes_any_B():
     server.aggregate(1, updates_for(states, SIZES))
     p = weights_of(SIZES)
     for name, f in server.global_state.lora.items():
-        assert torch.allclose(f.A, sum(w * s.lora[name].A for w, s in zip(p, states)), atol=1e-6)
+        assert torch.allclose(f.A, sum(w * s.lora[name].A for w, s in zip(p, states, strict=True)), atol=1e-6)
         assert f.B.numel() == 0
     assert all(f.B.numel() == 0 for f in server.configure(2, 0).lora.values())
     assert not any(key.endswith(".B") and t.numel() for key, t in server.state_dict().items())

@@ -391,7 +391,7 @@ def test_the_inlined_window_events_behave_exactly_like_their_handlers(tmp_path, 
     assert inline.event_log == handlers.event_log and inline.timeline == handlers.timeline
     assert (inline.events, inline.stale_events, inline.now) == (handlers.events, handlers.stale_events, handlers.now)
     assert inline.timeline_digest() == handlers.timeline_digest()
-    assert inline.records == [dict(r, wall_seconds=x["wall_seconds"]) for r, x in zip(handlers.records, inline.records)]
+    assert inline.records == [dict(r, wall_seconds=x["wall_seconds"]) for r, x in zip(handlers.records, inline.records, strict=True)]
     assert client_counters(inline) == client_counters(handlers) and inline.totals == handlers.totals
     assert sorted(inline.pool.items) == sorted(handlers.pool.items)
 
