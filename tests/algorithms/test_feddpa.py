@@ -63,7 +63,7 @@ def test_server_is_fedavg_of_the_global_adapters_in_any_order():
         server.aggregate(1, [Update(i, sizes[i], states[i]) for i in order])
         results.append(server.global_state)
     for name in ("q", "v"):
-        expected = sum(n / 100 * s.lora[name].B for n, s in zip(sizes, states))
+        expected = sum(n / 100 * s.lora[name].B for n, s in zip(sizes, states, strict=True))
         assert torch.allclose(results[0].lora[name].B, expected, atol=1e-6)
         for other in results[1:]:
             assert torch.allclose(other.lora[name].A, results[0].lora[name].A, atol=1e-6)

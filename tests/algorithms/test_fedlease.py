@@ -202,7 +202,7 @@ def test_server_state_round_trips_through_a_checkpoint():
     fresh, _ = make_server(4)
     fresh.load_state_dict(server.state_dict())
     assert fresh.clusters == server.clusters
-    for a, b in zip(fresh.experts, server.experts):
+    for a, b in zip(fresh.experts, server.experts, strict=True):
         assert a.to_tensors().keys() == b.to_tensors().keys()
         assert all(torch.equal(a.to_tensors()[k], b.to_tensors()[k]) for k in a.to_tensors())
     warm, sizes = make_server(4, warmup_rounds=2)

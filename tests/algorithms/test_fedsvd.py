@@ -63,12 +63,12 @@ def test_aggregation_is_exact_with_unequal_weights_and_A_comes_back_orthonormal(
     weights = weights_of()
     for name in MODULES:
         new = server.global_state.lora[name]
-        B_bar = sum(w * s.lora[name].B for w, s in zip(weights, states))
+        B_bar = sum(w * s.lora[name].B for w, s in zip(weights, states, strict=True))
         assert torch.allclose(new.B @ new.A, B_bar @ x.lora[name].A, atol=1e-5)
         assert torch.allclose(new.delta().double(), ideal_delta(states, name), atol=1e-5)  # = sum p_k s B_k A
         assert torch.allclose(new.A @ new.A.T, torch.eye(RANK), atol=1e-5)
         assert new.scale == x.lora[name].scale
-    head = sum(w * s.extra["head.weight"] for w, s in zip(weights, states))
+    head = sum(w * s.extra["head.weight"] for w, s in zip(weights, states, strict=True))
     assert torch.allclose(server.global_state.extra["head.weight"], head, atol=1e-6)
 
 

@@ -43,11 +43,11 @@ def test_B_and_head_are_example_weighted_means_and_aggregation_is_exact():
     server.aggregate(1, updates_for(states, SIZES))
     p = weights_of(SIZES)
     for name in A0:
-        expected_B = sum(w * s.lora[name].B for w, s in zip(p, states))
+        expected_B = sum(w * s.lora[name].B for w, s in zip(p, states, strict=True))
         assert torch.allclose(server.global_state.lora[name].B, expected_B, atol=1e-6)
-        ideal = sum(w * s.lora[name].delta() for w, s in zip(p, states))  # sum_k p_k s B_k A0
+        ideal = sum(w * s.lora[name].delta() for w, s in zip(p, states, strict=True))  # sum_k p_k s B_k A0
         assert torch.allclose(server.global_state.lora[name].delta(), ideal, atol=1e-5)
-    expected_head = sum(w * s.extra["head.weight"] for w, s in zip(p, states))
+    expected_head = sum(w * s.extra["head.weight"] for w, s in zip(p, states, strict=True))
     assert torch.allclose(server.global_state.extra["head.weight"], expected_head, atol=1e-6)
 
 

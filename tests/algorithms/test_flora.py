@@ -35,14 +35,16 @@ def test_merged_base_is_the_weighted_sum_of_scaled_products_with_unequal_ranks()
         states = [random_state(10 * round + i, rank=r) for i, r in enumerate(RANKS)]
         server.aggregate(round, updates_for(states, SIZES))
         for name in ("q", "v"):
-            ideal = sum(w * s.lora[name].scale * s.lora[name].B @ s.lora[name].A for w, s in zip(p, states))
+            ideal = sum(w * s.lora[name].scale * s.lora[name].B @ s.lora[name].A for w, s in zip(p, states, strict=True))
             merged[name] = merged.get(name, 0) + ideal
             # W0' - W0 = dW*, cumulative over rounds, alpha/r_k included
             assert torch.allclose(server.global_state.base[name], merged[name], atol=1e-5)
             assert torch.allclose(server.global_state.effective_delta(name), merged[name], atol=1e-5)
     assert {s.lora["q"].scale for s in states} == {16.0 / r for r in RANKS}
     # the head is averaged with the same weights
-    assert torch.allclose(server.global_state.extra["head.bias"], sum(w * s.extra["head.bias"] for w, s in zip(p, states)), atol=1e-6)
+    assert torch.allclose(
+        server.global_state.extra["head.bias"], sum(w * s.extra["head.bias"] for w, s in zip(p, states, strict=True)), atol=1e-6
+    )
 
 
 def test_ignoring_the_scale_would_fail():
@@ -50,7 +52,7 @@ def test_ignoring_the_scale_would_fail():
     server = make_server("flora", SIZES, RANKS)
     states = [random_state(i, rank=r) for i, r in enumerate(RANKS)]
     server.aggregate(1, updates_for(states, SIZES))
-    unscaled = sum(w * s.lora["q"].B @ s.lora["q"].A for w, s in zip(weights_of(SIZES), states))
+    unscaled = sum(w * s.lora["q"].B @ s.lora["q"].A for w, s in zip(weights_of(SIZES), states, strict=True))
     assert not torch.allclose(server.global_state.base["q"], unscaled, atol=1e-3)
 
 

@@ -76,8 +76,8 @@ def test_unequal_ranks_aggregate_padded_factors_with_norm_weights():
         weights = [n / sum(norms) for n in norms]
         assert sparsity_weights(updates, name, "norm") == pytest.approx(weights, rel=1e-5)
         s_g = scale_of(8)
-        expected_A = sum(w * to_global(s.lora[name], 8, s_g).A for w, s in zip(weights, states))
-        expected_B = sum(w * to_global(s.lora[name], 8, s_g).B for w, s in zip(weights, states))
+        expected_A = sum(w * to_global(s.lora[name], 8, s_g).A for w, s in zip(weights, states, strict=True))
+        expected_B = sum(w * to_global(s.lora[name], 8, s_g).B for w, s in zip(weights, states, strict=True))
         assert torch.allclose(server.global_state.lora[name].A, expected_A, atol=1e-6)
         assert torch.allclose(server.global_state.lora[name].B, expected_B, atol=1e-6)
         # rows 6 and 7 come from the rank-8 client alone (everyone else padded zeros there)

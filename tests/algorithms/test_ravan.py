@@ -61,7 +61,10 @@ def test_aggregation_is_exact_and_order_free():
     weights = [0.1, 0.3, 0.6]
     for m in SHAPES:
         B, A = server.bases(m)
-        ideal = sum(p * heads_sum(B, A, u.state.extra[f"{PREFIX}{m}.H"], u.state.extra[f"{PREFIX}{m}.s"]) for p, u in zip(weights, updates))
+        ideal = sum(
+            p * heads_sum(B, A, u.state.extra[f"{PREFIX}{m}.H"], u.state.extra[f"{PREFIX}{m}.s"])
+            for p, u in zip(weights, updates, strict=True)
+        )
         H_bar, s_bar = server.ravan.extra[f"{PREFIX}{m}.H"], server.ravan.extra[f"{PREFIX}{m}.s"]
         assert torch.equal(s_bar, torch.ones(3))
         assert torch.allclose(heads_sum(B, A, H_bar, s_bar), ideal, atol=1e-5)

@@ -46,11 +46,11 @@ def test_trained_factor_is_averaged_and_frozen_one_kept_bit_for_bit(round, train
     p = weights_of(SIZES)
     for name in before.lora:
         assert torch.equal(getattr(server.global_state.lora[name], frozen), getattr(before.lora[name], frozen))
-        expected = sum(w * getattr(s.lora[name], trained) for w, s in zip(p, states))
+        expected = sum(w * getattr(s.lora[name], trained) for w, s in zip(p, states, strict=True))
         assert torch.allclose(getattr(server.global_state.lora[name], trained), expected, atol=1e-6)
     # exact: s * mean(trained) x frozen = mean(s * B_k A_k) over the honest clients' products
     name = "v"
-    ideal = sum(w * s.lora[name].delta() for w, s in zip(p, states))
+    ideal = sum(w * s.lora[name].delta() for w, s in zip(p, states, strict=True))
     assert torch.allclose(server.global_state.lora[name].delta(), ideal, atol=1e-5)
 
 

@@ -107,7 +107,7 @@ def test_option_ii_divides_by_the_sum_of_scheduled_step_sizes():
 
 
 def server_round(server, states, deltas, ids):
-    ups = updates_for([with_control(s, CONTROL_DELTA, d) for s, d in zip(states, deltas)], [SIZES[i] for i in ids], ids=ids)
+    ups = updates_for([with_control(s, CONTROL_DELTA, d) for s, d in zip(states, deltas, strict=True)], [SIZES[i] for i in ids], ids=ids)
     server.aggregate(1, ups)
 
 
@@ -129,7 +129,7 @@ def test_server_steps_with_unequal_weights_partial_participation_and_any_order()
     for server in results:
         new = variate_tensors(server.global_state)
         for key in xs:
-            step = sum(w * (variate_tensors(s)[key] - xs[key]) for w, s in zip(weights, states))
+            step = sum(w * (variate_tensors(s)[key] - xs[key]) for w, s in zip(weights, states, strict=True))
             assert torch.allclose(new[key], xs[key] + 0.5 * step, atol=1e-5)
             # c moves by (1/N) sum dc = (|S|/N) * mean dc, N = 4 clients, |S| = 3
             assert torch.allclose(server.control[key], start_c[key] + sum(d[key] for d in deltas) / 4, atol=1e-6)

@@ -141,7 +141,7 @@ def test_algorithm_runs_unchanged_on_the_flower_engine(tmp_path, name):
     run_on_flower(flower_config, tmp_path / "flower")
     local, flower = task_records(tmp_path / "local"), task_records(tmp_path / "flower")
     assert len(flower) == len(local) == 3
-    for got, expected in zip(flower, local):
+    for got, expected in zip(flower, local, strict=True):
         assert_close(got, expected, f"{name} round {expected['round']}")
     assert (tmp_path / "flower" / "summary.json").is_file()
 
@@ -207,7 +207,7 @@ def test_mean_algorithms_under_secagg_and_inactive_dp_match_the_local_engine(tmp
         return
     local, flower = task_records(tmp_path / "local"), task_records(tmp_path / "flower")
     assert flower[1]["train"] == local[1]["train"]
-    for got, expected in zip(flower, local):
+    for got, expected in zip(flower, local, strict=True):
         if tolerance == TOLERANCE:
             assert_close(got, expected, f"{name} {privacy} round {expected['round']}")
         else:

@@ -352,7 +352,7 @@ def test_server_side_fixed_clipping_clips_each_update_before_the_algorithm_avera
     tensors, _ = split_state(server.global_state)
     messages = list(strategy.configure_train(1, tensors_to_arrays(tensors), ConfigRecord(), None))
     uploads = {0: start.map_tensors(lambda t: t + 3.0), 1: start.map_tensors(lambda t: t + 0.001)}
-    replies = [reply_with(m, uploads[c], c, n) for m, (c, n) in zip(messages, [(0, 30), (1, 10)])]
+    replies = [reply_with(m, uploads[c], c, n) for m, (c, n) in zip(messages, [(0, 30), (1, 10)], strict=True)]
     arrays, _ = strategy.aggregate_train(1, replies)
     adopt_aggregate(server, arrays)
 

@@ -1,7 +1,7 @@
 """Every registered algorithm runs in realistic mode (the registry is read when the tests are
 collected, so algorithms added later are covered) in all four paradigms: short synchronous and
 sequential runs, and short FedAsync and FedBuff runs or, when the algorithm declares
-``supports_async = False``, a refusal at config load. And a cancelled straggler's private state
+``asynchronous=False`` in its capabilities, a refusal when the config is resolved. And a cancelled straggler's private state
 rolls back on a real personalized algorithm."""
 
 from __future__ import annotations

@@ -185,7 +185,7 @@ def test_a_huge_sigma_is_clipped_at_three_standard_deviations(tmp_path):
             assert abs(unclipped - measured[c]) > 1e-8
         # and the spread is real: the slowest transfer takes over 1e6 times the fastest's
         assert (max(measured) - LATENCY) / (min(measured) - LATENCY) > 1e6
-    assert sim.records[1]["virtual_time"] == pytest.approx(max(d + 10.0 + u for d, u in zip(down, up)), abs=1e-9, rel=0)
+    assert sim.records[1]["virtual_time"] == pytest.approx(max(d + 10.0 + u for d, u in zip(down, up, strict=True)), abs=1e-9, rel=0)
 
 
 # ---------------------------------------------------------------------------------------------

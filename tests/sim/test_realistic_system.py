@@ -3,6 +3,7 @@ device tier and by memory budget, deterministic draws, the cost model's geometry
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -209,7 +210,7 @@ def test_daily_windows_repeat_with_jitter_and_skip_absent_days():
         assert end - start == pytest.approx(8 * 3600)
         clock = (start / 3600 + 12) % 24
         assert min(abs(clock - 22), abs(clock + 24 - 22)) <= 1.0 + 1e-9
-    assert all(a[1] <= b[0] for a, b in zip(windows, windows[1:]))
+    assert all(a[1] <= b[0] for a, b in pairwise(windows))
 
 
 def test_ranks_by_device_tier_reach_the_server_and_the_clients(tmp_path):
