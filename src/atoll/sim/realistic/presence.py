@@ -174,20 +174,6 @@ class AvailabilityProcess:
         heappush = heapq.heappush
         infinity = INF
 
-        def schedule(time: float, kind: int, index: int, token: int) -> None:
-            """EventQueue.push without its argument check (times here come from windows)."""
-            new = (time, next_sequence(), kind, index, token)
-            bucket = time // width
-            if bucket <= queue.front:
-                heappush(heap, new)
-            else:
-                waiting = buckets.get(bucket)
-                if waiting is None:
-                    buckets[bucket] = [new]
-                    heappush(keys, bucket)
-                else:
-                    waiting.append(new)
-
         def open_window(index: int, token: int, time: float) -> bool:
             client = clients[index]
             if token != client.window_id:
@@ -199,8 +185,18 @@ class AvailabilityProcess:
                 in_pool[index] = len(pool_items)
                 pool_items.append(index)
                 pool_mask[index] = 1
-            if close < infinity:
-                schedule(close, WINDOW_CLOSE, index, token)
+            if close < infinity:  # EventQueue.push, inlined (the hottest path of a long run)
+                new = (close, next_sequence(), WINDOW_CLOSE, index, token)
+                bucket = close // width
+                if bucket <= queue.front:
+                    heappush(heap, new)
+                else:
+                    waiting = buckets.get(bucket)
+                    if waiting is None:
+                        buckets[bucket] = [new]
+                        heappush(keys, bucket)
+                    else:
+                        waiting.append(new)
             return True
 
         def close_window(index: int, token: int, time: float) -> bool:
@@ -228,7 +224,19 @@ class AvailabilityProcess:
             if window is not None:
                 start, client.pending_end, client.window_cursor = window
                 client.window_id = window_id = token + 1
-                schedule(start if start > time else time, WINDOW_OPEN, index, window_id)
+                if start < time:
+                    start = time
+                new = (start, next_sequence(), WINDOW_OPEN, index, window_id)  # EventQueue.push, inlined
+                bucket = start // width
+                if bucket <= queue.front:
+                    heappush(heap, new)
+                else:
+                    waiting = buckets.get(bucket)
+                    if waiting is None:
+                        buckets[bucket] = [new]
+                        heappush(keys, bucket)
+                    else:
+                        waiting.append(new)
             return True
 
         return open_window, close_window
