@@ -94,3 +94,20 @@ def plain_bert(tmp_path_factory):
             tokenizer.save_pretrained(str(path))
             model.save_pretrained(str(path))
     return path
+
+
+@pytest.fixture
+def flower_isolation(monkeypatch):
+    """For Flower tests (``pytest.mark.usefixtures("flower_isolation")``): a task identity so Messages
+    can be built in this process, restored to unset afterwards, and no experiment left cached in the
+    in-process ClientApp before or after the test."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from helpers import forget_flower_client_experiments
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    forget_flower_client_experiments()
+    yield
+    forget_flower_client_experiments()
