@@ -17,9 +17,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("atoll-cache")
-    os.environ["ATOLL_CACHE"] = str(cache)
-    yield cache
+    """atoll's tokenizer and token caches under this session's temp root, shared by the xdist
+    workers (entries are written to a temporary name and renamed), restored afterwards."""
+    from helpers import shared_temp_dir
+
+    cache = shared_temp_dir(tmp_path_factory, "atoll-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ATOLL_CACHE", str(cache))
+        yield cache
 
 
 def tiny_overrides(root, **extra) -> list[str]:

@@ -332,3 +332,32 @@ def adapter_bytes(config, rank: int) -> int:
         return experiment.workbench.initial_state(rank).nbytes()
     finally:
         experiment.close()
+
+
+def client_split_sizes(config) -> list[tuple[int, int]]:
+    """(train, local test) example counts of every client, as the run splits them."""
+    _, _, splits = _data_of(config.to_yaml())
+    return [(len(train), len(test)) for train, test in zip(splits.client_train, splits.client_test, strict=True)]
+
+
+def client_learning_rate(config, client_id: int, round: int) -> float:
+    """The peak learning rate client ``client_id`` trains with in ``round``."""
+    from atoll.experiment import build
+
+    experiment = build(config)
+    try:
+        return float(experiment.clients[client_id].plan(round).lr)
+    finally:
+        experiment.close()
+
+
+def lora_scales(config) -> dict[int, float]:
+    """The LoRA scale of each client rank the run uses, as the live PEFT adapters hold it."""
+    from atoll.experiment import build
+
+    experiment = build(config)
+    try:
+        ranks = sorted({config.rank_of(c) for c in range(config.federation.clients)})
+        return {rank: next(iter(experiment.workbench.initial_state(rank).lora.values())).scale for rank in ranks}
+    finally:
+        experiment.close()

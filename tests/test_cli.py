@@ -225,3 +225,48 @@ def test_quiet_prints_one_log_line_per_round_and_no_library_noise(tmp_path, empt
     )
     assert "global accuracy" in lines[-1] and "global accuracy" not in lines[1]
     assert "global accuracy" in result.stdout and "Warning" not in result.stdout
+
+
+def test_config_of_a_file_prints_it_resolved_with_every_default(tmp_path):
+    import yaml
+
+    from atoll.config import load_config
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("federation:\n  clients: 7\nalgorithm:\n  name: hetlora\n  prune_lambda: 0.5\n")
+    result = invoke(["config", str(path)])
+    assert result.exit_code == 0, result.output
+    printed = yaml.safe_load(result.output)
+    assert printed == load_config(path).model_dump(mode="json")
+    assert printed["federation"]["clients"] == 7 and printed["algorithm"]["prune_lambda"] == 0.5
+    assert printed["train"]["lr"] == 1e-3 and printed["partition"]["min_examples"] == 4, "defaults are filled in"
+    path.write_text("federation:\n  clients: 0\n")
+    bad = invoke(["config", str(path)])
+    assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "federation.clients" in bad.output
+
+
+def test_flower_app_writes_an_app_flower_accepts_with_the_resolved_config(tmp_path):
+    """`atoll flower app CONFIG DIR`: a pyproject.toml that Flower's own validator accepts (its
+    components import), carrying the resolved config with engine flower and the run directory."""
+    import tomllib
+
+    import yaml
+    from flwr.cli.config_utils import load_and_validate
+
+    from atoll.config import load_config
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("federation:\n  clients: 3\n")
+    result = invoke(["flower", "app", str(path), str(tmp_path / "app"), "--set", "federation.rounds=2", "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    pyproject = tmp_path / "app" / "pyproject.toml"
+    load_and_validate(pyproject, check_module=True)
+    app_config = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+    embedded = [value for value in app_config.values() if isinstance(value, str) and "federation:" in value]
+    assert len(embedded) == 1
+    expected = load_config(path, ["federation.rounds=2", "engine=flower"]).model_dump(mode="json")
+    assert yaml.safe_load(embedded[0]) == expected
+    assert str(tmp_path / "run") in app_config.values()
+    assert "flwr run" in result.output
+    bad = invoke(["flower", "app", str(tmp_path / "missing.yaml"), str(tmp_path / "app2")])
+    assert bad.exit_code == 2 and "does not exist" in bad.output and not (tmp_path / "app2").exists()
