@@ -315,3 +315,17 @@ def test_daily_windows_of_all_clients_at_once_equal_the_one_client_path():
     for client in range(0, 300, 7):
         for day in range(-1, 6):
             assert batched.window_of_day(client, day) == single.window_of_day(client, day)
+
+
+def test_the_cost_model_is_the_documented_formulas():
+    """docs/realistic-mode.md: FLOPs = tokens (4 frozen + 6 trained parameters); tokens = steps x
+    grad_accum x min(batch_size, examples) x mean tokens per example; a transfer takes
+    bytes x 8 / (Mbit/s x 1e6) + latency."""
+    from atoll.sim.realistic.cost import ModelCost, local_tokens, training_seconds, transfer_seconds
+
+    cost = ModelCost(base_parameters=1_000, lora_parameters_per_rank=10, extra_parameters=5)
+    assert cost.flops_per_token(4) == 4 * 1_000 + 6 * (10 * 4 + 5)
+    assert local_tokens(steps=3, grad_accum=2, batch_size=16, examples=5, tokens_per_example=10.0) == 3 * 2 * 5 * 10
+    assert local_tokens(steps=3, grad_accum=2, batch_size=4, examples=50, tokens_per_example=10.0) == 3 * 2 * 4 * 10
+    assert training_seconds(tokens=300.0, flops_per_token=2_000.0, flops_per_second=1e6) == pytest.approx(0.6)
+    assert transfer_seconds(nbytes=1_000_000, mbps=8.0, latency_seconds=0.05) == pytest.approx(1.05)
