@@ -17,9 +17,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("atoll-cache")
-    os.environ["ATOLL_CACHE"] = str(cache)
-    yield cache
+    """atoll's tokenizer and token caches under this session's temp root, shared by the xdist
+    workers (entries are written to a temporary name and renamed), restored afterwards."""
+    from helpers import shared_temp_dir
+
+    cache = shared_temp_dir(tmp_path_factory, "atoll-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ATOLL_CACHE", str(cache))
+        yield cache
 
 
 def tiny_overrides(root, **extra) -> list[str]:
@@ -94,3 +99,20 @@ def plain_bert(tmp_path_factory):
             tokenizer.save_pretrained(str(path))
             model.save_pretrained(str(path))
     return path
+
+
+@pytest.fixture
+def flower_isolation(monkeypatch):
+    """For Flower tests (``pytest.mark.usefixtures("flower_isolation")``): a task identity so Messages
+    can be built in this process, restored to unset afterwards, and no experiment left cached in the
+    in-process ClientApp before or after the test."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from helpers import forget_flower_client_experiments
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    forget_flower_client_experiments()
+    yield
+    forget_flower_client_experiments()

@@ -276,3 +276,88 @@ def evaluate_math(model, task: MathTask, batch_size: int, max_generate: int, max
         max_generate=max_generate,
         max_new_tokens=max_new_tokens,
     )
+
+
+def forget_flower_client_experiments() -> None:
+    """Close and drop the experiment the in-process Flower ClientApp cached (as a fresh process has none)."""
+    from atoll.engines.flower import client
+
+    for experiment in client._EXPERIMENTS.values():
+        experiment.close()
+    client._EXPERIMENTS.clear()
+
+
+def aggregates_by_weighted_mean(name: str) -> bool:
+    """Whether the algorithm's aggregate is the example-weighted mean of the uploads (what SecAgg+
+    and central DP can stand in for)."""
+    from atoll.algorithms import spec_of
+
+    return spec_of(name).capabilities.weighted_mean
+
+
+# -- resume ------------------------------------------------------------------------------------------------
+
+
+def killed_copy(full_run: Path, stop_after: int, destination: Path) -> Path:
+    """What a run killed right after round ``stop_after``'s checkpoint leaves, made from a finished
+    run instead of running a second, interrupted one: the directory copied without the later
+    checkpoints and without the final outputs. Its metrics.jsonl keeps the later rounds, as after a
+    kill between a round's metrics and its checkpoint; resume must drop them."""
+    shutil.copytree(full_run, destination)
+    for checkpoint in (destination / "checkpoints").iterdir():
+        if int(checkpoint.name.split("-", 1)[1]) > stop_after:
+            shutil.rmtree(checkpoint)
+    for name in ("summary.json", "metrics.png", "label_distribution.png"):
+        (destination / name).unlink(missing_ok=True)
+    for name in ("adapter", "personal"):
+        shutil.rmtree(destination / name, ignore_errors=True)
+    assert [path.name for path in sorted((destination / "checkpoints").iterdir())][-1] == f"round-{stop_after:05d}"
+    return destination
+
+
+def resume(run_dir: Path) -> dict[str, Any]:
+    """Continue a killed run from its newest checkpoint (``atoll run --resume``); its summary."""
+    from atoll.report.progress import Progress
+    from atoll.dispatch import resume_run
+
+    return resume_run(run_dir, Progress())[1]
+
+
+def adapter_bytes(config, rank: int) -> int:
+    """Bytes of a full adapter of ``rank`` as a transfer counts them (the seeded initial one)."""
+    from atoll.experiment import build
+
+    experiment = build(config)
+    try:
+        return experiment.workbench.initial_state(rank).nbytes()
+    finally:
+        experiment.close()
+
+
+def client_split_sizes(config) -> list[tuple[int, int]]:
+    """(train, local test) example counts of every client, as the run splits them."""
+    _, _, splits = _data_of(config.to_yaml())
+    return [(len(train), len(test)) for train, test in zip(splits.client_train, splits.client_test, strict=True)]
+
+
+def client_learning_rate(config, client_id: int, round: int) -> float:
+    """The peak learning rate client ``client_id`` trains with in ``round``."""
+    from atoll.experiment import build
+
+    experiment = build(config)
+    try:
+        return float(experiment.clients[client_id].plan(round).lr)
+    finally:
+        experiment.close()
+
+
+def lora_scales(config) -> dict[int, float]:
+    """The LoRA scale of each client rank the run uses, as the live PEFT adapters hold it."""
+    from atoll.experiment import build
+
+    experiment = build(config)
+    try:
+        ranks = sorted({config.rank_of(c) for c in range(config.federation.clients)})
+        return {rank: next(iter(experiment.workbench.initial_state(rank).lora.values())).scale for rank in ranks}
+    finally:
+        experiment.close()

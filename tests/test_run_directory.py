@@ -12,6 +12,7 @@ give each client's local metrics back the same way. The base is a plain BERT dir
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,23 @@ def test_the_global_adapter_reproduces_final_global_with_transformers_and_peft_a
     delta = adapter / "base_delta.safetensors"
     assert delta.is_file() == (name in WRITES_BASE_DELTA), f"{name}: base_delta.safetensors written: {delta.is_file()}"
     config = load_config(run / "config.yaml")
+    model = PeftModel.from_pretrained(plain_base(plain_bert, delta if delta.is_file() else None), str(adapter))
+    metrics = plain_metrics(model, plain_bert, global_test_examples(config), config.model.max_length)
+    assert_reproduces(metrics, read_summary(run)["final_global"], name)
+
+
+@pytest.mark.parametrize("name", ["flexlora", "hetlora"])
+def test_rslora_with_mixed_ranks_reloads_to_final_global(reference_runs, plain_bert, name):
+    """rsLoRA scales a rank-r adapter by alpha/sqrt(r): with clients of ranks 8 and 4, what the run
+    saved and PEFT rescales on loading (use_rslora in adapter_config.json) still gives final_global."""
+    from peft import PeftModel
+
+    run = reference_runs.get(**{**algorithm_case(name, plain_bert), "model.lora.rslora": "true"})
+    adapter = run / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_rslora"] is True
+    delta = adapter / "base_delta.safetensors"
+    config = load_config(run / "config.yaml")
+    assert sorted({config.rank_of(c) for c in range(config.federation.clients)}) == [4, 8]
     model = PeftModel.from_pretrained(plain_base(plain_bert, delta if delta.is_file() else None), str(adapter))
     metrics = plain_metrics(model, plain_bert, global_test_examples(config), config.model.max_length)
     assert_reproduces(metrics, read_summary(run)["final_global"], name)

@@ -154,7 +154,12 @@ def test_end_to_end_run_with_unequal_ranks_finishes_with_finite_metrics(tmp_path
 
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
-    # partial participation: stacked downloads in round 1, dense ones later, across the cut
+    """Partial participation: fresh LoRA downloads in round 1, dense merged ones from round 2,
+    before the cut and across it."""
+
+    def downloads_turned_dense(records, config):
+        assert records[2]["bytes_down"] > 3 * records[1]["bytes_down"], "round 2's downloads carry no dense base delta"
+
     assert_resume_reproduces_the_uninterrupted_run(
         tmp_path,
         {
@@ -163,4 +168,5 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
             "federation.rounds": 4,
             "federation.sample_rate": 0.5,
         },
+        before_the_cut=downloads_turned_dense,
     )

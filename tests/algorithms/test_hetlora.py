@@ -175,14 +175,27 @@ def test_end_to_end_run_with_unequal_ranks_finishes_with_finite_metrics(tmp_path
 
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
-    # strong regulariser: clients prune before the cut, so the pruned ranks must survive it
-    assert_resume_reproduces_the_uninterrupted_run(
-        tmp_path,
-        {
-            "algorithm.name": "hetlora",
-            "algorithm.prune_lambda": 1.0,
-            "model.lora.rank_cycle": [4, 8],
-            "federation.rounds": 4,
-            "federation.sample_rate": 0.5,
-        },
-    )
+    """A strong regulariser: clients prune in round 3, before the cut after it; a pruned client
+    trains again in round 5, after the cut, at its pruned rank."""
+    from helpers import adapter_bytes
+
+    full: dict[int, int] = {}
+
+    def below_full_rank(record, config) -> bool:
+        if not full:
+            full.update({rank: adapter_bytes(config, rank) for rank in (4, 8)})
+        return record["bytes_up"] < sum(full[config.rank_of(c)] for c in record["clients"])
+
+    def clients_pruned(records, config):
+        assert any(below_full_rank(r, config) for r in records[1:]), "nothing was pruned before the cut"
+
+    overrides = {
+        "algorithm.name": "hetlora",
+        "algorithm.prune_lambda": 1.0,
+        "model.lora.rank_cycle": [4, 8],
+        "federation.rounds": 5,
+        "federation.sample_rate": 0.5,
+    }
+    records = assert_resume_reproduces_the_uninterrupted_run(tmp_path, overrides, stop_after=3, before_the_cut=clients_pruned)
+    config = config_with(tiny_overrides(tmp_path, **overrides))
+    assert below_full_rank(records[5], config), "after the cut, a pruned client uploads its pruned rank"

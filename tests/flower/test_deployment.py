@@ -34,7 +34,8 @@ from atoll.dispatch import start_run
 from conftest import tiny_overrides
 from helpers import assert_same_length, read_summary
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+# one federation for the module; with the simulation tests, one Flower runtime at a time on the machine
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600), pytest.mark.xdist_group("flower-runtime")]
 
 CLIENTS = 3
 FLOAT_TOLERANCE = 1e-6

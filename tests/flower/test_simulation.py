@@ -24,7 +24,8 @@ from atoll.config import load_config
 from conftest import tiny_overrides
 from helpers import assert_same_length, clipped_round_one, read_records, read_summary
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+# with the deployment tests, one Flower runtime at a time on the machine
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400), pytest.mark.xdist_group("flower-runtime")]
 
 SECAGG_TOLERANCE = 1e-4
 TOLERANCE = 1e-6

@@ -140,14 +140,19 @@ def test_config_level_mistakes_are_refused(tmp_path):
         check(config_with(realistic(tmp_path, good, **{"realistic.target_metric": "accuracy"})))
 
 
-def test_a_sync_only_algorithm_is_refused_in_an_async_paradigm_at_load(tmp_path):
+# algorithms whose math needs a whole synchronous round (their modules say why); the registry may
+# add more, but these must stay refused
+KNOWN_SYNC_ONLY = {"fedex-lora", "flexlora", "flora", "hetlora", "rolora", "scaffold", "fedmomentum", "ilora", "fedsvd"}
+
+
+def test_every_sync_only_algorithm_is_refused_in_an_async_paradigm_at_load(tmp_path):
     sync_only = [name for name, cls in algorithms.available().items() if not cls.capabilities.asynchronous]
-    if not sync_only:
-        pytest.skip("no registered algorithm declares asynchronous=False")
+    assert KNOWN_SYNC_ONLY <= set(sync_only), f"no longer declared synchronous-only: {KNOWN_SYNC_ONLY - set(sync_only)}"
     good = write(tmp_path, GOOD)
-    for paradigm in ("fedasync", "fedbuff"):
-        with pytest.raises(ConfigError, match=f"algorithm '{sync_only[0]}' cannot run asynchronously"):
-            check(config_with(realistic(tmp_path, good, **{"algorithm.name": sync_only[0], "realistic.paradigm": paradigm})))
+    for name in sync_only:
+        for paradigm in ("fedasync", "fedbuff"):
+            with pytest.raises(ConfigError, match=f"algorithm '{name}' cannot run asynchronously"):
+                check(config_with(realistic(tmp_path, good, **{"algorithm.name": name, "realistic.paradigm": paradigm})))
 
 
 def test_the_cli_refuses_a_bad_system_with_one_line_exit_2_and_nothing_written(tmp_path):
@@ -317,3 +322,17 @@ def test_daily_windows_of_all_clients_at_once_equal_the_one_client_path():
     for client in range(0, 300, 7):
         for day in range(-1, 6):
             assert batched.window_of_day(client, day) == single.window_of_day(client, day)
+
+
+def test_the_cost_model_is_the_documented_formulas():
+    """docs/realistic-mode.md: FLOPs = tokens (4 frozen + 6 trained parameters); tokens = steps x
+    grad_accum x min(batch_size, examples) x mean tokens per example; a transfer takes
+    bytes x 8 / (Mbit/s x 1e6) + latency."""
+    from atoll.sim.realistic.cost import ModelCost, local_tokens, training_seconds, transfer_seconds
+
+    cost = ModelCost(base_parameters=1_000, lora_parameters_per_rank=10, extra_parameters=5)
+    assert cost.flops_per_token(4) == 4 * 1_000 + 6 * (10 * 4 + 5)
+    assert local_tokens(steps=3, grad_accum=2, batch_size=16, examples=5, tokens_per_example=10.0) == 3 * 2 * 5 * 10
+    assert local_tokens(steps=3, grad_accum=2, batch_size=4, examples=50, tokens_per_example=10.0) == 3 * 2 * 4 * 10
+    assert training_seconds(tokens=300.0, flops_per_token=2_000.0, flops_per_second=1e6) == pytest.approx(0.6)
+    assert transfer_seconds(nbytes=1_000_000, mbps=8.0, latency_seconds=0.05) == pytest.approx(1.05)

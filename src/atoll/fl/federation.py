@@ -81,6 +81,10 @@ class Federation:
     def real_client_ids(self) -> list[int]:
         return self.experiment.real_client_ids
 
+    def close(self) -> None:
+        """Release the experiment (the client store's spill directory)."""
+        self.experiment.close()
+
     # -- server side: who, what, and what comes back ------------------------------------------------
     def sample(self, round: int, available: list[int]) -> list[int]:
         return self.server.sample(round, [int(c) for c in available])

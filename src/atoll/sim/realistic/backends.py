@@ -151,8 +151,10 @@ class DryBackend:
         self._width = dtype_bytes(config)
 
     def adapter_bytes(self, rank: int) -> int:
+        """Payload bytes of a rank-``rank`` adapter: LoRA factors in float32 (PEFT keeps adapters in
+        float32 on a bfloat16 base), other trained tensors (heads) in the model's dtype."""
         if rank not in self._bytes:
-            self._bytes[rank] = self._width * (self.geometry.lora_parameters_per_rank * rank + self.geometry.extra_parameters)
+            self._bytes[rank] = 4 * self.geometry.lora_parameters_per_rank * rank + self._width * self.geometry.extra_parameters
         return self._bytes[rank]
 
     def flops_per_token(self, rank: int) -> float:
