@@ -247,10 +247,10 @@ def test_config_of_a_file_prints_it_resolved_with_every_default(tmp_path):
 
 def test_flower_app_writes_an_app_flower_accepts_with_the_resolved_config(tmp_path):
     """`atoll flower app CONFIG DIR`: a pyproject.toml that Flower's own validator accepts (its
-    components import), carrying the resolved config with engine flower and the run directory."""
+    components import), carrying the resolved run (config with engine flower, client ranks) and the run directory."""
+    import json
     import tomllib
 
-    import yaml
     from flwr.cli.config_utils import load_and_validate
 
     from atoll.config import load_config
@@ -262,10 +262,11 @@ def test_flower_app_writes_an_app_flower_accepts_with_the_resolved_config(tmp_pa
     pyproject = tmp_path / "app" / "pyproject.toml"
     load_and_validate(pyproject, check_module=True)
     app_config = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
-    embedded = [value for value in app_config.values() if isinstance(value, str) and "federation:" in value]
-    assert len(embedded) == 1
+    embedded = [value for value in app_config.values() if isinstance(value, str) and '"config"' in value]
+    assert len(embedded) == 1  # the resolved run (resolved.json's text), handed as it is to the ServerApp and ClientApps
     expected = load_config(path, ["federation.rounds=2", "engine=flower"]).model_dump(mode="json")
-    assert yaml.safe_load(embedded[0]) == expected
+    resolved = json.loads(embedded[0])
+    assert resolved["config"] == expected and resolved["client_ranks"] == 8
     assert str(tmp_path / "run") in app_config.values()
     assert "flwr run" in result.output
     bad = invoke(["flower", "app", str(tmp_path / "missing.yaml"), str(tmp_path / "app2")])
