@@ -13,7 +13,6 @@ pytest.importorskip("flwr")
 
 from atoll.config import config_with  # noqa: E402
 from atoll.dispatch import start_run  # noqa: E402
-from atoll.engines.flower import client as flower_client  # noqa: E402
 from atoll.errors import ConfigError  # noqa: E402
 from atoll.fl import stages as stage_registry  # noqa: E402
 from atoll.fl.stages import ClientBehaviour, Stage  # noqa: E402
@@ -108,11 +107,10 @@ def test_the_event_simulation_calls_every_stage(tmp_path, registered):
     assert_seam_ran(run_dir.path, 2)
 
 
+@pytest.mark.usefixtures("flower_isolation")
 def test_flower_calls_every_stage_on_both_sides(tmp_path, registered):
     config = config_with(tiny_overrides(tmp_path, **SETTINGS, **{"engine": "flower"}))
-    flower_client._EXPERIMENTS.clear()
     run_on_flower(config, tmp_path / "flower")
-    flower_client._EXPERIMENTS.clear()
     assert_seam_ran(tmp_path / "flower", 2)
 
 
