@@ -35,8 +35,9 @@ data: $(SHAKESPEARE)
 demo: setup
 	$(OFFLINE_ENV) $(BIN)/atoll run
 
+# both cores (pytest-xdist); tests that start Flower runtimes share one worker (xdist_group "flower-runtime")
 test: setup
-	$(OFFLINE_ENV) $(BIN)/python -m pytest -q
+	$(OFFLINE_ENV) $(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 # house rules (CI runs this before the tests): ruff lint and format, configured in pyproject.toml
 lint: setup

@@ -55,7 +55,7 @@ def test_roles_are_natural_clients_holding_their_own_lines():
     counts = collections.Counter(raw.columns["role"])
     assert len(counts) == 47 and min(counts.values()) >= shakespeare.MIN_LINES
     assert {role.split("/")[0] for role in counts} == set(shakespeare.BENCHMARK_PLAYS)
-    hamlet = [line for role, line in zip(raw.columns["role"], raw.columns["line"]) if role == "hamlet/HAM"]
+    hamlet = [line for role, line in zip(raw.columns["role"], raw.columns["line"], strict=True) if role == "hamlet/HAM"]
     assert "To be, or not to be,--that is the question:--" in hamlet
     assert raw.task == "completion" and raw.defaults == {"prompt_column": "cue", "response_column": "line"}
     # each cue is the line spoken just before (or empty at a scene start), ending in a newline
@@ -78,7 +78,7 @@ def test_natural_partition_gives_every_role_its_own_lines(tmp_path):
     fake = Tokenized(np.zeros(n, np.int32), np.arange(n + 1), np.full(n, -1), np.zeros(n, np.int32))
     splits = make_splits(config, fake, raw, spec)
     roles = np.array(raw.columns["role"])
-    owners = [set(roles[np.concatenate([train, test])]) for train, test in zip(splits.client_train, splits.client_test)]
+    owners = [set(roles[np.concatenate([train, test])]) for train, test in zip(splits.client_train, splits.client_test, strict=True)]
     assert all(len(owner) == 1 for owner in owners)  # one role per client
     assert len({next(iter(o)) for o in owners}) == 47  # every role is a client
     assert all(len(test) > 0 for test in splits.client_test)  # each role has held-out lines
