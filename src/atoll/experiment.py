@@ -25,7 +25,14 @@ from atoll.fl.base import BaseClient, BaseServer, ClientContext, ServerContext, 
 from atoll.fl.state import AdapterState
 from atoll.fl.store import ClientStore
 from atoll.fl.workbench import Workbench
-from atoll.models.registry import check_model_for_task, check_model_name, load_base_model, load_tokenizer, target_modules
+from atoll.models.registry import (
+    check_model_for_task,
+    check_model_name,
+    check_trainable_modules,
+    load_base_model,
+    load_tokenizer,
+    target_modules,
+)
 from atoll.resolve import ResolvedRun, resolve
 from atoll.seeding import numpy_rng
 
@@ -111,8 +118,8 @@ def make_splits(config: Config, data: Tokenized, raw: RawData, spec: TaskSpec) -
     test_count = int(test_size) if test_size >= 1 else int(round(test_size * n))
     if test_count < 1 or test_count >= n:
         raise DataError(
-            f"data.test_size={test_size} leaves {n - test_count} of {n} examples for training",
-            "use a fraction in (0, 1) or a smaller count",
+            f"data.test_size={test_size:g} leaves {max(n - test_count, 0)} of the {n} examples for training",
+            f"use a fraction in (0, 1) or a count below {n}",
         )
     order = numpy_rng(config.seed, "global-test").permutation(n)
     global_test = np.sort(order[:test_count])
@@ -154,6 +161,7 @@ def build(config: Config | ResolvedRun, store_dir: Path | None = None) -> Experi
         config.model.name, spec.is_generative, spec.num_labels, tokenizer, config.model.dtype, config.seed, config.model.random_init
     )
     targets = target_modules(model, config.model.lora.target_modules)
+    check_trainable_modules(model, config.model.lora.trainable_modules)
     workbench = Workbench(
         model,
         tokenizer,
