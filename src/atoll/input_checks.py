@@ -1,0 +1,183 @@
+"""The resolve step's checks of what a config asks for, beyond types and bounds (no torch).
+
+- **Keys that would do nothing.** A key set away from its default while the switch that makes it
+  matter is off (``realistic.*`` without ``mode: realistic``, ``flower.*`` without ``engine:
+  flower``, FedBuff settings under another paradigm, ...) is an error, not silently ignored.
+  :data:`INERT_RULES` lists them; a new section adds its own rule there.
+- **The model.** The name resolves offline, and ``model.max_length`` fits its positions.
+- **The realistic target.** ``realistic.target_metric`` is a metric the task reports, and a
+  fraction metric's ``target_value`` lies in [0, 1].
+- **The run directory.** It can be created where the config puts it.
+
+Each problem is one ConfigError (or ModelError) line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+from atoll.config import FRACTION_METRICS, TASK_METRICS, Config
+from atoll.data.sources import BUILTIN_SOURCES, local_file
+from atoll.errors import ConfigError, ModelError
+from atoll.models import locate
+
+
+@dataclass(frozen=True)
+class InertRule:
+    """``key`` (a dotted key or section) takes effect only when ``applies(config)``. The message
+    says the key has no effect ``unless`` (e.g. 'without mode: realistic') and offers ``fix``
+    (e.g. 'set mode: realistic'). Keys under ``key`` named in ``switches`` are exempt: they are
+    the switch."""
+
+    key: str
+    applies: Callable[[Config], bool]
+    unless: str
+    fix: str
+    switches: tuple[str, ...] = ()
+
+
+def _asynchronous(config: Config) -> bool:
+    return config.realistic.paradigm in ("fedasync", "fedbuff")
+
+
+def _rule(key: str, applies: Callable[[Config], bool], needs: str, switches: tuple[str, ...] = ()) -> InertRule:
+    """The common rule: ``key`` needs the setting ``needs``."""
+    return InertRule(key, applies, f"without {needs}", f"set {needs}", switches)
+
+
+INERT_RULES: list[InertRule] = [
+    _rule("system", lambda c: c.mode == "realistic", "mode: realistic"),
+    _rule("realistic", lambda c: c.mode == "realistic", "mode: realistic"),
+    _rule("realistic.sync", lambda c: c.realistic.paradigm == "sync", "realistic.paradigm: sync"),
+    _rule("realistic.fedasync", lambda c: c.realistic.paradigm == "fedasync", "realistic.paradigm: fedasync"),
+    _rule("realistic.fedbuff", lambda c: c.realistic.paradigm == "fedbuff", "realistic.paradigm: fedbuff"),
+    _rule("realistic.staleness", _asynchronous, "realistic.paradigm: fedasync or fedbuff"),
+    _rule("realistic.concurrency", _asynchronous, "realistic.paradigm: fedasync or fedbuff"),
+    _rule("flower", lambda c: c.engine == "flower", "engine: flower"),
+    _rule("flower.secagg", lambda c: c.flower.secagg.enabled, "flower.secagg.enabled: true", ("enabled",)),
+    _rule("flower.dp", lambda c: c.flower.dp.mode != "none", "a flower.dp.mode other than none", ("mode",)),
+    _rule("flower.superlink", lambda c: c.flower.mode == "deployment", "flower.mode: deployment"),
+    _rule("flower.root_certificates", lambda c: c.flower.mode == "deployment", "flower.mode: deployment"),
+    _rule("flower.insecure", lambda c: c.flower.mode == "deployment", "flower.mode: deployment"),
+    _rule("flower.actors", lambda c: c.flower.mode == "simulation", "flower.mode: simulation"),
+    _rule("partition.alpha", lambda c: c.partition.name in ("dirichlet", "quantity"), "partition.name: dirichlet or quantity"),
+    _rule("partition.shards_per_client", lambda c: c.partition.name == "shards", "partition.name: shards"),
+    _rule("partition.column", lambda c: c.partition.name == "natural", "partition.name: natural"),
+    InertRule(
+        "train.local_epochs",
+        lambda c: c.train.local_steps is None,
+        "while train.local_steps is set (it takes precedence)",
+        "set train.local_steps: null to train by epochs",
+    ),
+    InertRule(
+        "run.keep_checkpoints", lambda c: c.mode != "realistic", "in realistic mode (it keeps no checkpoints)", "use mode: prototype"
+    ),
+]
+
+_DEFAULTS = Config()
+
+
+def _value_at(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        tree = getattr(tree, part)
+    return tree
+
+
+def _first_difference(value: Any, default: Any, key: str, switches: tuple[str, ...]) -> tuple[str, Any] | None:
+    """The first leaf key under ``key`` whose value differs from the default (None when all agree)."""
+    if isinstance(value, BaseModel) and isinstance(default, BaseModel):
+        for name in type(value).model_fields:
+            if name in switches:
+                continue
+            found = _first_difference(getattr(value, name), getattr(default, name), f"{key}.{name}", ())
+            if found:
+                return found
+        return None
+    return None if value == default else (key, value)
+
+
+def check_inert_keys(config: Config) -> None:
+    """Refuse a key set away from its default where it has no effect (see :data:`INERT_RULES`)."""
+    for rule in INERT_RULES:
+        if rule.applies(config):
+            continue
+        found = _first_difference(_value_at(config, rule.key), _value_at(_DEFAULTS, rule.key), rule.key, rule.switches)
+        if found:
+            key, value = found
+            shown = (
+                "null"
+                if value is None
+                else str(value).lower()
+                if isinstance(value, bool)
+                else f"{value:g}"
+                if isinstance(value, float)
+                else value
+            )
+            raise ConfigError(f"{key}={shown} has no effect {rule.unless}", f"{rule.fix}, or remove {key}")
+
+
+def natural_task(config: Config) -> str | None:
+    """The task a config will run when that is known without reading data (None: a local file or
+    hub dataset with data.task auto)."""
+    if config.data.task != "auto":
+        return config.data.task
+    source = BUILTIN_SOURCES.get(config.data.source)
+    return source.task if source else None
+
+
+def check_model(config: Config) -> None:
+    """``model.name`` resolves offline, is a causal LM for generative tasks, and has at least
+    ``model.max_length`` positions."""
+    name = config.model.name
+    locate.check_model_name(name)
+    task = natural_task(config)
+    if task is not None and task != "classification" and locate.model_family(name) == "encoder":
+        raise ModelError(
+            f"model '{name}' is an encoder and cannot generate text (data.task {task})",
+            "use a causal LM such as atoll-edge or tiny-llama for sft, math and completion tasks",
+        )
+    limit = locate.position_limit(name)
+    if limit is not None and config.model.max_length > limit:
+        raise ConfigError(
+            f"model.max_length={config.model.max_length} exceeds the {limit} positions of model '{name}'",
+            f"set model.max_length <= {limit}",
+        )
+
+
+def check_target(config: Config) -> None:
+    """``realistic.target_metric`` names a metric the run reports; fractions are reachable."""
+    metric, value = config.realistic.target_metric, config.realistic.target_value
+    if metric is None:
+        return
+    if config.realistic.dry_run:
+        raise ConfigError(
+            "realistic.target_metric: a dry run trains and evaluates nothing, so no target is ever reached", "remove the target"
+        )
+    task = natural_task(config)
+    known = TASK_METRICS[task] if task else sorted({m for names in TASK_METRICS.values() for m in names})
+    if metric not in known:
+        where = f"the {task} task" if task else "any task"
+        raise ConfigError(f"realistic.target_metric '{metric}' is not a metric of {where}", f"use one of: {', '.join(known)}")
+    if metric in FRACTION_METRICS and value is not None and not 0 <= value <= 1:
+        raise ConfigError(
+            f"realistic.target_value={value} can never be reached: {metric} is a fraction in [0, 1]",
+            f"write it as a fraction, e.g. {value / 100:g}" if 1 < value <= 100 else "set a value in [0, 1]",
+        )
+
+
+def check_run_location(config: Config) -> None:
+    """The run directory can be created where ``run.dir`` / ``run.root`` put it."""
+    from atoll.report.rundir import RunDir
+
+    what = "run directory" if config.run.dir else "run directory under run.root"
+    RunDir.check_location(RunDir.choose_path(config), what)
+
+
+def check_source(config: Config) -> None:
+    """``data.source`` names a built-in, an existing local file of a known format, or a hub
+    dataset while the hub is reachable (its contents are checked when it is read)."""
+    if not config.realistic.dry_run:  # a dry run reads no data
+        local_file(config.data.source)
