@@ -1,0 +1,182 @@
+"""Bad input through the real command line: exit code 2, one line naming the problem and the fix,
+no traceback, nothing written, and for config errors no torch imported. A diverging run stops
+with exit 2 instead of finishing quietly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from atoll.cli import app
+from conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = "model: {name: tiny-bert, max_length: 32}\ndata: {source: synthetic-cls, max_examples: 300}\nfederation: {clients: 3, rounds: 1}\n"
+
+# the real `atoll` entry point in a fresh process; afterwards it reports which heavy modules it imported
+ENTRY = (
+    "import runpy, sys\n"
+    "sys.argv = ['atoll', *sys.argv[1:]]\n"
+    "try:\n"
+    "    runpy.run_module('atoll', run_name='__main__')\n"
+    "except SystemExit as exit:\n"
+    "    code = exit.code\n"
+    "print('imported:', [m for m in ('torch', 'transformers', 'numpy') if m in sys.modules])\n"
+    "sys.exit(code)\n"
+)
+
+CASES = {
+    "latin-1 config": ({"c.yaml": ("name: caf\xe9\n" + TINY).encode("latin-1")}, [], "'c.yaml' is not UTF-8: byte 0xe9 at line 1"),
+    "yaml 1.1 boolean": (
+        {"c.yaml": TINY.replace("clients: 3", "clients: true")},
+        [],
+        "federation.clients: expected an integer, got the boolean true",
+    ),
+    "key given twice": ({"c.yaml": TINY + "federation: {rounds: 3}\n"}, [], "key 'federation' is given twice (first at line 3)"),
+    "realistic without mode": (
+        {"c.yaml": TINY},
+        ["realistic.paradigm=fedasync"],
+        "realistic.paradigm=fedasync has no effect without mode: realistic",
+    ),
+    "unwritable run root": ({"c.yaml": TINY}, ["run.root=/proc/atoll-runs"], "is not writable"),
+    "name escaping the root": ({"c.yaml": TINY}, ["name=../../escaped"], "name: must be a plain name"),
+    "max_length over positions": ({"c.yaml": TINY}, ["model.max_length=4096"], "exceeds the 512 positions of model 'tiny-bert'"),
+    "missing data file": ({"c.yaml": TINY}, ["data.source=gone.csv"], "data file 'gone.csv' does not exist"),
+}
+
+
+def run_cli(tmp_path: Path, files: dict, overrides: list[str]) -> subprocess.CompletedProcess:
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    args = ["run", "--quiet", "c.yaml"] + [item for override in overrides for item in ("--set", override)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", ENTRY, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_config_error_is_one_line_exit_2_before_torch_and_writes_nothing(tmp_path, case):
+    files, overrides, fragment = CASES[case]
+    result = run_cli(tmp_path, files, overrides)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("atoll: ") and fragment in result.stderr, result.stderr
+    assert result.stdout.strip() == "imported: []", result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files), "nothing written"
+    assert not (tmp_path.parent / "escaped").exists()
+
+
+runner = CliRunner()
+
+
+def invoke(config: Path, overrides: list[str]):
+    return runner.invoke(app, ["run", "--quiet", str(config)] + [item for override in overrides for item in ("--set", override)])
+
+
+@pytest.fixture
+def empty_config(tmp_path) -> Path:
+    path = tmp_path / "defaults.yaml"
+    path.write_text("{}\n")
+    return path
+
+
+def one_clean_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def test_a_bad_csv_row_is_refused_before_any_run_directory(tmp_path, empty_config):
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "a goal,sports\nrain,weather\n" * 30 + "hello, world,sports\n")
+    result = invoke(empty_config, tiny_overrides(tmp_path / "runs", **{"data.source": str(data), "data.max_examples": "null"}))
+    assert "line 62 has 3 fields but the header has 2" in one_clean_line(result)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_trainable_module_the_model_lacks_is_refused_before_any_run_directory(tmp_path, empty_config):
+    result = invoke(empty_config, tiny_overrides(tmp_path / "runs", **{"model.lora.trainable_modules": "[embed_tokenz]"}))
+    line = one_clean_line(result)
+    assert "model.lora.trainable_modules names ['embed_tokenz'], which match no module of this model" in line
+    assert "word_embeddings" in line and "classifier" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_trainable_module_names_follow_peft():
+    """A module name or a dotted suffix of one is accepted (PEFT's modules_to_save match), a
+    fragment of a name is not."""
+    import torch
+
+    from atoll.errors import ModelError
+    from atoll.models.registry import check_trainable_modules
+
+    model = torch.nn.Module()
+    model.embeddings = torch.nn.Module()
+    model.embeddings.word_embeddings = torch.nn.Embedding(4, 2)
+    model.embeddings.LayerNorm = torch.nn.LayerNorm(2)
+    model.classifier = torch.nn.Linear(2, 3)
+    check_trainable_modules(model, ["classifier", "word_embeddings", "embeddings.LayerNorm", "embeddings"])
+    with pytest.raises(
+        ModelError, match=r"names \['beddings'\], which match no module.*choose from: LayerNorm, classifier, word_embeddings"
+    ):
+        check_trainable_modules(model, ["beddings"])
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--engine", "flower"], "--engine cannot be combined with --resume"),
+        (["--dry-run"], "--dry-run cannot be combined with --resume"),
+        (["--set", "federation.rounds=9"], "--set cannot be combined with --resume"),
+    ],
+)
+def test_resume_refuses_what_it_would_ignore(tmp_path, args, fragment):
+    assert fragment in one_clean_line(runner.invoke(app, ["run", "--resume", str(tmp_path), *args]))
+
+
+def test_resuming_a_run_whose_config_was_damaged_names_the_file(tmp_path):
+    (tmp_path / "config.yaml").write_text("federation: {clients: 0}\n")
+    line = one_clean_line(runner.invoke(app, ["run", "--resume", str(tmp_path)]))
+    assert f"the run's {tmp_path / 'config.yaml'} is not a valid config: federation.clients" in line
+    assert "does not exist" in one_clean_line(runner.invoke(app, ["run", "--resume", str(tmp_path / "gone")]))
+
+
+def test_a_diverging_run_stops_with_exit_2_and_keeps_its_metrics(tmp_path, empty_config):
+    run_dir = tmp_path / "diverged"
+    overrides = tiny_overrides(
+        tmp_path / "runs",
+        **{"train.lr": 50, "train.max_grad_norm": "null", "federation.rounds": 4, "run.dir": str(run_dir), "run.plots": "false"},
+    )
+    result = invoke(empty_config, overrides)
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("atoll: run diverged: train loss at round 1 is") and "times round 0's global loss" in last, last
+    assert "lower train.lr" in last
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1], "stopped at the round that diverged"
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_the_divergence_watch_by_hand():
+    """Reference: round 0's global loss, else the first train loss; 100 times it stops the run."""
+    from atoll.errors import DivergenceError
+    from atoll.report.divergence import DivergenceWatch
+
+    watch = DivergenceWatch([{"round": 0, "global": {"loss": 1.1}}])
+    watch.observe({"round": 1, "train": {"loss": 109.0, "examples": 8.0}}, "here")
+    with pytest.raises(DivergenceError, match="train loss at round 2 is 111, 101 times round 0's global loss 1.1"):
+        watch.observe({"round": 2, "train": {"loss": 111.0, "examples": 8.0}}, "here")
+    near_zero = DivergenceWatch()
+    near_zero.observe({"round": 1, "train": {"loss": 0.001, "examples": 8.0}}, "here")
+    near_zero.observe({"round": 2, "train": {"loss": 5.0, "examples": 8.0}}, "here")  # 100 x the floor 0.1 is 10
+    with pytest.raises(DivergenceError, match="global loss at round 3 is 11"):
+        near_zero.observe({"round": 3, "global": {"loss": 11.0}}, "here")
+    with pytest.raises(DivergenceError, match="not finite"):
+        DivergenceWatch().observe({"round": 1, "train": {"loss": float("nan"), "examples": 8.0}}, "here")
+    DivergenceWatch().observe({"round": 1, "train": {"loss": 0.0, "examples": 0.0}}, "here")  # nobody trained: no reference
