@@ -162,15 +162,16 @@ def mixes_ranks(name: str) -> bool:
 
 
 def algorithm_case(name: str, model_dir: Path) -> dict[str, Any]:
-    """The per-algorithm run the engine comparisons and the run-directory tests share: 2 rounds,
-    3 of 4 clients sampled, final local evaluation, client 1 at rank 4 where ranks may mix, on a
-    plain Hugging Face model directory."""
+    """The per-algorithm run the engine comparisons and the run-directory tests share: 2 rounds of
+    2 local steps, 3 of 4 clients sampled, final local evaluation, client 1 at rank 4 where ranks
+    may mix, on a plain Hugging Face model directory."""
     case = {
         "model.name": str(model_dir),
         "algorithm.name": name,
         "eval.local": "final",
         "federation.rounds": 2,
         "federation.sample_rate": 0.75,
+        "train.local_steps": 2,
     }
     if mixes_ranks(name):
         case["model.lora.client_ranks"] = "{1: 4}"
