@@ -1,11 +1,12 @@
-"""What tests need from a run, read from outside: metrics records, run directories, reference runs
-shared across tests, and the one module that reaches inside atoll for what a run directory does
-not hold (the registry of algorithms, the global and local test splits).
+"""What tests need beyond the public entry points, in one place.
 
 The federation is being reshaped (one federation object, three drivers). Tests that compare
 engines or reproduce a run from its directory go through the CLI, ``start_run``, ``load_config``
-and the run directory; where they need an internal, they call a function here, so a reshaping
-adapts this file and nothing else.
+and the run directory; where they need an internal (the algorithm registry and its declared
+capabilities, the seeded test splits, a client's learning rate, the adapter a round should produce,
+the Flower ClientApp's process cache, the math task's evaluation), they call a function here, so a
+reshaping adapts this file and nothing else. Also here: reading run directories, reference runs
+shared across tests and xdist workers, and killed-run copies for resume tests.
 """
 
 from __future__ import annotations

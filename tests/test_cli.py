@@ -190,7 +190,16 @@ def test_an_interrupted_realistic_run_says_it_cannot_be_resumed(tmp_path):
         f"run.dir={tmp_path / 'run'}",
     ):
         command += ["--set", item]
-    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # an xdist worker ignores SIGINT and a child would inherit that (Python keeps an ignored SIGINT
+    # ignored): the child gets the default disposition, as from a terminal
+    process = subprocess.Popen(
+        command,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     seen = []
     for line in process.stderr:  # blocks until the loop logs a round (or the process ends)
         seen.append(line)
