@@ -355,7 +355,7 @@ def test_a_writable_run_root_is_checked_without_writing(tmp_path):
     [
         (
             ["realistic.target_metric=acuracy", "realistic.target_value=0.9"],
-            "realistic.target_metric 'acuracy' is not a metric of the classification task (use one of: accuracy, macro_f1, loss)",
+            "realistic.target_metric 'acuracy' is not a metric of the classification task; did you mean 'accuracy'? (use one of: accuracy, macro_f1, loss)",
         ),
         (
             ["realistic.target_metric=accuracy", "realistic.target_value=80"],

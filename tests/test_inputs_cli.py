@@ -31,6 +31,10 @@ ENTRY = (
     "sys.exit(code)\n"
 )
 
+SYSTEM = ROOT / "configs" / "sys" / "homogeneous-lab.yaml"
+CSV = "text,label\n" + "a goal,sports\nrain,weather\n" * 30  # the header is line 1, row k is line k + 1
+JSONL = "".join(json.dumps({"text": text, "label": label}) + "\n" for text, label in [("a goal", "sports"), ("rain", "weather")] * 30)
+
 CASES = {
     "latin-1 config": ({"c.yaml": ("name: caf\xe9\n" + TINY).encode("latin-1")}, [], "'c.yaml' is not UTF-8: byte 0xe9 at line 1"),
     "yaml 1.1 boolean": (
@@ -48,6 +52,33 @@ CASES = {
     "name escaping the root": ({"c.yaml": TINY}, ["name=../../escaped"], "name: must be a plain name"),
     "max_length over positions": ({"c.yaml": TINY}, ["model.max_length=4096"], "exceeds the 512 positions of model 'tiny-bert'"),
     "missing data file": ({"c.yaml": TINY}, ["data.source=gone.csv"], "data file 'gone.csv' does not exist"),
+    "unquoted comma in a csv row": (
+        {"c.yaml": TINY, "d.csv": CSV + "hello, world,sports\n"},
+        ["data.source=d.csv"],
+        "'d.csv' line 62 has 3 fields but the header has 2 (text, label)",
+    ),
+    "latin-1 data file": (
+        {"c.yaml": TINY, "d.csv": (CSV + "caf\xe9 cr\xe8me,food\n").encode("latin-1")},
+        ["data.source=d.csv"],
+        "'d.csv' is not UTF-8: byte 0xe9 at line 62",
+    ),
+    "jsonl error at its own line": (
+        {"c.yaml": TINY, "d.jsonl": "".join(JSONL.splitlines(True)[:3]) + "\n\n" + '{"text": "x", "label": }\n' + JSONL},
+        ["data.source=d.jsonl"],
+        "'d.jsonl' line 6 is not valid JSON",
+    ),
+    # the byte-order mark is skipped, so the header's first column is 'text': the data passes and
+    # the next check at the door (the model's positions) is the one that speaks
+    "byte-order mark": (
+        {"c.yaml": TINY, "d.csv": b"\xef\xbb\xbf" + CSV.encode()},
+        ["data.source=d.csv", "data.text_column=text", "model.max_length=4096"],
+        "exceeds the 512 positions",
+    ),
+    "misspelt target metric": (
+        {"c.yaml": TINY},
+        ["mode=realistic", f"system={SYSTEM}", "realistic.target_metric=acuracy", "realistic.target_value=0.8"],
+        "realistic.target_metric 'acuracy' is not a metric of the classification task; did you mean 'accuracy'?",
+    ),
 }
 
 
@@ -90,14 +121,6 @@ def one_clean_line(result) -> str:
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in result.output, result.output
     return lines[0]
-
-
-def test_a_bad_csv_row_is_refused_before_any_run_directory(tmp_path, empty_config):
-    data = tmp_path / "d.csv"
-    data.write_text("text,label\n" + "a goal,sports\nrain,weather\n" * 30 + "hello, world,sports\n")
-    result = invoke(empty_config, tiny_overrides(tmp_path / "runs", **{"data.source": str(data), "data.max_examples": "null"}))
-    assert "line 62 has 3 fields but the header has 2" in one_clean_line(result)
-    assert not (tmp_path / "runs").exists()
 
 
 def test_a_trainable_module_the_model_lacks_is_refused_before_any_run_directory(tmp_path, empty_config):

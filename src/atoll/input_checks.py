@@ -4,6 +4,7 @@
   matter is off (``realistic.*`` without ``mode: realistic``, ``flower.*`` without ``engine:
   flower``, FedBuff settings under another paradigm, ...) is an error, not silently ignored.
   :data:`INERT_RULES` lists them; a new section adds its own rule there.
+- **Local data files.** Read and checked (format, encoding, columns, values) before any model.
 - **The model.** The name resolves offline, and ``model.max_length`` fits its positions.
 - **The realistic target.** ``realistic.target_metric`` is a metric the task reports, and a
   fraction metric's ``target_value`` lies in [0, 1].
@@ -14,13 +15,14 @@ Each problem is one ConfigError (or ModelError) line naming the key and the fix.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from pydantic import BaseModel
 
 from atoll.config import FRACTION_METRICS, TASK_METRICS, Config
-from atoll.data.sources import BUILTIN_SOURCES, local_file
+from atoll.data.sources import BUILTIN_SOURCES, load_source, local_file
 from atoll.errors import ConfigError, ModelError
 from atoll.models import locate
 
@@ -128,12 +130,11 @@ def natural_task(config: Config) -> str | None:
     return source.task if source else None
 
 
-def check_model(config: Config) -> None:
-    """``model.name`` resolves offline, is a causal LM for generative tasks, and has at least
+def check_model(config: Config, task: str | None) -> None:
+    """``model.name`` resolves offline, is a causal LM for a generative ``task``, and has at least
     ``model.max_length`` positions."""
     name = config.model.name
     locate.check_model_name(name)
-    task = natural_task(config)
     if task is not None and task != "classification" and locate.model_family(name) == "encoder":
         raise ModelError(
             f"model '{name}' is an encoder and cannot generate text (data.task {task})",
@@ -147,8 +148,9 @@ def check_model(config: Config) -> None:
         )
 
 
-def check_target(config: Config) -> None:
-    """``realistic.target_metric`` names a metric the run reports; fractions are reachable."""
+def check_target(config: Config, task: str | None) -> None:
+    """``realistic.target_metric`` names a metric ``task`` reports (any task's when None);
+    fractions are reachable."""
     metric, value = config.realistic.target_metric, config.realistic.target_value
     if metric is None:
         return
@@ -156,11 +158,12 @@ def check_target(config: Config) -> None:
         raise ConfigError(
             "realistic.target_metric: a dry run trains and evaluates nothing, so no target is ever reached", "remove the target"
         )
-    task = natural_task(config)
     known = TASK_METRICS[task] if task else sorted({m for names in TASK_METRICS.values() for m in names})
     if metric not in known:
         where = f"the {task} task" if task else "any task"
-        raise ConfigError(f"realistic.target_metric '{metric}' is not a metric of {where}", f"use one of: {', '.join(known)}")
+        close = difflib.get_close_matches(metric.lower(), known, n=1, cutoff=0.6)
+        meant = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"realistic.target_metric '{metric}' is not a metric of {where}{meant}", f"use one of: {', '.join(known)}")
     if metric in FRACTION_METRICS and value is not None and not 0 <= value <= 1:
         raise ConfigError(
             f"realistic.target_value={value} can never be reached: {metric} is a fraction in [0, 1]",
@@ -176,8 +179,16 @@ def check_run_location(config: Config) -> None:
     RunDir.check_location(RunDir.choose_path(config), what)
 
 
-def check_source(config: Config) -> None:
-    """``data.source`` names a built-in, an existing local file of a known format, or a hub
-    dataset while the hub is reachable (its contents are checked when it is read)."""
-    if not config.realistic.dry_run:  # a dry run reads no data
-        local_file(config.data.source)
+def check_source(config: Config) -> str | None:
+    """``data.source`` names a built-in, a hub dataset while the hub is reachable (its contents
+    are checked when it is read), or a local file of a known format, which is read here: its
+    format, encoding, columns and values are checked before any model is loaded (the run reuses
+    the parse). Returns the task the run will have (None: a hub dataset with data.task auto)."""
+    if config.realistic.dry_run:  # a dry run reads no data
+        return natural_task(config)
+    path = local_file(config.data.source)
+    if path is None:
+        return natural_task(config)
+    from atoll.data.tasks import resolve_task
+
+    return resolve_task(config.data, load_source(config.data.source)).kind

@@ -33,14 +33,14 @@ def read_text(path: str | Path, error: type[AtollError] = ConfigError, what: str
 def decode_utf8(data: bytes, source: str | Path, error: type[AtollError] = ConfigError) -> str:
     """``data`` decoded as UTF-8 (BOM skipped); ``error`` naming the line of the first bad byte."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise error(f"'{source}' is UTF-16 text", "save it as UTF-8 (e.g. iconv -f utf-16 -t utf-8)")
+        raise error(f"'{source}' is UTF-16 text", "save it as UTF-8, e.g. iconv -f utf-16 -t utf-8")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise error(
             f"'{source}' is not UTF-8: byte 0x{data[exc.start]:02x} at line {line} is not valid UTF-8",
-            "save it as UTF-8 (from Latin-1: iconv -f latin1 -t utf-8)",
+            "save it as UTF-8, e.g. from Latin-1: iconv -f latin1 -t utf-8",
         ) from None
 
 

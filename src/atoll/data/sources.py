@@ -398,9 +398,25 @@ def local_file(source: str) -> Path | None:
     return None
 
 
+# the last local file read, by (path, size, mtime): the resolve step reads it to check it, the run
+# then uses the same parse
+_LAST_LOCAL: dict[tuple, RawData] = {}
+
+
+def _load_local_once(path: Path) -> RawData:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _LAST_LOCAL:
+        _LAST_LOCAL.clear()
+        _LAST_LOCAL[key] = _load_local(path)
+    cached = _LAST_LOCAL[key]
+    columns = {name: list(values) for name, values in cached.columns.items()}  # callers may change their copy
+    return RawData(columns, cached.task, dict(cached.defaults), cached.fingerprint, cached.description, list(cached.row_lines))
+
+
 def load_source(source: str) -> RawData:
     """Resolve ``data.source`` to raw columns."""
     if source in BUILTIN_SOURCES:
         return BUILTIN_SOURCES[source].loader()
     path = local_file(source)
-    return _load_local(path) if path is not None else _load_hub(source)
+    return _load_local_once(path) if path is not None else _load_hub(source)

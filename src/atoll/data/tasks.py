@@ -18,12 +18,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from atoll.config import DataConfig
 from atoll.data.sources import RawData
 from atoll.errors import DataError
+
+if TYPE_CHECKING:  # numpy is imported where arrays are made: the resolve step checks columns without it
+    import numpy as np
 
 SFT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 MATH_TEMPLATE = "Question: {prompt}\nAnswer:"
@@ -155,7 +157,7 @@ class Tokenized:
         return self.ids[self.offsets[index] : self.offsets[index + 1]]
 
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        return self.offsets[1:] - self.offsets[:-1]
 
 
 def extract_answer(text: str, strict: bool = False) -> str | None:
@@ -181,6 +183,8 @@ def _canonical_number(text: str) -> str:
 
 
 def _tokenize_uncached(spec: TaskSpec, raw: RawData, tokenizer, max_length: int) -> Tokenized:
+    import numpy as np
+
     sequences: list[list[int]] = []
     prompt_lens: list[int] = []
     labels: list[int] = []
@@ -239,6 +243,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def tokenize(spec: TaskSpec, raw: RawData, tokenizer, max_length: int, cache_dir: Path | None, subset_key: str) -> Tokenized:
     """Tokenise ``raw`` for ``spec``, reusing an on-disk cache keyed by everything that matters."""
+    import numpy as np
+
     key_text = json.dumps(
         [
             raw.fingerprint,
