@@ -93,6 +93,14 @@ def test_a_yaml_syntax_error_names_line_column_and_problem(tmp_path):
     assert "at line 2, column 1: found character '\\t' that cannot start any token" in one_line(error)
 
 
+def test_a_tab_in_the_indentation_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("federation:\n  clients: 3\n\trounds: 2\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert "at line 3, column 1" in one_line(error) and "indent with spaces, not tabs" in str(error.value)
+
+
 def test_yaml_reads_the_1_2_core_schema(tmp_path):
     """yes/no/on/off are words (YAML 1.1 made `name: no` False), 1e-3 is a number, 010 is ten."""
     path = tmp_path / "c.yaml"
@@ -294,6 +302,7 @@ def test_max_length_of_a_local_model_comes_from_its_config(tmp_path):
     model = tmp_path / "roberta"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 1}))
+    (model / "model.safetensors").write_bytes(b"")  # only its presence is checked at the door
     resolve(config_with([f"model.name={model}", "model.max_length=512"]))
     assert "exceeds the 512 positions" in refused([f"model.name={model}", "model.max_length=513"])
 
@@ -312,6 +321,42 @@ def test_a_model_path_that_is_not_a_model_is_refused(tmp_path, files, fragment):
         (tmp_path / name).write_text(text)
     target = "./weights.bin" if "weights.bin" in files else "./m"
     assert fragment in refused([f"model.name={target}"], ModelError)
+
+
+def test_a_model_directory_without_weights_is_refused_unless_random_init(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "bert", "max_position_embeddings": 512}))
+    message = refused(["model.name=./m"], ModelError)
+    assert "model directory './m' holds no weights (model.safetensors or pytorch_model.bin)" in message
+    assert "model.random_init: true" in message
+    resolve(config_with(["model.name=./m", "model.random_init=true"]))
+
+
+def test_generation_beyond_the_model_positions_is_refused():
+    base = ["model.name=tiny-llama", "data.source=gsm8k", "model.max_length=1000"]
+    assert "model.max_length=1000 plus eval.max_new_tokens=96 exceeds the 1024 positions of model 'tiny-llama'" in refused(base)
+    resolve(config_with([*base, "eval.max_new_tokens=24"]))
+    resolve(config_with(["model.name=tiny-llama", "data.source=synthetic-sft", "model.max_length=1024"]))  # sft generates nothing
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["federation.clients=2000000"], "federation.clients: Input should be less than or equal to 1000000"),
+        (["data.max_examples=300", "data.test_size=300"], "data.test_size=300 leaves nothing of data.max_examples=300 for training"),
+        (["run.threads=3"], "run.threads=3 is more than the 2 CPU cores of this machine (set run.threads <= 2)"),
+    ],
+)
+def test_counts_that_cannot_fit_are_refused(monkeypatch, overrides, fragment):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert fragment in refused(overrides)
+
+
+def test_a_test_set_as_large_as_a_local_file_is_refused(tmp_path):
+    (tmp_path / "d.csv").write_text("text,label\n" + "a goal,sports\nrain,weather\n" * 10)
+    message = refused(["data.source=d.csv", "data.test_size=20"], DataError)
+    assert "data.test_size=20 leaves nothing of the 20 examples of d.csv for training" in message
 
 
 def test_an_encoder_for_a_generative_task_is_refused_before_loading():

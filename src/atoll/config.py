@@ -263,7 +263,7 @@ class PartitionConfig(Section):
 
 
 class FederationConfig(Section):
-    clients: int = Field(10, gt=0, description="number of clients")
+    clients: int = Field(10, gt=0, le=1_000_000, description="number of clients (each is an object in this process: at most a million)")
     rounds: int = Field(5, gt=0, description="number of federated rounds")
     sample_rate: float = Field(1.0, gt=0, le=1, description="fraction of clients sampled each round, in (0, 1]")
     behaviours: dict[int, str] = Field(

@@ -16,6 +16,7 @@ Each problem is one ConfigError (or ModelError) line naming the key and the fix.
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,7 +24,7 @@ from pydantic import BaseModel
 
 from atoll.config import FRACTION_METRICS, TASK_METRICS, Config
 from atoll.data.sources import BUILTIN_SOURCES, load_source, local_file
-from atoll.errors import ConfigError, ModelError
+from atoll.errors import ConfigError, DataError, ModelError
 from atoll.models import locate
 
 
@@ -146,6 +147,31 @@ def check_model(config: Config, task: str | None) -> None:
             f"model.max_length={config.model.max_length} exceeds the {limit} positions of model '{name}'",
             f"set model.max_length <= {limit}",
         )
+    generated = config.eval.max_new_tokens if task == "math" else 0  # math evaluation generates answers
+    if limit is not None and config.model.max_length + generated > limit:
+        raise ConfigError(
+            f"model.max_length={config.model.max_length} plus eval.max_new_tokens={generated} exceeds the {limit} positions of model '{name}'",
+            f"keep their sum <= {limit}",
+        )
+    if not config.model.random_init:
+        locate.check_weights(name)
+
+
+def check_counts(config: Config) -> None:
+    """Counts that cannot fit each other or the machine: a global test set as large as the
+    examples kept, and more torch threads than CPU cores (beyond that a run only slows; far beyond
+    it, the thread pool crashes the process)."""
+    test_size, kept = config.data.test_size, config.data.max_examples
+    if test_size >= 1 and kept is not None and test_size >= kept:
+        raise ConfigError(
+            f"data.test_size={test_size:g} leaves nothing of data.max_examples={kept} for training",
+            f"set data.test_size below {kept}, or a fraction such as 0.2",
+        )
+    cores = os.cpu_count() or 1
+    if config.run.threads > cores:
+        raise ConfigError(
+            f"run.threads={config.run.threads} is more than the {cores} CPU cores of this machine", f"set run.threads <= {cores}"
+        )
 
 
 def check_target(config: Config, task: str | None) -> None:
@@ -191,4 +217,12 @@ def check_source(config: Config) -> str | None:
         return natural_task(config)
     from atoll.data.tasks import resolve_task
 
-    return resolve_task(config.data, load_source(config.data.source)).kind
+    raw = load_source(config.data.source)
+    task = resolve_task(config.data, raw).kind
+    examples = min(len(raw), config.data.max_examples or len(raw))
+    if config.data.test_size >= 1 and config.data.test_size >= examples:
+        raise DataError(
+            f"data.test_size={config.data.test_size:g} leaves nothing of the {examples} examples of {config.data.source} for training",
+            f"set data.test_size below {examples}, or a fraction such as 0.2",
+        )
+    return task

@@ -86,6 +86,7 @@ def resolve(config: Config) -> ResolvedRun:
     if config.mode != "realistic" and config.realistic.dry_run:
         raise ConfigError("realistic.dry_run needs mode: realistic", "add --set mode=realistic (or use `atoll run --dry-run`)")
     input_checks.check_inert_keys(config)
+    input_checks.check_counts(config)
     task = input_checks.check_source(config)
     input_checks.check_target(config, task)
     if not config.realistic.dry_run:  # a dry run loads no model

@@ -102,7 +102,7 @@ def parse_yaml(text: str, source: str | Path, error: type[AtollError] = ConfigEr
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        fix = "keep one of them" if "given twice" in problem else "fix the syntax"
+        fix = "keep one of them" if "given twice" in problem else "indent with spaces, not tabs" if "'\\t'" in problem else "fix the syntax"
         raise error(f"{what + ' ' if what else ''}'{source}' is not valid YAML{where}: {problem}", fix) from None
 
 

@@ -71,6 +71,22 @@ def check_model_name(name: str) -> None:
         raise ModelError(f"model '{name}' is a hub name but HF_HUB_OFFLINE=1", "unset HF_HUB_OFFLINE or use a local directory")
 
 
+# weight files transformers loads from a model directory (single file or sharded index)
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def check_weights(name: str) -> None:
+    """A local model directory holds weights (random_init models are built from config.json alone)."""
+    if name in BUILTIN_MODELS or not is_local_dir(name):
+        return
+    directory = Path(name).expanduser()
+    if not any((directory / file).is_file() for file in WEIGHT_FILES):
+        raise ModelError(
+            f"model directory '{name}' holds no weights ({' or '.join(WEIGHT_FILES[:2])})",
+            "save the model there with save_pretrained, or set model.random_init: true to train from its config.json alone",
+        )
+
+
 def model_directory(name: str) -> Path | None:
     """The directory holding ``name``'s config.json (None for random-init built-ins and hub names)."""
     if name == "minilm":
