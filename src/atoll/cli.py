@@ -243,9 +243,8 @@ def bench_algorithms(
     why: Optional[str] = typer.Option(None, "--why", help="with --rerun: the reason, recorded under the table"),
 ) -> None:
     """Every algorithm x partition x seed on one task: a markdown table and a plot."""
-    quiet_libraries()
     from atoll import algorithms as registry
-    from atoll.report.compare import BENCH_RECORD, PARTITIONS, render, rerun_algorithms, run_comparison
+    from atoll.report.compare import BENCH_DEFAULTS, BENCH_RECORD, PARTITIONS, render, rerun_algorithms, run_comparison
 
     if render_only or rerun:
         if not (runs / BENCH_RECORD).is_file():
@@ -272,6 +271,7 @@ def bench_algorithms(
                         "say why the rows change, e.g. --why 'default changed to option I'; it is printed under the table",
                     )
                 )
+            quiet_libraries()
             path = rerun_algorithms(names, why.strip(), runs, out)
         else:
             path = render(runs, out)
@@ -281,6 +281,9 @@ def bench_algorithms(
     names = [a.strip() for a in algorithms.split(",")] if algorithms else list(registry.specs())
     chosen = [p.strip() for p in partitions.split(",")]
     try:
+        for option, value in (("--seeds", seeds), ("--workers", workers)):
+            if value < 1:
+                raise AtollError(f"{option} {value} must be at least 1", f"pass {option} 1 or more")
         for name in names:
             registry.spec_of(name)
         unknown = [p for p in chosen if p not in PARTITIONS]
@@ -288,8 +291,16 @@ def bench_algorithms(
             raise AtollError(f"unknown partition setting '{unknown[0]}'", f"choose from: {', '.join(PARTITIONS)}")
         if runs.exists() and any(runs.iterdir()):
             raise AtollError(f"'{runs}' already holds runs", "remove it or pass --runs elsewhere")
+        from atoll.config import load_config
+        from atoll.resolve import resolve
+
+        for name in names:  # every cell's config resolves before any run starts (the seed changes nothing checked)
+            for partition in chosen:
+                cell = [*BENCH_DEFAULTS, *PARTITIONS[partition], f"algorithm.name={name}", f"name={name}", *set_]
+                resolve(load_config(config, [*cell, f"run.dir={runs / partition / name}"]))
     except AtollError as error:
         fail(error)
+    quiet_libraries()
     path = run_comparison(names, chosen, list(range(seeds)), out, runs, workers, target, str(config) if config else None, list(set_))
     typer.echo(f"wrote {path} and {path.with_suffix('.png')}")
 
