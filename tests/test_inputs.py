@@ -359,6 +359,15 @@ def test_a_test_set_as_large_as_a_local_file_is_refused(tmp_path):
     assert "data.test_size=20 leaves nothing of the 20 examples of d.csv for training" in message
 
 
+def test_a_natural_partition_names_an_existing_column(tmp_path):
+    assert "partition.name: natural needs partition.column" in refused(["partition.name=natural"])
+    (tmp_path / "d.csv").write_text("text,label,owner\n" + "a goal,sports,ann\nrain,weather,bob\n" * 10)
+    natural = ["data.source=d.csv", "data.test_size=4", "partition.name=natural", "federation.clients=2"]
+    message = refused([*natural, "partition.column=user"], DataError)
+    assert "partition.column 'user' does not exist in d.csv (columns are: 'text', 'label', 'owner')" in message
+    resolve(config_with([*natural, "partition.column=owner"]))
+
+
 def test_an_encoder_for_a_generative_task_is_refused_before_loading():
     assert "model 'minilm' is an encoder and cannot generate text (data.task sft)" in refused(["data.source=synthetic-sft"], ModelError)
 

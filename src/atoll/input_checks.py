@@ -157,6 +157,14 @@ def check_model(config: Config, task: str | None) -> None:
         locate.check_weights(name)
 
 
+def check_partition(config: Config) -> None:
+    """The natural partition names the column that says whose each example is."""
+    if config.partition.name == "natural" and not config.partition.column:
+        raise ConfigError(
+            "partition.name: natural needs partition.column", "set partition.column to the column that identifies the data owner"
+        )
+
+
 def check_counts(config: Config) -> None:
     """Counts that cannot fit each other or the machine: a global test set as large as the
     examples kept, and more torch threads than CPU cores (beyond that a run only slows; far beyond
@@ -219,6 +227,10 @@ def check_source(config: Config) -> str | None:
 
     raw = load_source(config.data.source)
     task = resolve_task(config.data, raw).kind
+    column = config.partition.column
+    if config.partition.name == "natural" and column not in raw.columns:
+        shown = ", ".join(repr(name) for name in raw.columns)
+        raise DataError(f"partition.column '{column}' does not exist in {config.data.source}", f"columns are: {shown}")
     examples = min(len(raw), config.data.max_examples or len(raw))
     if config.data.test_size >= 1 and config.data.test_size >= examples:
         raise DataError(

@@ -87,6 +87,7 @@ def resolve(config: Config) -> ResolvedRun:
         raise ConfigError("realistic.dry_run needs mode: realistic", "add --set mode=realistic (or use `atoll run --dry-run`)")
     input_checks.check_inert_keys(config)
     input_checks.check_counts(config)
+    input_checks.check_partition(config)
     task = input_checks.check_source(config)
     input_checks.check_target(config, task)
     if not config.realistic.dry_run:  # a dry run loads no model
