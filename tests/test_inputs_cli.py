@@ -218,3 +218,13 @@ def test_a_bench_refuses_a_bad_cell_before_any_run(tmp_path, args, fragment):
     result = runner.invoke(app, ["bench", "algorithms", *args, "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
     assert fragment in one_clean_line(result)
     assert not list(tmp_path.iterdir()), "nothing written"
+
+
+def test_the_divergence_watch_takes_records_without_a_round():
+    """Split learning and hybrid inference reuse the Recorder with records of their own shape."""
+    from atoll.errors import DivergenceError
+    from atoll.report.divergence import DivergenceWatch
+
+    watch = DivergenceWatch([{"step": 1, "train": {"loss": 2.0}}])
+    with pytest.raises(DivergenceError, match="train loss at round \\? is 300"):
+        watch.observe({"step": 2, "train": {"loss": 300.0}}, "here")

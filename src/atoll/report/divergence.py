@@ -42,7 +42,7 @@ class DivergenceWatch:
         if self.reference is None:
             for name, value in losses(record).items():
                 if math.isfinite(value):
-                    self.reference = (f"round {record['round']}'s {name}", value)
+                    self.reference = (f"round {record.get('round', '?')}'s {name}", value)
                     return
 
     def observe(self, record: dict[str, Any], where: str) -> None:
@@ -54,12 +54,12 @@ class DivergenceWatch:
                 if not math.isfinite(value) or value > FACTOR * max(reference, FLOOR):
                     times = f", {value / reference:,.0f} times {label} {reference:.3g}" if math.isfinite(value) and reference > 0 else ""
                     raise DivergenceError(
-                        f"{name} at round {record['round']} is {value:.3g}{times}; the run stopped (its metrics so far are in {where})",
+                        f"{name} at round {record.get('round', '?')} is {value:.3g}{times}; the run stopped (its metrics so far are in {where})",
                         "lower train.lr, or clip gradients with train.max_grad_norm",
                     )
         elif any(not math.isfinite(value) for value in found.values()):
             raise DivergenceError(
-                f"the loss at round {record['round']} is not finite; the run stopped (its metrics so far are in {where})",
+                f"the loss at round {record.get('round', '?')} is not finite; the run stopped (its metrics so far are in {where})",
                 "lower train.lr, or clip gradients with train.max_grad_norm",
             )
         self._remember(record)
