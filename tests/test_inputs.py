@@ -150,6 +150,8 @@ def test_algorithm_parameters_get_the_same_scalar_checks():
         ("data.test_size=1.5", "data.test_size: a number of examples must be whole (got 1.5)"),
         ("model.lora.target_modules=[]", "model.lora.target_modules: names no module"),
         ("model.lora.target_modules=query", "model.lora.target_modules: Input should be a valid list or 'auto' (got 'query')"),
+        ("model.lora.target_modules=query,value", "(got 'query,value'); write a list in brackets, e.g. [query, value]"),
+        ("model.lora.client_ranks=[1, 2]", "(got [1, 2]); write a mapping in braces, e.g. {0: 4, 1: 8}"),
         ("model=", "model is empty; write its keys under it"),
         ("algorithm=fedprox", "algorithm is 'fedprox', not a section; write its keys under it, e.g. algorithm: {name: fedprox}"),
     ],

@@ -460,6 +460,11 @@ def _describe(error: ValidationError) -> str:
     message, _, fix = message.partition("; ")
     bounds = _bounds(loc) if first["type"] in _BOUND_ERRORS else ""
     fix = f"; {fix}" if fix else f"; set a value {bounds}" if bounds else ""
+    if not fix and isinstance(got, str) and "valid list" in message:
+        items = ", ".join(item.strip() for item in got.split(",") if item.strip())
+        fix = f"; write a list in brackets, e.g. [{items}]"
+    elif not fix and isinstance(got, list) and "valid dictionary" in message:
+        fix = "; write a mapping in braces, e.g. {0: 4, 1: 8}"
     return f"{key}: {message}{shown}{fix}" if loc else f"{message}"
 
 
