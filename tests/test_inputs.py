@@ -136,6 +136,16 @@ def test_booleans_still_set_boolean_keys():
     assert load_config(None, ["run.plots=false", "model.lora.rslora=true"]).model.lora.rslora is True
 
 
+def test_the_pretraining_config_gets_the_same_scalar_checks(tmp_path):
+    from atoll.lm.config import load_pretrain_config
+
+    path = tmp_path / "p.yaml"
+    path.write_text("model: {layers: true}\n")
+    with pytest.raises(ConfigError) as error:
+        load_pretrain_config(path)
+    assert "model.layers: expected an integer, got the boolean true" in one_line(error)
+
+
 def test_algorithm_parameters_get_the_same_scalar_checks():
     assert "algorithm.mu: expected a number, got the boolean true" in refused(["algorithm.name=fedprox", "algorithm.mu=true"])
 
