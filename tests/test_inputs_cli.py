@@ -19,17 +19,26 @@ from conftest import tiny_overrides
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "model: {name: tiny-bert, max_length: 32}\ndata: {source: synthetic-cls, max_examples: 300}\nfederation: {clients: 3, rounds: 1}\n"
 
-# the real `atoll` entry point in a fresh process; afterwards it reports which heavy modules it imported
-ENTRY = (
-    "import runpy, sys\n"
-    "sys.argv = ['atoll', *sys.argv[1:]]\n"
-    "try:\n"
-    "    runpy.run_module('atoll', run_name='__main__')\n"
-    "except SystemExit as exit:\n"
-    "    code = exit.code\n"
-    "print('imported:', [m for m in ('torch', 'transformers', 'numpy') if m in sys.modules])\n"
-    "sys.exit(code)\n"
-)
+# the real `atoll` command, in one fresh process for every case (one start-up, not one per case):
+# each case runs in its own directory; afterwards the child reports which heavy modules it imported
+ENTRY = """
+import contextlib, io, json, os, sys, traceback
+from atoll.cli import app
+results = {}
+for case, directory, args in json.loads(sys.argv[1]):
+    os.chdir(directory)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            app(args, prog_name="atoll")
+            code = 0
+        except SystemExit as exit:
+            code = exit.code
+        except BaseException:
+            code, _ = "crashed", traceback.print_exc()
+    results[case] = {"code": code, "stderr": stderr.getvalue()}
+print(json.dumps({"results": results, "imported": [m for m in ("torch", "transformers", "numpy") if m in sys.modules]}))
+"""
 
 SYSTEM = ROOT / "configs" / "sys" / "homogeneous-lab.yaml"
 CSV = "text,label\n" + "a goal,sports\nrain,weather\n" * 30  # the header is line 1, row k is line k + 1
@@ -82,24 +91,39 @@ CASES = {
 }
 
 
-def run_cli(tmp_path: Path, files: dict, overrides: list[str]) -> subprocess.CompletedProcess:
-    for name, content in files.items():
-        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
-    args = ["run", "--quiet", "c.yaml"] + [item for override in overrides for item in ("--set", override)]
+@pytest.fixture(scope="module")
+def door(tmp_path_factory) -> tuple[Path, dict]:
+    """Every case of CASES through the command line in one child process: (base directory, results)."""
+    base = tmp_path_factory.mktemp("door")
+    cases = []
+    for index, (case, (files, overrides, _)) in enumerate(CASES.items()):
+        directory = base / f"case-{index}"
+        directory.mkdir()
+        for name, content in files.items():
+            (directory / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        cases.append(
+            (case, str(directory), ["run", "--quiet", "c.yaml"] + [item for override in overrides for item in ("--set", override)])
+        )
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-c", ENTRY, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    child = subprocess.run([sys.executable, "-c", ENTRY, json.dumps(cases)], env=env, capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr
+    report = json.loads(child.stdout.strip().splitlines()[-1])
+    assert report["imported"] == [], f"a config error imported {report['imported']}"
+    return base, report["results"]
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_config_error_is_one_line_exit_2_before_torch_and_writes_nothing(tmp_path, case):
-    files, overrides, fragment = CASES[case]
-    result = run_cli(tmp_path, files, overrides)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.startswith("atoll: ") and fragment in result.stderr, result.stderr
-    assert result.stdout.strip() == "imported: []", result.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files), "nothing written"
-    assert not (tmp_path.parent / "escaped").exists()
+def test_a_config_error_is_one_line_exit_2_before_torch_and_writes_nothing(door, case):
+    base, results = door
+    files, _, fragment = CASES[case]
+    result = results[case]
+    assert result["code"] == 2, result["stderr"]
+    stderr = result["stderr"]
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert stderr.startswith("atoll: ") and fragment in stderr, stderr
+    directory = base / f"case-{list(CASES).index(case)}"
+    assert sorted(p.name for p in directory.iterdir()) == sorted(files), "nothing written"
+    assert not (base.parent / "escaped").exists()
 
 
 runner = CliRunner()
