@@ -106,3 +106,39 @@ def test_validation_without_a_validation_set_is_a_config_error():
 
     with pytest.raises(ConfigError, match="data.validation_size"):
         config_with(["eval.on=validation"])
+
+
+def _row(algorithm: str, global_accuracy: list[float], local_accuracy: list[float]):
+    from atoll.report.bench.results import CellResult, Row
+
+    results = {
+        seed: CellResult(
+            {"final_global": {"accuracy": g}, "final_local": {"accuracy": p}, "rounds": 2, "bytes_up_total": 0, "bytes_down_total": 0},
+            [],
+            {},
+        )
+        for seed, (g, p) in enumerate(zip(global_accuracy, local_accuracy, strict=True))
+    }
+    return Row(algorithm, results)
+
+
+def test_findings_say_only_what_the_paired_intervals_support():
+    from atoll.report.bench.tables import findings, partition_table
+
+    record = {"tasks": {"tweets": {"spec": {"metric": "accuracy", "also": [], "reference": "fedit", "target": 0.6}}}}
+    rows = [
+        _row("fedit", [0.50, 0.55, 0.60], [0.5, 0.5, 0.5]),
+        _row("flexlora", [0.56, 0.61, 0.66], [0.6, 0.6, 0.6]),  # +0.06 on every seed: real
+        _row("fedprox", [0.60, 0.50, 0.58], [0.5, 0.5, 0.5]),  # +0.10, -0.05, -0.02: +0.01 on average, noisy
+        _row("centralized", [0.50, 0.56, 0.60], [0.6, 0.6, 0.6]),  # -0.057 ± 0.014 against flexlora: below it
+        _row("local-only", [0.40, 0.40, 0.41], [0.55, 0.55, 0.55]),
+    ]
+    lines = findings(record, "tweets", "iid", rows)
+    assert lines[0] == "- Global accuracy, paired against fedit over the seeds: better: flexlora (+0.060); worse: local-only (-0.147)."
+    assert "best federated flexlora 0.610" in lines[1] and "it is not an upper bound at this budget" in lines[1]
+    assert lines[2].startswith("- Floor: local-only's personalized accuracy is 0.550; 2 of 4 other methods do better")
+    table = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in partition_table(record, "tweets", rows)}
+    assert (
+        table["flexlora"][1].strip() == "**+0.060 ± 0.000**"
+        and table["fedprox"][1].strip() == f"+0.010 ± {4.302653 * math.sqrt(0.0063) / math.sqrt(3):.3f}"
+    )

@@ -21,7 +21,16 @@ from atoll.report.bench.runner import Job, LoadSampler, machine, run_jobs
 from atoll.report.bench.suite import Suite, read_learning_rates, write_learning_rates
 
 SWEEP_RECORD = "sweep.json"
-RUN_SETTINGS = ("run.threads=1", "run.plots=false", "run.keep_checkpoints=1", "eval.on=validation", "eval.local=never")
+# the sweep scores the final round only: no round-0, intermediate or local evaluation
+RUN_SETTINGS = (
+    "run.threads=1",
+    "run.plots=false",
+    "run.keep_checkpoints=1",
+    "eval.on=validation",
+    "eval.local=never",
+    "eval.initial=false",
+    "eval.every=100000",
+)
 
 
 def lr_text(lr: float) -> str:
