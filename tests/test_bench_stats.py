@@ -96,6 +96,8 @@ def test_held_out_sets_are_disjoint_fixed_across_seeds_and_validation_is_used_on
     validation = _splits(*held, "seed=0", "eval.on=validation").global_test
     assert len(validation) == 200 and not set(validation) & set(first.global_test) and not set(validation) & set(trained)
     assert len(trained) + 300 + 200 == 3000
+    capped = _splits(*held, "seed=0", "eval.max_examples=100").global_test  # a random part of the test set
+    assert len(capped) == 100 and set(capped) < set(first.global_test) and capped.max() > first.global_test[150]
     default = _splits("data.test_size=300", "seed=3")  # without split_seed the seed draws the test set, as before
     assert not np.array_equal(default.global_test, _splits("data.test_size=300", "seed=4").global_test)
 

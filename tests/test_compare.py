@@ -36,6 +36,7 @@ SUITE = {
             "partitions": {"iid": ["partition.name=iid"]},
             "algorithms": ["fedit", "local-only"],
             "target": 0.0,
+            "overrides": {"local-only": ["eval.max_examples=30"]},  # its global column: one pass per client
         }
     },
 }
@@ -139,6 +140,8 @@ def test_sweep_then_bench_with_intervals_resume_render_only_and_rerun(suite, tmp
     half = T_975_1 * np.std(differences, ddof=1) / math.sqrt(2)
     assert rows["local-only"][1].strip("*") == f"{np.mean(differences):+.3f} ± {half:.3f}"
     assert rows["fedit"][1] == ""  # the reference has no difference with itself
+    assert finals[("local-only", 0)]["global_test_examples"] == 30 and finals[("fedit", 0)]["global_test_examples"] == 60
+    assert "local-only's runs also set `eval.max_examples=30`." in table
     assert rows["fedit"][4] == "1.0 (2/2)"  # target 0: reached at the first evaluated round
     assert "lr 0.05" in table and "**" in table.split("### topics")[0]  # the sweep table marks the chosen rate
     assert (out / "algorithms.png").stat().st_size > 0 and (out / "algorithms-curves-topics.png").stat().st_size > 0

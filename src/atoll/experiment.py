@@ -127,11 +127,10 @@ def make_splits(config: Config, data: Tokenized, raw: RawData, spec: TaskSpec) -
             "use fractions in (0, 1) or smaller counts",
         )
     order = numpy_rng(split_seed(config), "global-test").permutation(n)
-    global_test = np.sort(order[:test_count])
-    if config.eval.on == "validation":
-        global_test = np.sort(order[test_count : test_count + validation_count])
-    if config.eval.max_examples is not None:
-        global_test = global_test[: config.eval.max_examples]
+    held_out = order[test_count : test_count + validation_count] if config.eval.on == "validation" else order[:test_count]
+    # eval.max_examples keeps a random subset (the first of a random order), not the lowest indices:
+    # a source stored in order (Shakespeare, play by play) would otherwise be scored on one part of it
+    global_test = np.sort(held_out[: config.eval.max_examples])
     pool = np.sort(order[test_count + validation_count :])
     column = config.partition.column
     column_values = None

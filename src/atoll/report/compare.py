@@ -88,6 +88,7 @@ def job(record: dict, cell: Cell, runs: Path) -> Job:
     spec = record["tasks"][cell.task]
     overrides = [
         *spec["partitions"][cell.partition],
+        *spec["spec"].get("overrides", {}).get(cell.algorithm, []),
         f"algorithm.name={cell.algorithm}",
         f"seed={cell.seed}",
         f"name={cell.algorithm}",
@@ -100,7 +101,12 @@ def job(record: dict, cell: Cell, runs: Path) -> Job:
 
 def _same_plan(old: dict, new: dict) -> bool:
     keys = ("seeds", "extra")
-    tasks = lambda r: {t: {k: v for k, v in s.items() if k != "spec"} for t, s in r["tasks"].items()}  # noqa: E731
+
+    def tasks(r: dict) -> dict:  # what a task's runs are made of (its title, metric and target only render)
+        return {
+            t: {**{k: v for k, v in s.items() if k != "spec"}, "overrides": s["spec"].get("overrides", {})} for t, s in r["tasks"].items()
+        }
+
     return all(old.get(k) == new.get(k) for k in keys) and tasks(old) == tasks(new)
 
 

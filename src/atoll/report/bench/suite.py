@@ -35,6 +35,9 @@ class Task(_Strict):
     algorithms: list[str] | Literal["all"] = Field("all", description="algorithms compared (all: every registered one)")
     target: float = Field(description="rounds and megabytes to reach this value of the metric are reported")
     reference: str = Field("fedit", description="paired differences are taken against this algorithm")
+    overrides: dict[str, list[str]] = Field(
+        default_factory=dict, description="algorithm -> config overrides of its runs only (printed with the table)"
+    )
 
     @property
     def lower_is_better(self) -> bool:
@@ -112,6 +115,11 @@ class Suite(_Strict):
                 if algorithm not in SPECS:
                     raise ConfigError(f"task '{task}': unknown algorithm '{algorithm}'", f"choose from: {', '.join(sorted(SPECS))}")
                 self.family_of(algorithm)
+            for algorithm in self.tasks[task].overrides:
+                if algorithm not in self.algorithms(task):
+                    raise ConfigError(
+                        f"task '{task}': overrides name '{algorithm}', which the task does not run", "remove it or add the algorithm"
+                    )
             if not self.config_path(task).is_file():
                 raise ConfigError(f"task '{task}': base config '{self.config_path(task)}' does not exist", "fix the suite's config path")
         for name, family in self.families.items():

@@ -50,6 +50,7 @@ def sweep_jobs(suite: Suite, tasks: list[str], runs: Path, extra: list[str]) -> 
                     directory = runs / task / partition / f"{representative}-lr{lr_text(lr)}"
                     settings = [
                         *overrides,
+                        *spec.overrides.get(representative, []),
                         f"algorithm.name={representative}",
                         f"seed={suite.sweep.seed}",
                         f"name={representative}",

@@ -237,10 +237,14 @@ def _machine_paragraph(record: dict) -> str:
         else "load not recorded"
     )
     return (
-        f"Made by `{record.get('command', 'atoll bench algorithms')}` with {record.get('workers', '?')} worker processes (one torch thread each) "
+        f"Made by `{record.get('command', 'atoll bench algorithms')}` with {_count(record.get('workers', 0), 'worker process', 'worker processes')} (one torch thread each) "
         f"on a {record.get('machine', {}).get('cpus', '?')}-core machine: {minutes:.1f} minutes of wall time in {len(sittings)} "
         f"sitting{'s' if len(sittings) != 1 else ''}, {load_text}. Versions: {version_text}."
     )
+
+
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number} {one if number == 1 else many}"
 
 
 def _cpu_paragraph(rows: dict[tuple[str, str], list[Row]], workers: int) -> str:
@@ -251,7 +255,7 @@ def _cpu_paragraph(rows: dict[tuple[str, str], list[Row]], workers: int) -> str:
     total = sum(cpu) / 60
     return (
         f"CPU time summed over the {len(cpu)} runs: {total:.1f} minutes (each run's own process time, start-up of its run included); "
-        f"on a quiet machine with {workers} workers the bench takes about {total / max(1, workers):.0f} minutes plus worker start-up. "
+        f"on a quiet machine with {_count(workers, 'worker', 'workers')} the bench takes about {total / max(1, workers):.0f} minutes plus worker start-up. "
         f"When other jobs share the machine, wall time grows with the load and the CPU time is the figure to compare."
     )
 
@@ -298,6 +302,8 @@ def document(record: dict, rows: dict[tuple[str, str], list[Row]], plots: dict[s
         if first is not None:
             config = yaml.safe_load((Path(first.summary["run_dir"]) / "config.yaml").read_text())
             lines += [budget(config, first.summary, _family_rates(record, task)), ""]
+        for algorithm, settings in task_spec.get("overrides", {}).items():
+            lines += [f"{algorithm}'s runs also set {', '.join(f'`{x}`' for x in settings)}.", ""]
         sweep = sweep_table(record.get("sweep", {}), task, _families(record, task))
         if sweep:
             lines += ["Validation metric of each family's representative per peak learning rate (**chosen**):", "", *sweep, ""]
