@@ -353,6 +353,21 @@ def client_learning_rate(config, client_id: int, round: int) -> float:
         experiment.close()
 
 
+def threads_while_building(config) -> int:
+    """torch's CPU thread count right after building the run of ``config`` (then set back)."""
+    import torch
+
+    from atoll.experiment import build
+
+    before = torch.get_num_threads()
+    experiment = build(config)
+    try:
+        return torch.get_num_threads()
+    finally:
+        experiment.close()
+        torch.set_num_threads(before)
+
+
 def lora_scales(config) -> dict[int, float]:
     """The LoRA scale of each client rank the run uses, as the live PEFT adapters hold it."""
     from atoll.experiment import build
