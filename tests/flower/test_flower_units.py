@@ -187,6 +187,13 @@ def test_node_directory_maps_partitions_and_ignores_nodes_of_another_federation(
         ({"flower.mode": "deployment", "flower.superlink": "no-port"}, "is not host:port"),
         ({"flower.secagg.enabled": "true", "federation.sample_rate": 0.25}, "at least 2 clients"),
         ({"flower.min_available_clients": 9}, "exceeds federation.clients"),
+        ({"flower.secagg.enabled": "true", "flower.secagg.num_shares": 2}, "num_shares must be an integer > 2"),
+        ({"flower.secagg.enabled": "true", "flower.secagg.num_shares": 1.5}, "num_shares as a fraction"),
+        ({"flower.secagg.enabled": "true", "flower.secagg.reconstruction_threshold": 1.5}, "reconstruction_threshold as a fraction"),
+        (
+            {"flower.secagg.enabled": "true", "flower.secagg.num_shares": 4, "flower.secagg.reconstruction_threshold": 4},
+            "must be smaller than num_shares",
+        ),
     ],
 )
 def test_impossible_flower_settings_are_one_line_config_errors(tmp_path, overrides, message):
