@@ -26,6 +26,7 @@ from helpers import (
     algorithm_case,
     client_learning_rate,
     client_split_sizes,
+    global_test_examples,
     lora_scales,
     read_records,
     read_summary,
@@ -122,13 +123,11 @@ def test_sync_min_clients_holds_the_first_round_until_that_many_are_online(tmp_p
     assert first_rounds[4]["virtual_time"] > 900 > first_rounds[1]["virtual_time"]
 
 
-@pytest.mark.parametrize("rslora", [False, True])
-def test_each_rank_gets_its_own_scale_alpha_over_r_or_over_sqrt_r(tmp_path, rslora):
-    config = config_with(
-        tiny_overrides(tmp_path, **{"algorithm.name": "flexlora", "model.lora.rank_cycle": "[4, 8]", "model.lora.rslora": rslora})
-    )
+@pytest.mark.parametrize("rslora, alpha", [(False, 16.0), (True, 16.0), (False, 24.0)])
+def test_each_rank_gets_its_own_scale_alpha_over_r_or_over_sqrt_r(tmp_path, rslora, alpha):
+    values = {"algorithm.name": "flexlora", "model.lora.rank_cycle": "[4, 8]", "model.lora.rslora": rslora, "model.lora.alpha": alpha}
     root = math.sqrt if rslora else (lambda r: r)
-    assert lora_scales(config) == pytest.approx({4: 16.0 / root(4), 8: 16.0 / root(8)})
+    assert lora_scales(config_with(tiny_overrides(tmp_path, **values))) == pytest.approx({4: alpha / root(4), 8: alpha / root(8)})
 
 
 def test_bfloat16_halves_the_bytes_of_what_is_kept_in_bfloat16_and_dry_runs_charge_the_same(tmp_path):
@@ -234,7 +233,13 @@ def test_text_column_picks_the_column_the_model_reads(tmp_path):
 
     words = ["river", "stone", "market", "violin", "orbit", "garden", "engine", "harbor", "pepper"]
     rows = [
-        {"text": "nothing here", "body": f"{words[i % 9]} {words[(i * 7) % 9]} {i}", "label": ["a", "b", "c"][i % 3]} for i in range(240)
+        {
+            "text": "nothing here",
+            "body": f"{words[i % 9]} {words[(i * 7) % 9]} {i}",
+            "label": ["a", "b", "c"][i % 3],
+            "kind": ["even", "odd"][i % 2],
+        }
+        for i in range(240)
     ]
     source = tmp_path / "rows.jsonl"
     source.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -245,6 +250,22 @@ def test_text_column_picks_the_column_the_model_reads(tmp_path):
         run_dir, _ = start_run(config_with(tiny_overrides(tmp_path, **values)), Progress())
         losses[column] = read_records(run_dir.path)[0]["global"]["loss"]
     assert losses["text"] != pytest.approx(losses["body"], abs=1e-6)
+    # the label column and the global test size, as the run splits the file
+    other = config_with(
+        tiny_overrides(
+            tmp_path, **{"data.source": str(source), "data.max_examples": 240, "data.label_column": "kind", "data.test_size": 30}
+        )
+    )
+    assert global_test_examples(other).label_names == ["even", "odd"]
+    assert len(global_test_examples(other).labels) == 30
+    assert (
+        len(
+            global_test_examples(
+                config_with(tiny_overrides(tmp_path, **{"data.source": str(source), "data.max_examples": 240, "data.test_size": 0.25}))
+            ).labels
+        )
+        == 60
+    )
 
 
 def test_run_threads_sets_torchs_thread_count(tmp_path):
