@@ -101,6 +101,11 @@ def _examples(config, pick) -> Examples:
     return Examples(texts, labels, list(spec.label_names))
 
 
+def task_kind(config) -> str:
+    """The task the run's data is read as (classification, sft, math or completion)."""
+    return _data_of(config.to_yaml())[1].kind
+
+
 def global_test_examples(config) -> Examples:
     """The run's global test split (the seeded split the run evaluated ``final_global`` on)."""
     return _examples(config, lambda splits: splits.global_test)

@@ -30,6 +30,7 @@ from helpers import (
     lora_scales,
     read_records,
     read_summary,
+    task_kind,
     threads_while_building,
 )
 
@@ -328,3 +329,15 @@ def torch_close(got, expected) -> bool:
     import torch
 
     return torch.allclose(got, expected, rtol=1e-5, atol=1e-8)
+
+
+def test_data_task_reads_the_same_rows_as_the_task_asked_for(tmp_path):
+    """Question/answer rows: 'auto' reads a local file's prompt and response columns as sft; data.task: math reads them as math."""
+    import json
+
+    rows = [{"question": f"What is {i} plus {i}?", "answer": f"{i} and {i} make {2 * i}. #### {2 * i}"} for i in range(40)]
+    source = tmp_path / "qa.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = {"model.name": "tiny-llama", "data.source": str(source), "data.max_examples": 40, "partition.name": "iid"}
+    kinds = {task: task_kind(config_with(tiny_overrides(tmp_path, **common, **{"data.task": task}))) for task in ("auto", "math")}
+    assert kinds == {"auto": "sft", "math": "math"}
