@@ -311,7 +311,7 @@ def test_the_async_server_step_scales_the_first_update_by_its_key(tmp_path, para
     (1 - alpha) x0 + alpha x1; FedBuff's first step adds server_lr times the buffer's mean change.
     So after one server update the global B with the key at 0.3 is 0.3 times the B with it at 1."""
     common = {"mode": "realistic", "system": realistic_system(tmp_path), "realistic.paradigm": paradigm, "federation.rounds": 1}
-    common.update({"eval.local": "never", "eval.initial": "false", "run.plots": "false"})
+    common.update({"eval.local": "never", "eval.initial": "false", "run.plots": "false", "train.local_steps": 1})
     factors = {}
     for setting in (1.0, value):
         run_dir, summary = start_run(
