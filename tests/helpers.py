@@ -294,6 +294,23 @@ def forget_flower_client_experiments() -> None:
     client._EXPERIMENTS.clear()
 
 
+def flower_dp_strategy(experiment):
+    """What the Flower ServerApp trains with for the config of ``experiment``: (its strategy, wrapped
+    in Flower's DP wrapper when flower.dp is on; the algorithm strategy inside it)."""
+    from atoll.engines.flower.server import FlowerDriver
+    from atoll.fl.federation import Federation
+
+    driver = FlowerDriver(Federation(experiment), None, None, None)
+    return driver.strategy, driver.algorithm_strategy
+
+
+def flower_secagg_workflow(config, max_weight: float = 100.0):
+    """The SecAgg+ workflow the Flower ServerApp runs a round with, for ``config``."""
+    from atoll.engines.flower.strategy import secagg_workflow
+
+    return secagg_workflow(config.flower.secagg, max_weight, config.flower.round_timeout)
+
+
 def aggregates_by_weighted_mean(name: str) -> bool:
     """Whether the algorithm's aggregate is the example-weighted mean of the uploads (what SecAgg+
     and central DP can stand in for)."""
