@@ -69,10 +69,12 @@ def _nothing_left_behind():
 
 
 def _ignored_entries() -> set[str]:
-    """pytest's own cache directory (written by pytest itself, not by a test)."""
+    """Tool caches that appear at the top level without any test's doing (pytest's, and ruff's when
+    the linter runs at the same time)."""
     from pathlib import Path
 
-    return {str(base / ".pytest_cache") for base in {Path(__file__).resolve().parent.parent, Path.cwd().resolve()}}
+    bases = {Path(__file__).resolve().parent.parent, Path.cwd().resolve()}
+    return {str(base / name) for base in bases for name in (".pytest_cache", ".ruff_cache")}
 
 
 def tiny_overrides(root, **extra) -> list[str]:
