@@ -364,6 +364,16 @@ def client_split_sizes(config) -> list[tuple[int, int]]:
     return [(len(train), len(test)) for train, test in zip(splits.client_train, splits.client_test, strict=True)]
 
 
+def client_labels(config) -> list[set[str]]:
+    """The classes in each client's data (its train and local test examples together)."""
+    raw, spec, splits = _data_of(config.to_yaml())
+    column = raw.columns[spec.label_column]
+    return [
+        {str(column[int(i)]) for part in (train, test) for i in part}
+        for train, test in zip(splits.client_train, splits.client_test, strict=True)
+    ]
+
+
 def client_learning_rate(config, client_id: int, round: int) -> float:
     """The peak learning rate client ``client_id`` trains with in ``round``."""
     from atoll.experiment import build

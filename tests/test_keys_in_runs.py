@@ -24,6 +24,7 @@ from conftest import tiny_overrides
 from helpers import (
     assert_same_length,
     algorithm_case,
+    client_labels,
     client_learning_rate,
     client_split_sizes,
     global_test_examples,
@@ -85,6 +86,18 @@ def test_min_examples_gives_every_client_at_least_that_many(tmp_path):
 
     assert smallest(1) < 20, "the skewed partition must give some client fewer than 20 for the check to mean anything"
     assert smallest(20) >= 20
+
+
+def test_shards_per_client_bounds_the_classes_a_client_holds(tmp_path):
+    """McMahan et al.'s label-sorted shards: with one shard per client, a client holds at most two
+    classes (a shard may straddle a class boundary); with three, some client holds all three."""
+
+    def labels(shards):
+        values = {"partition.name": "shards", "partition.shards_per_client": shards, "federation.clients": 6}
+        return [len(classes) for classes in client_labels(config_with(tiny_overrides(tmp_path, **values)))]
+
+    assert max(labels(1)) <= 2 and min(labels(1)) == 1
+    assert max(labels(3)) == 3
 
 
 def test_local_test_fraction_sets_each_clients_test_split(tmp_path):
