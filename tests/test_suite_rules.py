@@ -1,17 +1,35 @@
-"""Rules the suite keeps about itself (issue 15, point 4): a dependency the install always has is
-imported, never skipped on (a missing Flower must fail, not pass as skipped), and every remaining
-skip or expected failure names a reason a user can act on."""
+"""Rules the suite keeps about itself (issue 15, points 4 and 6): a dependency the project's install
+always has (pyproject's dependencies and the extras `make setup` installs) is imported, never
+skipped on, so a missing Flower fails instead of passing as skipped; every remaining skip, expected
+failure or import-or-skip names a reason a user can act on; every test the docs cite exists."""
 
 from __future__ import annotations
 
 import ast
+import re
+import tomllib
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
+# the extras the Makefile's setup installs along with the dependencies
+INSTALLED_EXTRAS = ("dev", "hub", "flower")
+# distributions whose import name differs from their name
+IMPORT_NAMES = {"pyyaml": "yaml", "pytest_xdist": "xdist"}
+
+
+def always_installed() -> set[str]:
+    """Import names of the project's dependencies and of the extras `make setup` installs."""
+    project = tomllib.loads((TESTS.parent / "pyproject.toml").read_text())["project"]
+    requirements = list(project["dependencies"])
+    for extra in INSTALLED_EXTRAS:
+        requirements += project["optional-dependencies"].get(extra, [])
+    names = {re.split(r"[\[<>=!~ ;]", requirement, maxsplit=1)[0].lower().replace("-", "_") for requirement in requirements}
+    return {IMPORT_NAMES.get(name, name) for name in names}
 
 
 def skip_calls(tree: ast.AST):
-    """(line, what, the reason given or None) for every pytest skip, skipif, xfail and importorskip."""
+    """(line, what, the reason given or None, the module for importorskip) for every pytest skip,
+    skipif, xfail and importorskip."""
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
@@ -22,25 +40,31 @@ def skip_calls(tree: ast.AST):
         if reason is None and name == "skip" and node.args:
             reason = node.args[0]
         text = reason.value if isinstance(reason, ast.Constant) else (ast.unparse(reason) if reason is not None else None)
-        yield node.lineno, name, text
+        module = node.args[0].value if name == "importorskip" and node.args and isinstance(node.args[0], ast.Constant) else None
+        if name == "importorskip":
+            text = next((k.value.value for k in node.keywords if k.arg == "reason" and isinstance(k.value, ast.Constant)), None)
+        yield node.lineno, name, text, module
 
 
 def test_no_test_skips_on_a_missing_dependency_or_without_a_reason():
+    installed = always_installed()
+    assert {"flwr", "torch", "peft", "yaml"} <= installed, installed
     problems = []
     for path in sorted(TESTS.rglob("*.py")):
-        for line, name, reason in skip_calls(ast.parse(path.read_text(), str(path))):
+        for line, name, reason, module in skip_calls(ast.parse(path.read_text(), str(path))):
             where = f"{path.relative_to(TESTS)}:{line}"
-            if name == "importorskip":
-                problems.append(f"{where}: importorskip (the project's install has its dependencies: import it)")
+            if name == "importorskip" and (module or "").split(".")[0] in installed:
+                problems.append(f"{where}: importorskip('{module}'): the project's install always has it, import it")
             elif not reason or len(reason.strip()) < 10:
                 problems.append(f"{where}: {name} without a reason a user can act on")
     assert not problems, "\n".join(problems)
 
 
 def test_the_rule_sees_what_it_forbids():
-    code = "import pytest\npytest.importorskip('flwr')\n@pytest.mark.skipif(True)\ndef t(): pytest.skip()\n"
-    found = [(name, reason) for _, name, reason in skip_calls(ast.parse(code))]
-    assert sorted(found, key=str) == sorted([("importorskip", None), ("skipif", None), ("skip", None)], key=str)
+    code = "import pytest\npytest.importorskip('flwr.app')\n@pytest.mark.skipif(True)\ndef t(): pytest.skip()\n"
+    found = [(name, reason, module) for _, name, reason, module in skip_calls(ast.parse(code))]
+    expected = [("importorskip", None, "flwr.app"), ("skipif", None, None), ("skip", None, None)]
+    assert sorted(found, key=str) == sorted(expected, key=str)
 
 
 def test_every_test_the_docs_name_exists():
