@@ -144,3 +144,32 @@ def test_findings_say_only_what_the_paired_intervals_support():
         table["flexlora"][1].strip() == "**+0.060 ± 0.000**"
         and table["fedprox"][1].strip() == f"+0.010 ± {4.302653 * math.sqrt(0.0063) / math.sqrt(3):.3f}"
     )
+
+
+def test_perplexity_is_lower_is_better_in_findings_targets_and_its_error_comes_from_the_loss():
+    from atoll.report.bench.results import CellResult, Row, metric_se
+    from atoll.report.bench.tables import findings
+
+    def run(perplexities: list[float]) -> CellResult:
+        records = [
+            {"round": r, "global": {"perplexity": p}, "bytes_up": 1e6 * (r > 0), "bytes_down": 1e6 * (r > 0)}
+            for r, p in enumerate(perplexities)
+        ]
+        summary = {
+            "final_global": records[-1]["global"],
+            "final_local": {},
+            "rounds": len(records) - 1,
+            "bytes_up_total": 0,
+            "bytes_down_total": 0,
+        }
+        return CellResult(summary, records, {})
+
+    fedit = Row("fedit", {s: run([110, 95, 90 + s]) for s in range(3)})  # 90, 91, 92
+    better = Row("flexlora", {s: run([110, 88, 85 + s]) for s in range(3)})  # 5 lower on every seed
+    record = {"tasks": {"roles": {"spec": {"metric": "perplexity", "also": [], "reference": "fedit", "target": 91}}}}
+    assert findings(record, "roles", "natural", [fedit, better])[0].endswith("better: flexlora (-5.0); none is worse beyond its interval.")
+    # first round at or below 91: round 2 for seeds 0 and 1 (4 MB sent by then), never for seed 2
+    assert fedit.target("perplexity", 91, lower_is_better=True) == (2.0, 4.0, 2)
+    assert better.target("perplexity", 91, lower_is_better=True) == (1.0, 2.0, 3)
+    # se(exp L) = exp(L) se(L) (the delta method) when the run recorded only the loss's error
+    assert metric_se({"perplexity": 100.0, "loss_se": 0.02}, "perplexity") == pytest.approx(2.0)
