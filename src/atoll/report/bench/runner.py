@@ -31,7 +31,22 @@ class Job:
         return (self.directory / "summary.json").is_file()
 
 
-def _quiet_worker() -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: a worker is killed when the bench process dies (even by SIGKILL), so a restarted
+    bench never shares a run directory with an orphan still writing to it."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: an orphan finishes its current run, then exits
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _quiet_worker(parent: int) -> None:
+    _die_with_parent(parent)
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -102,7 +117,9 @@ def run_jobs(jobs: list[Job], workers: int, log: Callable[[str], None] = print) 
             except Exception as error:  # noqa: BLE001 - reported in the table
                 report(done, job, None, error)
         return failures
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_quiet_worker) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=get_context("spawn"), initializer=_quiet_worker, initargs=(os.getpid(),)
+    ) as pool:
         futures = {pool.submit(_run_in_worker, job): job for job in todo}
         for done, future in enumerate(as_completed(futures), 1):
             job = futures[future]
