@@ -120,6 +120,10 @@ def test_sweep_then_bench_with_intervals_resume_render_only_and_rerun(suite, tmp
     assert resumed.exit_code == 0, resumed.output
     assert "continuing the bench" in resumed.output and "1 of 4 runs already finished; running 3" in resumed.output
     assert json.loads((runs / "topics" / "iid" / "fedit-seed1" / "bench-cell.json").read_text())["resumed"] is True
+    killed_sitting, sitting = json.loads((runs / "bench.json").read_text())["sittings"]
+    assert (
+        killed_sitting["runs"] == 4 and killed_sitting["minutes"] > 0 and sitting["runs"] == 3
+    )  # the killed one's time up to its last run
 
     # 3. every cell: mean ± 95 % t-interval (test-set standard error), and the paired difference
     table = (out / "algorithms.md").read_text()
@@ -143,6 +147,7 @@ def test_sweep_then_bench_with_intervals_resume_render_only_and_rerun(suite, tmp
     assert finals[("local-only", 0)]["global_test_examples"] == 30 and finals[("fedit", 0)]["global_test_examples"] == 60
     assert "local-only's runs also set `eval.max_examples=30`." in table
     assert rows["fedit"][4] == "1.0 (2/2)"  # target 0: reached at the first evaluated round
+    assert " in 2 sittings, " in table
     assert "lr 0.05" in table and "**" in table.split("### topics")[0]  # the sweep table marks the chosen rate
     assert (out / "algorithms.png").stat().st_size > 0 and (out / "algorithms-curves-topics.png").stat().st_size > 0
     statistics = json.loads((out / "algorithms.json").read_text())["topics/iid/local-only"]

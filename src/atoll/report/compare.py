@@ -150,7 +150,13 @@ def _sitting(record: dict, jobs: list[Job], workers: int, path: Path, log) -> No
     sitting = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "runs": len(todo), "workers": workers}
     record["sittings"].append(sitting)
     path.write_text(json.dumps(record, indent=1))  # a killed sitting is still on record
-    failures = run_jobs(jobs, workers, log)
+
+    def progress(line: str) -> None:  # after every run: a killed sitting keeps its time up to there
+        log(line)
+        sitting.update(minutes=(time.perf_counter() - started) / 60, load=sampler.summary())
+        path.write_text(json.dumps(record, indent=1))
+
+    failures = run_jobs(jobs, workers, progress)
     sitting["minutes"] = (time.perf_counter() - started) / 60
     sitting["load"] = sampler.stop()
     for j in jobs:

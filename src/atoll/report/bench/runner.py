@@ -170,8 +170,12 @@ class LoadSampler:
         while not self._stop.wait(every):
             self.samples.append(os.getloadavg()[0])
 
+    def summary(self) -> dict[str, float]:
+        samples = [*self.samples, os.getloadavg()[0]]
+        return {"min": min(samples), "mean": sum(samples) / len(samples), "max": max(samples)}
+
     def stop(self) -> dict[str, float]:
         self._stop.set()
         self._thread.join(timeout=5)
         self.samples.append(os.getloadavg()[0])
-        return {"min": min(self.samples), "mean": sum(self.samples) / len(self.samples), "max": max(self.samples)}
+        return self.summary()
