@@ -24,8 +24,9 @@ def _style(index: int) -> dict:
 
 
 def _mean_curve(row: Row, metric: str) -> list[tuple[int, float, float]]:
-    """(round, mean metric, mean megabytes so far) over the seeds, at the rounds every seed evaluated."""
-    curves = [{round: (value, sent) for round, value, sent in r.curve(metric) if round > 0} for r in row.results.values()]
+    """(round, mean metric, mean megabytes so far) over the seeds, at the rounds every seed evaluated
+    (round 0 included: the untrained model is where every curve starts)."""
+    curves = [{round: (value, sent) for round, value, sent in r.curve(metric)} for r in row.results.values()]
     if not curves:
         return []
     rounds = sorted(set.intersection(*(set(c) for c in curves)))
