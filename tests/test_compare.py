@@ -147,7 +147,7 @@ def test_sweep_then_bench_with_intervals_resume_render_only_and_rerun(suite, tmp
     assert finals[("local-only", 0)]["global_test_examples"] == 30 and finals[("fedit", 0)]["global_test_examples"] == 60
     assert "local-only's runs also set `eval.max_examples=30`." in table
     assert rows["fedit"][4] == "1.0 (2/2)"  # target 0: reached at the first evaluated round
-    assert " in 2 sittings, " in table
+    assert " in 2 sittings, " in table and "Chosen at an edge of the grid (a wider grid may do better): averaging." in table
     assert "lr 0.05" in table and "**" in table.split("### topics")[0]  # the sweep table marks the chosen rate
     assert (out / "algorithms.png").stat().st_size > 0 and (out / "algorithms-curves-topics.png").stat().st_size > 0
     statistics = json.loads((out / "algorithms.json").read_text())["topics/iid/local-only"]

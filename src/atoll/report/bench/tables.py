@@ -164,6 +164,9 @@ def sweep_table(sweep: dict, task: str, families: list[str]) -> list[str]:
                 text = "—" if value is None else f"{value:.3f}"
                 cells.append(f"**{text}**" if chosen.get(family) is not None and float(lr) == float(chosen[family]) else text)
             lines.append(f"| {family} | {partition} | " + " | ".join(cells) + " |")
+    edge = [f for f in families if chosen.get(f) is not None and rates and float(chosen[f]) in (float(rates[0]), float(rates[-1]))]
+    if edge:
+        lines += ["", f"Chosen at an edge of the grid (a wider grid may do better): {', '.join(edge)}."]
     cost = scores.get("_cost")
     if cost:
         lines += ["", f"The sweep of this task: {cost['runs']} runs, {cost['cpu_minutes']} CPU minutes."]
