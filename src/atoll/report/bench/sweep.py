@@ -86,7 +86,13 @@ def run_sweep(
     sitting = {"runs": sum(not j.finished() for j in jobs.values()), "workers": workers}
     record["sittings"].append(sitting)
     record_path.write_text(json.dumps(record, indent=1))
-    failures = run_jobs(list(jobs.values()), workers, log)
+
+    def progress(line: str) -> None:  # after every run: a killed sweep keeps its time up to there
+        log(line)
+        sitting.update(minutes=(time.perf_counter() - started) / 60, load=sampler.summary())
+        record_path.write_text(json.dumps(record, indent=1))
+
+    failures = run_jobs(list(jobs.values()), workers, progress)
     sitting.update(minutes=(time.perf_counter() - started) / 60, load=sampler.stop(), failures=failures)
     record_path.write_text(json.dumps(record, indent=1))
     chosen, scores = choose(suite, tasks, jobs)
