@@ -34,7 +34,7 @@ SUITE = {
             "config": "base.yaml",
             "metric": "accuracy",
             "partitions": {"iid": ["partition.name=iid"]},
-            "algorithms": ["fedit", "local-only"],
+            "algorithms": ["local-only", "fedit"],  # local-only first: its overrides must not make the budget paragraph
             "target": 0.0,
             "overrides": {"local-only": ["eval.max_examples=30"]},  # its global column: one pass per client
         }
@@ -111,18 +111,18 @@ def test_sweep_then_bench_with_intervals_resume_render_only_and_rerun(suite, tmp
     command = ["algorithms", suite, "--runs", runs, "--out", out, "--workers", 1]
     killed = bench(*command)
     assert killed.exit_code != 0 and not (out / "algorithms.md").exists()
-    assert (runs / "topics" / "iid" / "fedit-seed0" / "summary.json").is_file()
+    assert (runs / "topics" / "iid" / "local-only-seed1" / "summary.json").is_file()
     assert not (runs / "topics" / "iid" / "fedit-seed1" / "summary.json").is_file()
     monkeypatch.setattr(SynchronousLoop, "play_round", play_round)
     moved = bench("algorithms", suite, "--runs", runs, "--out", out, "--workers", 1, "--seeds", 3)
     assert moved.exit_code == 2 and "holds another bench" in moved.output and moved.output.count("\n") == 1, moved.output
-    resumed = bench(*command)  # the same command continues: one finished run is kept, the killed one resumes
+    resumed = bench(*command)  # the same command continues: the finished runs are kept, the killed one resumes
     assert resumed.exit_code == 0, resumed.output
-    assert "continuing the bench" in resumed.output and "1 of 4 runs already finished; running 3" in resumed.output
+    assert "continuing the bench" in resumed.output and "3 of 4 runs already finished; running 1" in resumed.output
     assert json.loads((runs / "topics" / "iid" / "fedit-seed1" / "bench-cell.json").read_text())["resumed"] is True
     killed_sitting, sitting = json.loads((runs / "bench.json").read_text())["sittings"]
     assert (
-        killed_sitting["runs"] == 4 and killed_sitting["minutes"] > 0 and sitting["runs"] == 3
+        killed_sitting["runs"] == 4 and killed_sitting["minutes"] > 0 and sitting["runs"] == 1
     )  # the killed one's time up to its last run
 
     # 3. every cell: mean ± 95 % t-interval (test-set standard error), and the paired difference
@@ -145,7 +145,7 @@ def test_sweep_then_bench_with_intervals_resume_render_only_and_rerun(suite, tmp
     assert rows["local-only"][1].strip("*") == f"{np.mean(differences):+.3f} ± {half:.3f}"
     assert rows["fedit"][1] == ""  # the reference has no difference with itself
     assert finals[("local-only", 0)]["global_test_examples"] == 30 and finals[("fedit", 0)]["global_test_examples"] == 60
-    assert "local-only's runs also set `eval.max_examples=30`." in table
+    assert "local-only's runs also set `eval.max_examples=30`." in table and "global test set 60 examples" in table
     assert rows["fedit"][4] == "1.0 (2/2)"  # target 0: reached at the first evaluated round
     assert " in 2 sittings, " in table and "Chosen at an edge of the grid (a wider grid may do better): averaging." in table
     assert "lr 0.05" in table and "**" in table.split("### topics")[0]  # the sweep table marks the chosen rate

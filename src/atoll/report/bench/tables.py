@@ -300,7 +300,8 @@ def document(record: dict, rows: dict[tuple[str, str], list[Row]], plots: dict[s
     ]
     for task, spec in tasks.items():
         task_spec = spec["spec"]
-        first = next((r for p in spec["partitions"] for row in rows[(task, p)] for r in row.results.values()), None)
+        plain = [row for p in spec["partitions"] for row in rows[(task, p)] if row.algorithm not in task_spec.get("overrides", {})]
+        first = next((r for row in plain for r in row.results.values()), None)  # the budget paragraph's run
         lines += [f"## {task_spec['title']}", ""]
         if first is not None:
             config = yaml.safe_load((Path(first.summary["run_dir"]) / "config.yaml").read_text())
