@@ -229,21 +229,6 @@ def test_the_divergence_watch_by_hand():
     DivergenceWatch().observe({"round": 1, "train": {"loss": 0.0, "examples": 0.0}}, "here")  # nobody trained: no reference
 
 
-@pytest.mark.parametrize(
-    "args, fragment",
-    [
-        (["--set", "federation.cliets=3"], "unknown key 'federation.cliets'; did you mean 'federation.clients'?"),
-        (["--algorithms", "fedit,fedprox", "--set", "algorithm.mu=0.1"], "unknown key 'algorithm.mu' for fedit"),
-        (["--workers", "0"], "--workers 0 must be at least 1"),
-    ],
-)
-def test_a_bench_refuses_a_bad_cell_before_any_run(tmp_path, args, fragment):
-    """Every cell's config is resolved first: one line and exit 2, not a table of failed cells."""
-    result = runner.invoke(app, ["bench", "algorithms", *args, "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
-    assert fragment in one_clean_line(result)
-    assert not list(tmp_path.iterdir()), "nothing written"
-
-
 def test_the_divergence_watch_takes_records_without_a_round():
     """Split learning and hybrid inference reuse the Recorder with records of their own shape."""
     from atoll.errors import DivergenceError

@@ -165,16 +165,22 @@ def check_partition(config: Config) -> None:
         )
 
 
+def _check_held_out(config: Config, examples: int, what: str, error: type[ConfigError] | type[DataError]) -> None:
+    """The global test set and the validation set leave examples of ``examples`` to train on."""
+    test, validation = config.data.test_size, config.data.validation_size
+    held_out = sum(int(size) if size >= 1 else round(size * examples) for size in (test, validation))
+    if held_out >= examples:
+        sizes = f"data.test_size={test:g}" + (f" and data.validation_size={validation:g} leave" if validation else " leaves")
+        raise error(f"{sizes} nothing of {what} for training", "hold out fewer examples: smaller counts or fractions such as 0.1")
+
+
 def check_counts(config: Config) -> None:
     """Counts that cannot fit each other or the machine: a global test set as large as the
     examples kept, and more torch threads than CPU cores (beyond that a run only slows; far beyond
     it, the thread pool crashes the process)."""
-    test_size, kept = config.data.test_size, config.data.max_examples
-    if test_size >= 1 and kept is not None and test_size >= kept:
-        raise ConfigError(
-            f"data.test_size={test_size:g} leaves nothing of data.max_examples={kept} for training",
-            f"set data.test_size below {kept}, or a fraction such as 0.2",
-        )
+    kept = config.data.max_examples
+    if kept is not None:
+        _check_held_out(config, kept, f"data.max_examples={kept}", ConfigError)
     cores = os.cpu_count() or 1
     if config.run.threads > cores:
         raise ConfigError(
@@ -232,9 +238,5 @@ def check_source(config: Config) -> str | None:
         shown = ", ".join(repr(name) for name in raw.columns)
         raise DataError(f"partition.column '{column}' does not exist in {config.data.source}", f"columns are: {shown}")
     examples = min(len(raw), config.data.max_examples or len(raw))
-    if config.data.test_size >= 1 and config.data.test_size >= examples:
-        raise DataError(
-            f"data.test_size={config.data.test_size:g} leaves nothing of the {examples} examples of {config.data.source} for training",
-            f"set data.test_size below {examples}, or a fraction such as 0.2",
-        )
+    _check_held_out(config, examples, f"the {examples} examples of {config.data.source}", DataError)
     return task
