@@ -384,6 +384,11 @@ def test_a_natural_partition_names_an_existing_column(tmp_path):
     resolve(config_with([*natural, "partition.column=owner"]))
 
 
+def test_a_misspelt_built_in_model_or_source_suggests_the_one_meant():
+    assert "unknown model 'tiny-lama'; did you mean 'tiny-llama'?" in refused(["model.name=tiny-lama"], ModelError)
+    assert "unknown data source 'synthetic-clss'; did you mean 'synthetic-cls'?" in refused(["data.source=synthetic-clss"], DataError)
+
+
 def test_an_encoder_for_a_generative_task_is_refused_before_loading():
     assert "model 'minilm' is an encoder and cannot generate text (data.task sft)" in refused(["data.source=synthetic-sft"], ModelError)
 

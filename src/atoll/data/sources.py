@@ -7,6 +7,7 @@ serves and its default columns. Nothing here tokenises.
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import importlib.util
 import io
@@ -386,8 +387,9 @@ def local_file(source: str) -> Path | None:
     if looks_like_file and source.count("/") != 1:
         raise DataError(f"data file '{source}' does not exist", "check data.source")
     if "/" not in source:
+        close = difflib.get_close_matches(source.lower(), list(BUILTIN_SOURCES), n=1, cutoff=0.6)
         raise DataError(
-            f"unknown data source '{source}'",
+            f"unknown data source '{source}'" + (f"; did you mean '{close[0]}'?" if close else ""),
             f"use one of {', '.join(BUILTIN_SOURCES)}, a local .json/.jsonl/.csv/.parquet file, or a hub name like org/name",
         )
     if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":

@@ -7,6 +7,7 @@ offline, a directory that is not a Hugging Face model, an encoder for a generati
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import os
@@ -63,8 +64,9 @@ def check_model_name(name: str) -> None:
     if looks_like_path:
         raise ModelError(f"model directory '{name}' does not exist", "check model.name")
     if "/" not in name:
+        close = difflib.get_close_matches(name.lower(), list(BUILTIN_MODELS), n=1, cutoff=0.6)
         raise ModelError(
-            f"unknown model '{name}'",
+            f"unknown model '{name}'" + (f"; did you mean '{close[0]}'?" if close else ""),
             f"use a built-in ({', '.join(BUILTIN_MODELS)}), a local Hugging Face directory, or a hub name like org/name",
         )
     if os.environ.get("HF_HUB_OFFLINE") == "1":
