@@ -400,6 +400,7 @@ def test_an_encoder_for_a_generative_task_is_refused_before_loading():
         ("run.root=afile", "would be inside"),
         ("run.root=afile/runs", "which is a file"),
         ("run.dir=afile", "run directory '{tmp}/afile' is a file"),
+        ("name=" + "a" * 300, "bytes; this filesystem allows"),
     ],
 )
 def test_a_run_directory_that_cannot_be_made_is_refused_at_resolve(tmp_path, setting, fragment):

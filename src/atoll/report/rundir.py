@@ -76,6 +76,16 @@ class RunDir:
             where = "is" if ancestor == path else f"would be inside '{ancestor}', which is"
             raise ConfigError(f"{what} '{path}' {where} a file", "set run.root or run.dir to a directory")
         try:
+            longest = os.pathconf(ancestor, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            longest = 255
+        for part in path.relative_to(ancestor).parts:
+            if len(part.encode()) > longest:
+                raise ConfigError(
+                    f"the {what} would be named '{part[:40]}...', {len(part.encode())} bytes; this filesystem allows {longest}",
+                    "use a shorter name, or set run.root or run.dir to a shorter path",
+                )
+        try:
             os.rmdir(tempfile.mkdtemp(prefix=".atoll-probe-", dir=ancestor))
         except OSError as exc:
             raise ConfigError(
