@@ -304,6 +304,7 @@ def test_max_length_beyond_the_model_positions_is_refused(model, length, limit):
             f"model.name={model}",
             f"model.max_length={length}",
             "data.source=synthetic-sft" if "llama" in model or "atoll" in model else "data.source=synthetic-cls",
+            "partition.name=iid",
         ]
     )
     assert f"model.max_length={length} exceeds the {limit} positions of model '{model}'" in message
@@ -346,10 +347,12 @@ def test_a_model_directory_without_weights_is_refused_unless_random_init(tmp_pat
 
 
 def test_generation_beyond_the_model_positions_is_refused():
-    base = ["model.name=tiny-llama", "data.source=gsm8k", "model.max_length=1000"]
+    base = ["model.name=tiny-llama", "data.source=gsm8k", "model.max_length=1000", "partition.name=iid"]
     assert "model.max_length=1000 plus eval.max_new_tokens=96 exceeds the 1024 positions of model 'tiny-llama'" in refused(base)
     resolve(config_with([*base, "eval.max_new_tokens=24"]))
-    resolve(config_with(["model.name=tiny-llama", "data.source=synthetic-sft", "model.max_length=1024"]))  # sft generates nothing
+    resolve(
+        config_with(["model.name=tiny-llama", "data.source=synthetic-sft", "model.max_length=1024", "partition.name=iid"])
+    )  # sft generates nothing
 
 
 @pytest.mark.parametrize(
@@ -377,6 +380,9 @@ def test_a_test_set_as_large_as_a_local_file_is_refused(tmp_path):
 
 def test_a_natural_partition_names_an_existing_column(tmp_path):
     assert "partition.name: natural needs partition.column" in refused(["partition.name=natural"])
+    sft = ["data.source=synthetic-sft", "model.name=tiny-llama"]
+    assert "partition.name: dirichlet splits by class label and the sft task has none" in refused(sft)  # dirichlet: the default
+    resolve(config_with([*sft, "partition.name=iid"]))
     (tmp_path / "d.csv").write_text("text,label,owner\n" + "a goal,sports,ann\nrain,weather,bob\n" * 10)
     natural = ["data.source=d.csv", "data.test_size=4", "partition.name=natural", "federation.clients=2"]
     message = refused([*natural, "partition.column=user"], DataError)
@@ -457,6 +463,7 @@ def test_a_reachable_realistic_target_is_accepted():
                 f"system={SYSTEM}",
                 "data.source=synthetic-sft",
                 "model.name=tiny-llama",
+                "partition.name=iid",
                 "realistic.target_metric=perplexity",
                 "realistic.target_value=20",
             ]

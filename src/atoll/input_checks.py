@@ -157,11 +157,17 @@ def check_model(config: Config, task: str | None) -> None:
         locate.check_weights(name)
 
 
-def check_partition(config: Config) -> None:
-    """The natural partition names the column that says whose each example is."""
-    if config.partition.name == "natural" and not config.partition.column:
+def check_partition(config: Config, task: str | None) -> None:
+    """The natural partition names the column that says whose each example is; label-skew
+    partitions need the class labels only classification has."""
+    name = config.partition.name
+    if name == "natural" and not config.partition.column:
         raise ConfigError(
             "partition.name: natural needs partition.column", "set partition.column to the column that identifies the data owner"
+        )
+    if name in ("dirichlet", "shards") and task not in (None, "classification") and not config.realistic.dry_run:
+        raise ConfigError(
+            f"partition.name: {name} splits by class label and the {task} task has none", "use partition.name: iid, quantity or natural"
         )
 
 

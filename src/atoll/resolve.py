@@ -87,11 +87,11 @@ def resolve(config: Config) -> ResolvedRun:
         raise ConfigError("realistic.dry_run needs mode: realistic", "add --set mode=realistic (or use `atoll run --dry-run`)")
     input_checks.check_inert_keys(config)
     input_checks.check_counts(config)
-    input_checks.check_partition(config)
     task = input_checks.check_source(config)
     input_checks.check_target(config, task)
     if not config.realistic.dry_run:  # a dry run loads no model
         input_checks.check_model(config, task)
+    input_checks.check_partition(config, task)
     input_checks.check_run_location(config)
     ranks = [config.rank_of(c) for c in range(config.federation.clients)]
     compat.check_ranks(spec, set(ranks))
