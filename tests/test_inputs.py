@@ -248,6 +248,11 @@ def test_a_key_that_would_do_nothing_is_refused(rule):
     assert fragment in refused(overrides)
 
 
+def test_a_key_that_would_do_nothing_says_how_to_unset_it():
+    message = refused(["partition.name=iid", "partition.column=owner"])
+    assert message.endswith("(set partition.name: natural, or remove partition.column; on the command line --set partition.column=null)")
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -110,16 +110,22 @@ def check_inert_keys(config: Config) -> None:
         found = _first_difference(_value_at(config, rule.key), _value_at(_DEFAULTS, rule.key), rule.key, rule.switches)
         if found:
             key, value = found
-            shown = (
-                "null"
-                if value is None
-                else str(value).lower()
-                if isinstance(value, bool)
-                else f"{value:g}"
-                if isinstance(value, float)
-                else value
+            default = _value_at(_DEFAULTS, key)
+            raise ConfigError(
+                f"{key}={_shown(value)} has no effect {rule.unless}",
+                f"{rule.fix}, or remove {key}; on the command line --set {key}={_shown(default)}",
             )
-            raise ConfigError(f"{key}={shown} has no effect {rule.unless}", f"{rule.fix}, or remove {key}")
+
+
+def _shown(value: Any) -> str:
+    """A value as YAML would write it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def natural_task(config: Config) -> str | None:
