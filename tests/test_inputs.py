@@ -290,7 +290,9 @@ def load_config_text(text: str) -> Config:
 
 
 def test_every_shipped_config_resolves():
-    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    configs = sorted((ROOT / "configs").glob("*.yaml")) + [
+        ROOT / "configs" / "bench" / f"{task}.yaml" for task in ("tweets", "shakespeare")
+    ]
     assert configs
     for path in configs:
         resolve(load_config(path))
