@@ -13,7 +13,7 @@ import pytest
 
 from atoll.config import Config, config_with, load_config
 from atoll.errors import AtollError, ConfigError, DataError, ModelError
-from atoll.input_checks import INERT_RULES
+from atoll.input_checks import INERT_RULES, check_run_location
 from atoll.resolve import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -406,6 +406,12 @@ def test_an_encoder_for_a_generative_task_is_refused_before_loading():
     assert "model 'minilm' is an encoder and cannot generate text (data.task sft)" in refused(["data.source=synthetic-sft"], ModelError)
 
 
+def location_refused(overrides: list[str]) -> str:
+    with pytest.raises(ConfigError) as error:
+        check_run_location(config_with(overrides))
+    return one_line(error)
+
+
 @pytest.mark.parametrize(
     "setting, fragment",
     [
@@ -416,9 +422,9 @@ def test_an_encoder_for_a_generative_task_is_refused_before_loading():
         ("name=" + "a" * 300, "bytes; this filesystem allows"),
     ],
 )
-def test_a_run_directory_that_cannot_be_made_is_refused_at_resolve(tmp_path, setting, fragment):
+def test_a_run_directory_that_cannot_be_made_is_refused_before_anything_loads(tmp_path, setting, fragment):
     (tmp_path / "afile").write_text("x")
-    message = refused([setting])
+    message = location_refused([setting])
     assert fragment.format(tmp=tmp_path) in message and ("set run.root" in message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"], "nothing written"
 
@@ -429,13 +435,13 @@ def test_a_read_only_run_root_is_refused(tmp_path):
     locked.mkdir()
     locked.chmod(0o555)
     try:
-        assert "is not writable" in refused([f"run.root={locked}/runs"])
+        assert "is not writable" in location_refused([f"run.root={locked}/runs"])
     finally:
         locked.chmod(0o755)
 
 
 def test_a_writable_run_root_is_checked_without_writing(tmp_path):
-    resolve(config_with([f"run.root={tmp_path}/deep/runs"]))
+    check_run_location(config_with([f"run.root={tmp_path}/deep/runs"]))
     assert not (tmp_path / "deep").exists() and not list(tmp_path.iterdir())
 
 

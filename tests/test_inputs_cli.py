@@ -194,6 +194,18 @@ def test_resuming_a_run_whose_config_was_damaged_names_the_file(tmp_path):
     assert "does not exist" in one_clean_line(runner.invoke(app, ["run", "--resume", str(tmp_path / "gone")]))
 
 
+def test_resume_checks_the_run_directory_not_run_root(tmp_path):
+    """A run resumed from another working directory (its relative run.root elsewhere, or not
+    writable) is checked where it is; here the check after the door is the one that speaks."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(
+        TINY.replace("max_examples: 300", "max_examples: 300, label_column: stars") + "run: {root: /proc/atoll-runs}\n"
+    )
+    line = one_clean_line(runner.invoke(app, ["run", "--resume", str(run)]))
+    assert "column 'stars' (data.label_column) does not exist" in line, line
+
+
 def test_a_diverging_run_stops_with_exit_2_and_keeps_its_metrics(tmp_path, empty_config):
     run_dir = tmp_path / "diverged"
     overrides = tiny_overrides(

@@ -51,6 +51,7 @@ def run(
 ) -> None:
     """Run a federation (the quickstart when no CONFIG is given)."""
     from atoll.config import load_config
+    from atoll.input_checks import check_run_location
     from atoll.resolve import resolve
 
     cfg = resolved = None
@@ -70,6 +71,7 @@ def run(
                 set_ = list(set_) + [f"engine={engine}"]
             cfg = load_config(config, set_)
             resolved = resolve(cfg)
+            check_run_location(cfg)  # a new run only: a resumed one lives where it is
     except AtollError as error:
         fail(error)
     quiet_libraries()

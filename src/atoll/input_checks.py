@@ -8,7 +8,8 @@
 - **The model.** The name resolves offline, and ``model.max_length`` fits its positions.
 - **The realistic target.** ``realistic.target_metric`` is a metric the task reports, and a
   fraction metric's ``target_value`` lies in [0, 1].
-- **The run directory.** It can be created where the config puts it.
+- **The run directory** of a new run can be created where the config puts it (called by the CLI
+  and by ``RunDir.check_new``, not by the resolve step: a resumed run is checked where it is).
 
 Each problem is one ConfigError (or ModelError) line naming the key and the fix.
 """
@@ -224,7 +225,9 @@ def check_target(config: Config, task: str | None) -> None:
 
 
 def check_run_location(config: Config) -> None:
-    """The run directory can be created where ``run.dir`` / ``run.root`` put it."""
+    """The run directory of a new run can be created where ``run.dir`` / ``run.root`` put it
+    (not part of :func:`atoll.resolve.resolve`: a resumed run is checked where it is; ``atoll run``
+    calls this before torch, and ``dispatch.start_run`` again before any model loads)."""
     from atoll.report.rundir import RunDir
 
     what = "run directory" if config.run.dir else "run directory under run.root"

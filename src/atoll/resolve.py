@@ -92,7 +92,6 @@ def resolve(config: Config) -> ResolvedRun:
     if not config.realistic.dry_run:  # a dry run loads no model
         input_checks.check_model(config, task)
     input_checks.check_partition(config, task)
-    input_checks.check_run_location(config)
     ranks = [config.rank_of(c) for c in range(config.federation.clients)]
     compat.check_ranks(spec, set(ranks))
     compat.check_personal_export(config, spec)
