@@ -1,0 +1,1 @@
+"""Split learning of language models (placeholder docstring, completed below)."""
