@@ -13,6 +13,7 @@ from typing import Any, Optional
 import typer
 
 from atoll.errors import AtollError
+from atoll.split.cli import split_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated LoRA fine-tuning across data islands.")
 
@@ -198,6 +199,7 @@ _add_flower_commands()
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Comparisons and benchmarks.")
 app.add_typer(bench_app, name="bench")
+app.add_typer(split_app, name="split")
 
 
 @bench_app.command("algorithms")

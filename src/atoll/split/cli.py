@@ -1,0 +1,132 @@
+"""``atoll split ...``: run a split-learning config, serve the model party, list and explain keys.
+
+Heavy imports (torch, transformers) happen inside the commands, so ``atoll --help`` and config
+errors stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from atoll.errors import AtollError
+
+split_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Split learning: a data party and a model party share one cut model."
+)
+
+
+def _fail(error: AtollError) -> None:
+    typer.echo(f"atoll: {error}", err=True)
+    raise typer.Exit(2)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    final = summary.get("final", {})
+    lines = [
+        f"{summary['task']} on {summary['data']} with {summary['model']}, {summary['partition']} "
+        f"({summary['head_blocks']}+{summary['model_party_blocks']}+{summary['tail_blocks']} blocks), "
+        f"{summary['data_parties']} data part{'y' if summary['data_parties'] == 1 else 'ies'}, {summary['transport']} transport"
+    ]
+    shown = [f"{k} {final[k]:.4f}" for k in ("accuracy", "f1", "exact_match", "perplexity", "loss") if k in final]
+    if shown:
+        text = "test " + ", ".join(shown)
+        if "majority_class_rate" in summary:
+            text += f" (majority-class rate {summary['majority_class_rate']:.4f})"
+        lines.append(text)
+    traffic = summary["traffic"]
+    lines.append(f"wire: {traffic['bytes_to_model'] / 1e6:.2f} MB to the model party, {traffic['bytes_to_data'] / 1e6:.2f} MB back")
+    for name, result in summary.get("attacks", {}).items():
+        if name == "knowledge_used":
+            continue
+        lines.append(f"attack {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k not in ("examples", "seconds")))
+    lines.append(f"run directory: {summary['run_dir']}")
+    return "\n".join(lines)
+
+
+@split_app.command("run")
+def run(
+    config: Path = typer.Argument(..., help="split YAML config (see configs/split/)"),
+    set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set split.head_blocks=2"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no per-evaluation lines"),
+) -> None:
+    """Train across the cut, evaluate, run the configured attacks, write a run directory."""
+    from atoll.cli import quiet_libraries
+
+    quiet_libraries()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    from atoll.split.config import load_split_config
+
+    try:
+        cfg = load_split_config(config, set_)
+        from atoll.split.runner import run_split
+
+        _, summary = run_split(cfg, say=(lambda _: None) if quiet else (lambda line: typer.echo(line, err=True)))
+    except AtollError as error:
+        _fail(error)
+    except KeyboardInterrupt:
+        typer.echo("atoll: interrupted; split runs do not resume: run the config again (the same seed replays it)", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(format_summary(summary))
+
+
+@split_app.command("serve")
+def serve(
+    config: Path = typer.Argument(..., help="the same split config the data party runs"),
+    out: Path = typer.Option(..., "--out", help="where the model party writes its adapter and what it received"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (loopback only: there is no TLS yet)"),
+    port: int = typer.Option(50070, help="port to listen on (0: any free port)"),
+) -> None:
+    """Serve the model party over gRPC until a data party finishes the run."""
+    from atoll.cli import quiet_libraries
+
+    quiet_libraries()
+    from atoll.split.server import serve as serve_model_party
+
+    try:
+        answered = serve_model_party(config, out, host, port, announce=lambda line: typer.echo(line))
+    except AtollError as error:
+        _fail(error)
+    typer.echo(f"model party answered {answered} requests; outputs in {out}")
+
+
+@split_app.command("config")
+def config_keys(path: Optional[Path] = typer.Argument(None, help="print this split config resolved with defaults")) -> None:
+    """Every split config key with its default and description (or a config resolved)."""
+    from atoll.config import describe_keys
+    from atoll.split.config import SplitConfig, load_split_config
+
+    if path is not None:
+        try:
+            typer.echo(load_split_config(path).to_yaml())
+        except AtollError as error:
+            _fail(error)
+        return
+    for key, default, description in describe_keys(SplitConfig):
+        typer.echo(f"{key:34} {default:14} {description}")
+
+
+@split_app.command("list")
+def list_(what: Optional[str] = typer.Argument(None, help="defenses, attacks, or one defense/attack name for its parameters")) -> None:
+    """The defenses and attacks that exist (and one's parameters)."""
+    from atoll.split.plugins import ATTACKS, DEFENSES, plugin_class
+
+    for kind, registry in (("defense", DEFENSES), ("attack", ATTACKS)):
+        if what in registry:
+            cls = plugin_class(kind, what)
+            typer.echo(f"{what}: {cls.summary}\n  paper: {cls.paper}")
+            for key, field in cls.Params.model_fields.items():
+                typer.echo(f"  {key:16} {json.dumps(field.default):12} {field.description or ''}")
+            return
+    if what not in (None, "defenses", "attacks"):
+        _fail(AtollError(f"nothing called '{what}' to list", f"choose defenses, attacks, or one of: {', '.join([*DEFENSES, *ATTACKS])}"))
+    for kind, registry in (("defenses", DEFENSES), ("attacks", ATTACKS)):
+        if what in (None, kind):
+            typer.echo(f"{kind}:")
+            for name in registry:
+                typer.echo(f"  {name:22} {plugin_class(kind[:-1], name).summary}")
