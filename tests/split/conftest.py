@@ -37,23 +37,40 @@ def tiny_task_model(model_type: str, head: str, blocks: int = 4, vocab: int = 30
 
 
 @pytest.fixture(scope="session")
-def llama4_dir(tmp_path_factory):
-    """A local Hugging Face directory: a random-init 4-block Llama (hidden 64) with a byte-level BPE
-    trained on the synthetic instruction task (so head-body-tail cuts have room: 1 + 2 + 1)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+def synthetic_tokenizer(tmp_path_factory):
+    """A byte-level BPE (512) trained on the synthetic instruction and topic texts."""
     from atoll.data.sources import load_source
     from atoll.data.tasks import TaskSpec
     from atoll.models.registry import train_bpe_tokenizer
 
-    root = tmp_path_factory.mktemp("llama4")
     raw = load_source("synthetic-sft")
     spec = TaskSpec("sft", prompt_column="instruction", response_column="output")
     corpus = spec.corpus(raw) + [str(t) for t in load_source("synthetic-cls").columns["text"]]
-    tokenizer = train_bpe_tokenizer(corpus, 512, root / "bpe")
+    return train_bpe_tokenizer(corpus, 512, tmp_path_factory.mktemp("bpe"))
+
+
+def _save_causal_lm(directory, tokenizer, model_type: str, sizes: dict):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     config = AutoConfig.for_model(
-        "llama",
+        model_type,
         vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **sizes,
+    )
+    torch.manual_seed(7)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def llama4_dir(tmp_path_factory, synthetic_tokenizer):
+    """A local Hugging Face directory: a random-init 4-block Llama (hidden 64) with the synthetic
+    BPE (so head-body-tail cuts have room: 1 + 2 + 1)."""
+    sizes = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=4,
@@ -61,16 +78,15 @@ def llama4_dir(tmp_path_factory):
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(7)
-    model = AutoModelForCausalLM.from_config(config)
-    directory = root / "model"
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return _save_causal_lm(tmp_path_factory.mktemp("llama4") / "model", synthetic_tokenizer, "llama", sizes)
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory, synthetic_tokenizer):
+    """A local random-init 3-block GPT-2 (absolute positions, tied LM head) with the synthetic BPE."""
+    sizes = dict(n_embd=64, n_layer=3, n_head=4, n_positions=256)
+    return _save_causal_lm(tmp_path_factory.mktemp("gpt2") / "model", synthetic_tokenizer, "gpt2", sizes)
 
 
 def split_overrides(root, **extra) -> list[str]:

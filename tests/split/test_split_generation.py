@@ -39,10 +39,12 @@ def unequal_prompts(data, indices, pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
-@pytest.mark.parametrize("partition", ["head-tail", "head-body-tail"])
-def test_split_generation_equals_the_unsplit_models_generate(split_config, llama4_dir, tmp_path, partition):
+@pytest.mark.parametrize("model,partition", [("llama", "head-tail"), ("llama", "head-body-tail"), ("gpt2", "head-tail")])
+def test_split_generation_equals_the_unsplit_models_generate(split_config, llama4_dir, gpt2_dir, tmp_path, model, partition):
+    """Llama's rotary attention only sees relative positions; GPT-2's absolute positions also check
+    that left padding is numbered as Hugging Face numbers it."""
     extra = {
-        "model.name": str(llama4_dir),
+        "model.name": str(llama4_dir if model == "llama" else gpt2_dir),
         "data.source": "synthetic-sft",
         "split.partition": partition,
         "model.max_length": 40,
@@ -61,16 +63,20 @@ def test_split_generation_equals_the_unsplit_models_generate(split_config, llama
     batch = unequal_prompts(data, setup.test_indices[:4], setup.data.pad_id)
     assert (batch["attention_mask"] == 0).any()
     # no end-of-sequence stop: a briefly trained model may end at once; 12 tokens each are compared
-    generated = party.generate(batch["input_ids"], batch["attention_mask"], 12, None, setup.data.pad_id)
+    scores: list[torch.Tensor] = []
+    generated = party.generate(batch["input_ids"], batch["attention_mask"], 12, None, setup.data.pad_id, logits=scores)
 
     unsplit = unsplit_with_both_adapters(setup, tmp_path, session)
     unsplit.generation_config.eos_token_id = None
     with torch.no_grad():
-        reference = unsplit.generate(**batch, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=setup.data.pad_id)
-    reference = reference[:, batch["input_ids"].shape[1] :]
+        output = unsplit.generate(
+            **batch, max_new_tokens=12, do_sample=False, pad_token_id=setup.data.pad_id, return_dict_in_generate=True, output_logits=True
+        )
+    reference = output.sequences[:, batch["input_ids"].shape[1] :]
     assert generated.shape == reference.shape == (4, 12)
     assert torch.equal(generated, reference)
-    assert len(set(generated.flatten().tolist())) > 1
+    # the logits too (a random-init model's greedy tokens can repeat; its logits do not hide errors)
+    assert torch.allclose(torch.stack(scores), torch.stack(output.logits), atol=1e-5, rtol=1e-4)
 
     # one position per new token: the prefill carries the prompt, every later message one column
     messages = session.model_party.transcript.of_kind("generate")

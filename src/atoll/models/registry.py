@@ -114,7 +114,9 @@ def model_family(name: str) -> str:
             config = AutoConfig.from_pretrained(str(Path(name).expanduser()))
         except Exception as exc:
             raise ModelError(f"'{name}' is not a Hugging Face model directory ({type(exc).__name__})", "it needs a config.json") from None
-        return "causal" if getattr(config, "is_decoder", False) or any("CausalLM" in a for a in (config.architectures or [])) else "encoder"
+        # GPT-2-style checkpoints name their class ...LMHeadModel, not ...ForCausalLM
+        causal = any("CausalLM" in a or "LMHeadModel" in a for a in (config.architectures or []))
+        return "causal" if getattr(config, "is_decoder", False) or causal else "encoder"
     return "unknown"
 
 

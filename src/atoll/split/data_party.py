@@ -158,9 +158,18 @@ class DataParty:
         return metrics.result()
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, eos_id: int | None, pad_id: int) -> Tensor:
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        max_new_tokens: int,
+        eos_id: int | None,
+        pad_id: int,
+        logits: list[Tensor] | None = None,
+    ) -> Tensor:
         """Greedy generation across the cut from left-padded prompts. Both sides keep a KV cache,
-        so after the prompt every new token sends one position each way."""
+        so after the prompt every new token sends one position each way. Each step's next-token
+        logits are appended to ``logits`` when a list is given."""
         self._train_mode(False)
         self._sessions += 1
         session = f"{self.party}-{self._sessions}"
@@ -180,6 +189,8 @@ class DataParty:
                 outputs = self._tail(reply.tensors[self.returns], mask, self.step, "generate", cache=caches.get("tail"))
                 if len(generated) == max_new_tokens:
                     break
+                if logits is not None:
+                    logits.append(outputs[:, -1].float())
                 token = outputs[:, -1].argmax(-1)
                 if pad_id is not None:
                     token = torch.where(finished, torch.full_like(token, pad_id), token)
