@@ -108,3 +108,15 @@ def test_split_list_and_config_commands():
     assert "sigma" in detail.output
     keys = runner.invoke(app, ["split", "config"])
     assert "split.head_blocks" in keys.output and "record.every" in keys.output
+
+
+def test_every_shipped_split_config_loads():
+    from pathlib import Path
+
+    from atoll.split.config import load_split_config
+
+    folder = Path(__file__).resolve().parents[2] / "configs" / "split"
+    names = sorted(p.name for p in folder.glob("*.yaml"))
+    assert "quickstart.yaml" in names
+    for name in names:
+        load_split_config(folder / name)

@@ -118,3 +118,24 @@ def test_the_server_refuses_a_non_loopback_address_without_tls():
 
     with pytest.raises(ConfigError, match="without TLS"):
         ModelPartyServer(lambda b: b, host="0.0.0.0")
+
+
+def test_the_transcript_keeps_what_the_model_party_computed_and_reloads_from_disk(tmp_path, split_config):
+    from atoll.split.model_party import ModelParty
+    from atoll.split.transcript import Transcript
+
+    setup = prepare(split_config(**{"record.every": 1, "record.limit": 1}))
+    session = connect(setup, None)
+    model_party = ModelParty(setup.config, tmp_path)  # the same party, writing what it keeps to disk
+    session.channels[0].handler = model_party.handle
+    session.parties[0].hello()
+    session.parties[0].train_step()
+    session.parties[0].train_step()
+    forward, backward = model_party.transcript.messages
+    assert forward.local["outputs"].shape == (8, 3)  # head-tail: the class logits it returned
+    assert all(k.startswith("parameter_gradients.") and ".lora_" in k or "score" in k for k in backward.local)
+    reloaded = Transcript.load(tmp_path)
+    assert [m.kind for m in reloaded.messages] == ["forward", "backward"]
+    for kept, read in zip(model_party.transcript.messages, reloaded.messages):
+        assert kept.meta == read.meta and kept.tensors.keys() == read.tensors.keys() and kept.local.keys() == read.local.keys()
+        assert all(torch.equal(kept.tensors[k], read.tensors[k]) for k in kept.tensors)

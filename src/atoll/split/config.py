@@ -96,7 +96,7 @@ class CutConfig(Section):
 class SplitTrainConfig(Section):
     lr: float = Field(1e-3, gt=0, description="peak learning rate of every party's AdamW")
     batch_size: int = Field(16, gt=0, description="examples per step of a data party")
-    steps: int | None = Field(None, gt=0, description="optimizer steps per data party (overrides epochs)")
+    steps: int | None = Field(None, ge=0, description="optimizer steps per data party (overrides epochs; 0: inference only)")
     epochs: float = Field(1.0, gt=0, description="passes over each data party's training examples, when steps is unset")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="learning-rate schedule over the run")

@@ -39,6 +39,7 @@ class DataPartySettings:
     warmup_steps: int = 0
     group_by_length: bool = True
     facts: dict[str, Any] = field(default_factory=dict)  # what the hello tells the model party
+    model_party_steps: int = 1  # the model party's steps over all data parties (its LR schedule)
 
 
 class DataParty:

@@ -99,6 +99,7 @@ class ModelParty:
         self.received_bytes = 0
         self.wire = WIRE_DTYPES[config.split.wire_dtype]
         self.finished = False
+        self.kept: Received | None = None  # the message being handled, when the transcript keeps it
 
     # -- the door ---------------------------------------------------------------------------------
     def handle(self, request: bytes) -> bytes:
@@ -110,9 +111,13 @@ class ModelParty:
             handler = getattr(self, f"_on_{message.kind}", None)
             if handler is None:
                 raise SplitProtocolError(f"unknown request kind '{message.kind}'")
+            self.kept = None
             if message.kind in ("forward", "backward", "generate"):
                 phase = "train" if message.kind == "backward" else str(message.meta.get("phase", "train"))
-                self.transcript.offer(phase, request, Received(message.kind, message.tensors, dict(message.meta)))
+                received = Received(message.kind, dict(message.tensors), dict(message.meta))
+                if self.transcript.offer(phase, request, received):
+                    received.tensors = {k: v.detach().clone() for k, v in received.tensors.items()}
+                    self.kept = received
             reply = handler(message)
         except AtollError as error:
             reply = Message(ERROR_KIND, {}, {"message": error.message, "fix": error.fix})
@@ -193,6 +198,8 @@ class ModelParty:
         else:
             with torch.no_grad():
                 outputs = model.run(self.role, inputs, mask)
+        if self.kept is not None:
+            self.transcript.add_local(self.kept, {"outputs": outputs})
         return Message("forward", {self.cut.model_returns: outputs.detach()})
 
     def _on_backward(self, message: Message) -> Message:
@@ -205,6 +212,9 @@ class ModelParty:
         if gradients.shape != pending.outputs.shape:
             raise SplitProtocolError(f"output_gradients have shape {tuple(gradients.shape)}, the outputs {tuple(pending.outputs.shape)}")
         pending.outputs.backward(gradients)
+        if self.kept is not None:
+            named = {f"parameter_gradients.{n}": p.grad for n, p in model.model.named_parameters() if p.grad is not None}
+            self.transcript.add_local(self.kept, named)
         if self.optimizer is not None and self.plan is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.plan.lr * lr_factor(self.steps, self.plan)

@@ -163,6 +163,7 @@ def connect(setup: SplitSetup, run_dir: Path | None, config_path: Path | None = 
             warmup_steps=config.train.warmup_steps,
             group_by_length=config.train.group_by_length,
             facts=facts,
+            model_party_steps=sum(planned),
         )
         parties.append(
             DataParty(settings, model, channels[party], setup.data, indices, setup.cut, build_defenses(config, setup, party, model))
@@ -324,7 +325,7 @@ def train_and_evaluate(session: SplitSession, record: Callable[[dict[str, Any]],
         say(f"step {step}/{rounds}: {train_loss}{shown}")
         pending = []
 
-    if config.eval.initial:
+    if config.eval.initial or rounds == 0:
         evaluate(0)
     for step in range(1, rounds + 1):
         for party, steps in zip(session.parties, planned):
