@@ -139,3 +139,30 @@ def test_the_transcript_keeps_what_the_model_party_computed_and_reloads_from_dis
     for kept, read in zip(model_party.transcript.messages, reloaded.messages):
         assert kept.meta == read.meta and kept.tensors.keys() == read.tensors.keys() and kept.local.keys() == read.local.keys()
         assert all(torch.equal(kept.tensors[k], read.tensors[k]) for k in kept.tensors)
+
+
+def test_grpc_with_tls_verifies_the_model_party(tmp_path):
+    """With a certificate the model party serves TLS; the data party verifies it against the CA.
+    Plaintext to a TLS server fails, and plaintext to a non-loopback address is refused."""
+    from atoll.engines.flower.certs import generate
+    from atoll.errors import ConfigError
+    from atoll.split.channel import SplitProtocolError
+    from atoll.split.grpc_transport import GrpcChannel, ModelPartyServer
+
+    paths = generate(tmp_path / "certs", ["localhost"])
+    server = ModelPartyServer(
+        lambda request: encode(Message("hello", {}, {"echo": decode(request).meta})), "localhost", 0, paths.server_cert, paths.server_key
+    )
+    server.start()
+    try:
+        secure = GrpcChannel(f"localhost:{server.port}", timeout=20, root_certificates=paths.ca)
+        assert secure.call("hello", {}, {"party": 7}).meta == {"echo": {"party": 7}}
+        secure.close()
+        plain = GrpcChannel(f"localhost:{server.port}", timeout=5)
+        with pytest.raises(SplitProtocolError, match="did not answer"):
+            plain.call("hello")
+        plain.close()
+    finally:
+        server.stop()
+    with pytest.raises(ConfigError, match="in plaintext"):
+        GrpcChannel("192.0.2.1:50070")

@@ -79,8 +79,10 @@ def run(
 def serve(
     config: Path = typer.Argument(..., help="the same split config the data party runs"),
     out: Path = typer.Option(..., "--out", help="where the model party writes its adapter and what it received"),
-    host: str = typer.Option("127.0.0.1", help="address to bind (loopback only: there is no TLS yet)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (anything but loopback needs --certificate and --key)"),
     port: int = typer.Option(50070, help="port to listen on (0: any free port)"),
+    certificate: Optional[Path] = typer.Option(None, help="TLS certificate (PEM), e.g. server.pem from `atoll flower certs`"),
+    key: Optional[Path] = typer.Option(None, help="the certificate's private key (PEM)"),
 ) -> None:
     """Serve the model party over gRPC until a data party finishes the run."""
     from atoll.cli import quiet_libraries
@@ -89,7 +91,7 @@ def serve(
     from atoll.split.server import serve as serve_model_party
 
     try:
-        answered = serve_model_party(config, out, host, port, announce=lambda line: typer.echo(line))
+        answered = serve_model_party(config, out, host, port, announce=lambda line: typer.echo(line), certificate=certificate, key=key)
     except AtollError as error:
         _fail(error)
     typer.echo(f"model party answered {answered} requests; outputs in {out}")

@@ -90,6 +90,9 @@ class CutConfig(Section):
         "float32", description="dtype of floating tensors on the wire (bfloat16 halves the bytes, and rounds)"
     )
     timeout: float = Field(600.0, gt=0, description="grpc: seconds to wait for one reply of the model party")
+    root_certificates: str | None = Field(
+        None, description="grpc: CA certificate that signed the model party's TLS certificate (needed for a non-loopback address)"
+    )
     slices: SlicesConfig = Field(default_factory=SlicesConfig, description="per slice: LoRA, full fine-tuning, or frozen")
 
 

@@ -139,7 +139,8 @@ def connect(setup: SplitSetup, run_dir: Path | None, config_path: Path | None = 
                 raise ValueError("starting a model party process needs the run directory's config")
             process = ModelPartyProcess(config_path, model_dir)
             address = process.address
-        channels = [GrpcChannel(address, config.split.timeout, dtype) for _ in setup.party_indices]
+        roots = Path(config.split.root_certificates).expanduser() if config.split.root_certificates else None
+        channels = [GrpcChannel(address, config.split.timeout, dtype, roots) for _ in setup.party_indices]
         try:
             channels[0].wait_ready(60.0)
         except Exception:

@@ -18,7 +18,15 @@ from pathlib import Path
 READY = "atoll-split-model-party-ready"
 
 
-def serve(config_path: Path, out_dir: Path, host: str = "127.0.0.1", port: int = 0, announce=print) -> int:
+def serve(
+    config_path: Path,
+    out_dir: Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    announce=print,
+    certificate: Path | None = None,
+    key: Path | None = None,
+) -> int:
     """Serve until a data party sends ``finish``; returns the number of requests answered."""
     import torch
 
@@ -41,7 +49,7 @@ def serve(config_path: Path, out_dir: Path, host: str = "127.0.0.1", port: int =
             done.set()
         return reply
 
-    server = ModelPartyServer(handler, host, port).start()
+    server = ModelPartyServer(handler, host, port, certificate, key).start()
     announce(f"{READY} {server.port}")
     done.wait()
     server.stop(grace=2.0)
@@ -54,13 +62,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="where the model party writes its adapter and what it received")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--certificate", type=Path, default=None, help="TLS certificate (PEM) of the model party")
+    parser.add_argument("--key", type=Path, default=None, help="its private key (PEM)")
     arguments = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s model party: %(message)s", stream=sys.stderr)
     from atoll.errors import AtollError
 
     try:
-        serve(arguments.config, arguments.out, arguments.host, arguments.port, announce=lambda line: print(line, flush=True))
+        serve(
+            arguments.config,
+            arguments.out,
+            arguments.host,
+            arguments.port,
+            announce=lambda line: print(line, flush=True),
+            certificate=arguments.certificate,
+            key=arguments.key,
+        )
     except AtollError as error:
         print(f"atoll: {error}", file=sys.stderr)
         raise SystemExit(2) from None
