@@ -131,5 +131,5 @@ def test_white_box_inversion_recovers_inputs_and_noise_lowers_it(split_config):
 
 def test_attacks_see_only_the_transcript_and_the_stated_knowledge(split_config):
     results = _inversion(split_config, 0.0)
-    assert results["knowledge_used"] == {"head:pretrained": 1.0}
+    assert results["knowledge_used"] == {"data_model:pretrained": 1.0}
     assert results["white-box-inversion"]["examples"] == 8.0  # one recorded batch of 8

@@ -28,7 +28,7 @@ numbers (e.g. ε spent) to every metrics record. Register in ``plugins.DEFENSES`
 Seam (b), attacks (:mod:`atoll.split.attacks.base`): the model party is honest but curious. An
 attack's ``run(transcript, knowledge)`` sees only the :class:`~atoll.split.transcript.Transcript`
 (the decoded messages the model party received, selected by ``record``) and the knowledge its
-config states (``Knowledge.head("pretrained"|"trained", party)``, ``Knowledge.auxiliary(n)``);
+config states (``Knowledge.data_model("pretrained"|"trained", party)``, ``Knowledge.auxiliary(n)``);
 it returns :class:`~atoll.split.attacks.base.Guess` objects, which the harness alone scores
 against the truth. Register in ``plugins.ATTACKS``.
 """

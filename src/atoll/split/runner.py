@@ -236,10 +236,10 @@ def make_knowledge(session: SplitSession) -> Knowledge:
     used: list[str] = []
     heads: dict[tuple[str, int], PartyModel] = {}
 
-    def head(which: str, party: int) -> PartyModel:
+    def data_model(which: str, party: int) -> PartyModel:
         key = (which, party if which == "trained" else -1)
         if key not in heads:
-            used.append(f"head:{which}")
+            used.append(f"data_model:{which}")
             if which == "trained":
                 heads[key] = copy.deepcopy(session.parties[party].model)
             else:
@@ -254,7 +254,7 @@ def make_knowledge(session: SplitSession) -> Knowledge:
         return list(setup.data.eval_batches(setup.test_indices[:count], setup.config.eval.batch_size))
 
     special = tuple(sorted(set(getattr(setup.tokenizer, "all_special_ids", []) or [])))
-    return Knowledge(head, auxiliary, setup.vocabulary.size, special, used)
+    return Knowledge(data_model, auxiliary, setup.vocabulary.size, special, used)
 
 
 def prepare_model_copy(setup: SplitSetup):

@@ -49,12 +49,13 @@ class Guess:
 class Knowledge:
     """The attacker's side knowledge, handed out only when its config asks for it.
 
-    ``head(which, party)`` returns a white-box copy of a data party's head ("pretrained": the
-    public base weights; "trained": the party's trained head at the end of training);
+    ``data_model(which, party)`` returns a white-box copy of a data party's slices, its head and
+    in head-body-tail its tail ("pretrained": the public base weights; "trained": the party's
+    slices at the end of training);
     ``auxiliary(count)`` returns batches of same-distribution examples the parties did not train on;
     ``special_ids`` are the tokenizer's special token ids (public)."""
 
-    head: Callable[[str, int], "PartyModel"]
+    data_model: Callable[[str, int], "PartyModel"]
     auxiliary: Callable[[int], list[dict[str, Any]]]
     vocab_size: int
     special_ids: tuple[int, ...] = ()

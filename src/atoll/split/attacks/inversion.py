@@ -45,7 +45,7 @@ class WhiteBoxInversion(Attack):
             if per_party.get(message.party, 0) >= params.batches:
                 continue
             per_party[message.party] = per_party.get(message.party, 0) + 1
-            head = knowledge.head(params.head, message.party)
+            head = knowledge.data_model(params.head, message.party)
             tokens = self.invert(head, message.tensors["activations"], message.tensors["attention_mask"])
             mask = message.tensors["attention_mask"].bool()
             for row in range(tokens.shape[0]):
