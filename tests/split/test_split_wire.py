@@ -98,14 +98,17 @@ def _strip(records):
 
 
 def test_two_processes_over_grpc_give_the_one_process_run(tmp_path, split_config):
-    """The model party in its own process, on loopback gRPC: identical metrics, traffic and adapters."""
-    one_dir, one = run_split(split_config(**{"run.dir": str(tmp_path / "one")}), say=lambda _: None)
-    two_dir, two = run_split(split_config(**{"run.dir": str(tmp_path / "two"), "split.transport": "grpc"}), say=lambda _: None)
+    """The model party in its own process, on loopback gRPC, two data parties each on its own
+    connection: identical metrics, traffic and adapters."""
+    common = {"split.data_parties": 2}
+    one_dir, one = run_split(split_config(**common, **{"run.dir": str(tmp_path / "one")}), say=lambda _: None)
+    two_dir, two = run_split(split_config(**common, **{"run.dir": str(tmp_path / "two"), "split.transport": "grpc"}), say=lambda _: None)
     assert two["transport"] == "grpc" and (two_dir / "model_party" / "server.log").is_file()
     read = lambda d: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert _strip(read(one_dir)) == _strip(read(two_dir))
     assert one["final"]["loss"] == two["final"]["loss"] and one["traffic"] == two["traffic"]
-    for party in ("data_party_0", "model_party"):
+    assert two["model_party"]["steps"] == 12  # 6 steps of each data party
+    for party in ("data_party_0", "data_party_1", "model_party"):
         a = load_file(str(one_dir / party / "adapter" / "adapter_model.safetensors"))
         b = load_file(str(two_dir / party / "adapter" / "adapter_model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
