@@ -100,6 +100,18 @@ def test_split_run_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, mes
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_config_error_comes_before_any_heavy_import():
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from atoll.cli import app\n"
+        "result = CliRunner().invoke(app, ['split', 'run', 'missing.yaml', '--set', 'split.cut=1'])\n"
+        "assert result.exit_code == 2 and 'missing.yaml' in result.output, result.output\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_split_list_and_config_commands():
     runner = CliRunner()
     listing = runner.invoke(app, ["split", "list"])

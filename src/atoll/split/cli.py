@@ -56,15 +56,15 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no per-evaluation lines"),
 ) -> None:
     """Train across the cut, evaluate, run the configured attacks, write a run directory."""
-    from atoll.cli import quiet_libraries
-
-    quiet_libraries()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     from atoll.split.config import load_split_config
 
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     try:
-        cfg = load_split_config(config, set_)
+        cfg = load_split_config(config, set_)  # config errors come before any heavy import
+        from atoll.cli import quiet_libraries
         from atoll.split.runner import run_split
+
+        quiet_libraries()
 
         _, summary = run_split(cfg, say=(lambda _: None) if quiet else (lambda line: typer.echo(line, err=True)))
     except AtollError as error:

@@ -221,6 +221,8 @@ def build_split_config(tree: dict[str, Any]) -> SplitConfig:
 
 def load_split_config(path: str | Path, overrides: list[str] | None = None) -> SplitConfig:
     """Read a split YAML file and apply ``--set`` overrides."""
+    if not Path(path).is_file():
+        raise ConfigError(f"config file '{path}' does not exist", "check the path; examples are in configs/split/")
     tree = read_yaml(path)
     for assignment in overrides or []:
         apply_override(tree, assignment)
