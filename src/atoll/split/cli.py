@@ -21,6 +21,24 @@ split_app = typer.Typer(
 )
 
 
+def _quiet_libraries() -> None:
+    """No transformers/peft warning noise on the command line (tests keep the warnings). The same
+    as ``atoll.cli.quiet_libraries``, which this module cannot import (atoll.cli imports it)."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    for name in ("peft", "datasets", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _fail(error: AtollError) -> None:
     typer.echo(f"atoll: {error}", err=True)
     raise typer.Exit(2)
@@ -61,10 +79,9 @@ def run(
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     try:
         cfg = load_split_config(config, set_)  # config errors come before any heavy import
-        from atoll.cli import quiet_libraries
         from atoll.split.runner import run_split
 
-        quiet_libraries()
+        _quiet_libraries()
 
         _, summary = run_split(cfg, say=(lambda _: None) if quiet else (lambda line: typer.echo(line, err=True)))
     except AtollError as error:
@@ -85,9 +102,7 @@ def serve(
     key: Optional[Path] = typer.Option(None, help="the certificate's private key (PEM)"),
 ) -> None:
     """Serve the model party over gRPC until a data party finishes the run."""
-    from atoll.cli import quiet_libraries
-
-    quiet_libraries()
+    _quiet_libraries()
     from atoll.split.server import serve as serve_model_party
 
     try:
