@@ -9,13 +9,13 @@ import sys
 
 import pytest
 import yaml
-from conftest import split_overrides
 from typer.testing import CliRunner
 
 from atoll.cli import app
 from atoll.errors import ConfigError
 from atoll.split.config import split_config_with
 from atoll.split.plugins import ATTACKS, DEFENSES
+from .helpers import split_overrides
 
 
 @pytest.mark.parametrize(

@@ -7,11 +7,11 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_task_model
 
 from atoll.errors import ConfigError, ModelError
 from atoll.split.partition import Cut
 from atoll.split.slices import LoRASettings, PartyModel, SliceTuning
+from .helpers import tiny_task_model
 
 CASES = [
     (model_type, head)
