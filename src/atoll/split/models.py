@@ -13,8 +13,6 @@ from torch import nn
 
 from atoll.split.families import HeadKind
 
-GENERATIVE_TASKS = ("sft", "math")
-
 
 def head_kind(task: str) -> HeadKind:
     """The task head a data task needs."""
