@@ -18,6 +18,18 @@ if TYPE_CHECKING:
 
 DEFENSES: dict[str, str] = {
     "gaussian-noise": "atoll.split.defenses.gaussian:GaussianNoise",
+    "laplace-dp": "atoll.split.defenses.dp:LaplaceDP",
+    "gaussian-dp": "atoll.split.defenses.dp:GaussianDP",
+    "dchi-privacy": "atoll.split.defenses.dchi:DChiPrivacy",
+    "gradient-sparsification": "atoll.split.defenses.sparsification:GradientSparsification",
+    "mid": "atoll.split.defenses.mid:MID",
+    "adversarial-training": "atoll.split.defenses.adversarial:AdversarialTraining",
+    "textobfuscator": "atoll.split.defenses.textobfuscator:TextObfuscator",
+    "santext": "atoll.split.defenses.santext:SanText",
+    "custext": "atoll.split.defenses.custext:CusText",
+    "rantext": "atoll.split.defenses.rantext:RanText",
+    "split-and-denoise": "atoll.split.defenses.split_and_denoise:SplitAndDenoise",
+    "nopeek": "atoll.split.defenses.nopeek:NoPeek",
 }
 
 ATTACKS: dict[str, str] = {

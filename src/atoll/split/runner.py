@@ -59,12 +59,31 @@ def build_defenses(config: SplitConfig, setup: SplitSetup, party: int, model: Pa
         num_labels=setup.num_labels,
         word_embeddings=model.family.word_embeddings().weight.detach().clone(),
         tokenizer=setup.tokenizer,
+        token_counts=corpus_counter(setup, party),
     )
     defenses = []
     for index, item in enumerate(config.defenses):
         cls = plugin_class("defense", item.name)
         defenses.append(cls(parse_plugin_params("defense", item.name, item.params(), f"defenses[{index}]"), context))
     return DefenseStack(defenses)
+
+
+def corpus_counter(setup: SplitSetup, party: int) -> Callable[[], np.ndarray]:
+    """Token counts of data party ``party``'s own training examples, computed once on first use."""
+    cached: list[np.ndarray] = []
+
+    def counts() -> np.ndarray:
+        if not cached:
+            data = setup.data
+            size = setup.vocabulary.size
+            total = np.zeros(size, dtype=np.int64)
+            for index in setup.party_indices[party]:
+                ids = data.data.sequence(index) if isinstance(data, TokenizedData) else np.asarray(data.data.input_ids[index])
+                np.add.at(total, np.asarray(ids, dtype=np.int64) % size, 1)
+            cached.append(total)
+        return cached[0]
+
+    return counts
 
 
 def data_party_model(setup: SplitSetup) -> PartyModel:

@@ -26,7 +26,7 @@ names a defense stays fast (tests/split/test_config.py enforces it for every reg
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -52,6 +52,9 @@ class DefenseContext:
     num_labels: int
     word_embeddings: "Tensor"  # the head's embedding table [vocab, d] (a detached copy)
     tokenizer: Any = None
+    # token id -> count in this data party's own training text (an int array of the vocabulary's
+    # size), computed on first call; for defenses that need the corpus vocabulary or word rarity
+    token_counts: Callable[[], Any] | None = None
 
 
 @dataclass
