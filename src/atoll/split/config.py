@@ -126,6 +126,10 @@ class RecordConfig(Section):
     phases: list[Literal["train", "eval", "generate"]] = Field(
         default_factory=lambda: ["train"], description="which exchanges are recorded: train, eval, generate"
     )
+    parameters: bool = Field(
+        False,
+        description="also keep the model party's own trainable parameters at each recorded training step (on when an attack needs them)",
+    )
 
 
 class PluginConfig(BaseModel):

@@ -58,8 +58,11 @@ def lora_settings(config: SplitConfig) -> LoRASettings:
 
 
 def record_policy(config: SplitConfig) -> RecordPolicy:
+    from atoll.split.plugins import plugin_class
+
     every = config.record.every or (1 if config.attacks else 0)
-    return RecordPolicy(every, config.record.limit, tuple(config.record.phases))
+    parameters = config.record.parameters or any(plugin_class("attack", a.name).needs_parameters for a in config.attacks)
+    return RecordPolicy(every, config.record.limit, tuple(config.record.phases), parameters)
 
 
 @dataclass
@@ -192,6 +195,8 @@ class ModelParty:
         seed_everything(self.config.seed, "dropout", "model", party, int(message.meta.get("step", 0)))
         model.train(training)
         if training:
+            if self.kept is not None and self.transcript.policy.parameters:
+                self.transcript.add_local(self.kept, {f"parameters.{n}": p for n, p in model.model.named_parameters() if p.requires_grad})
             inputs.requires_grad_(True)
             outputs = model.run(self.role, inputs, mask)
             self.pending[party] = _Pending(inputs, outputs)

@@ -34,6 +34,10 @@ DEFENSES: dict[str, str] = {
 
 ATTACKS: dict[str, str] = {
     "white-box-inversion": "atoll.split.attacks.inversion:WhiteBoxInversion",
+    "relaxation-inversion": "atoll.split.attacks.relaxation:RelaxationInversion",
+    "bisr": "atoll.split.attacks.bisr:BiSR",
+    "batch-label-inference": "atoll.split.attacks.label_inference:BatchLabelInference",
+    "norm-scoring": "atoll.split.attacks.norm_scoring:NormScoring",
 }
 
 _REGISTRIES = {"defense": DEFENSES, "attack": ATTACKS}

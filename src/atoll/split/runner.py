@@ -272,8 +272,15 @@ def make_knowledge(session: SplitSession) -> Knowledge:
         used.append(f"auxiliary:{count}")
         return list(setup.data.eval_batches(setup.test_indices[:count], setup.config.eval.batch_size))
 
+    def own_model() -> PartyModel:
+        used.append("own_model")
+        config = setup.config
+        return PartyModel(
+            prepare_model_copy(setup), setup.head, setup.cut.of_party("model"), slice_tuning(config), lora_settings(config), config.seed
+        )
+
     special = tuple(sorted(set(getattr(setup.tokenizer, "all_special_ids", []) or [])))
-    return Knowledge(data_model, auxiliary, setup.vocabulary.size, special, used)
+    return Knowledge(data_model, auxiliary, setup.vocabulary.size, special, used, own_model)
 
 
 def prepare_model_copy(setup: SplitSetup):

@@ -150,4 +150,9 @@ def prepare(config: SplitConfig) -> SplitSetup:
     cut = Cut(config.split.partition, config.split.head_blocks, config.split.tail_blocks, family.num_blocks())
     if head == "causal-lm" and not family.causal:
         raise ConfigError(f"'{config.model.name}' is an encoder and cannot generate", "use a causal LM for sft and math")
+    from atoll.split.plugins import parse_plugin_params, plugin_class
+
+    for index, item in enumerate(config.attacks):
+        params = parse_plugin_params("attack", item.name, item.params(), f"attacks[{index}]")
+        plugin_class("attack", item.name).check(params, config.split.partition, head)
     return SplitSetup(config, task, head, data, tokenizer, test, party_indices, label_names, model, cut, vocabulary)

@@ -42,11 +42,13 @@ class Received:
 @dataclass
 class RecordPolicy:
     """Which exchanges are kept: training steps ``step % every == 0`` (at most ``limit`` per data
-    party), and the phases listed (train, eval, generate)."""
+    party), and the phases listed (train, eval, generate); with ``parameters``, the model party's
+    own trainable parameters as they were at each kept training step."""
 
     every: int = 0
     limit: int = 8
     phases: tuple[str, ...] = ("train",)
+    parameters: bool = False  # keep the model party's own trainable parameters with each kept training forward
 
     def wants(self, phase: str, party: int, step: int, kept: dict[tuple[int, str], set[int]]) -> bool:
         if self.every <= 0 or phase not in self.phases:

@@ -53,13 +53,18 @@ class Knowledge:
     in head-body-tail its tail ("pretrained": the public base weights; "trained": the party's
     slices at the end of training);
     ``auxiliary(count)`` returns batches of same-distribution examples the parties did not train on;
-    ``special_ids`` are the tokenizer's special token ids (public)."""
+    ``special_ids`` are the tokenizer's special token ids (public);
+    ``own_model()`` is the model party's own slice as it builds it (public base weights, its
+    configured LoRA initialisation); attacks load into it the parameters the model party had at
+    a recorded step (``Received.local["parameters.<name>"]``, recorded when an attack declares
+    ``needs_parameters``)."""
 
     data_model: Callable[[str, int], "PartyModel"]
     auxiliary: Callable[[int], list[dict[str, Any]]]
     vocab_size: int
     special_ids: tuple[int, ...] = ()
     used: list[str] | None = None
+    own_model: Callable[[], "PartyModel"] | None = None
 
 
 class Attack:
@@ -68,10 +73,20 @@ class Attack:
     summary: ClassVar[str] = ""
     target: ClassVar[str] = "inputs"
     Params: ClassVar[type[AttackParams]] = AttackParams
+    needs_parameters: ClassVar[bool] = False  # the model party records its own parameters at each recorded step
 
     def __init__(self, params: AttackParams, seed: int):
         self.params = params
         self.seed = seed
+
+    @classmethod
+    def check(cls, params: AttackParams, partition: str, head_kind: str) -> None:
+        """Raise a ConfigError before training when the attack cannot run on this cut and task."""
+
+    def positive_label(self) -> int | None:
+        """Label attacks with scores: the class whose examples count as positives for the AUC
+        (None: a binary task's class 1)."""
+        return None
 
     def run(self, transcript: "Transcript", knowledge: Knowledge) -> list[Guess]:
         raise NotImplementedError

@@ -33,8 +33,9 @@ def score_inputs(guesses: list[Guess], truth: Truth, special_ids: tuple[int, ...
     return {k: float(np.mean(v)) if v else 0.0 for k, v in rows.items()} | {"examples": float(len(guesses))}
 
 
-def score_labels(guesses: list[Guess], truth: Truth) -> dict[str, float]:
-    """Label recovery rate, and AUC when the guesses carry scores (binary tasks)."""
+def score_labels(guesses: list[Guess], truth: Truth, positive: int | None = None) -> dict[str, float]:
+    """Label recovery rate, and AUC when the guesses carry scores: positives are the examples of
+    class ``positive`` (None: any nonzero label, i.e. class 1 of a binary task)."""
     labels = [truth(g.party, g.step, g.row)[1] for g in guesses]
     result = {"examples": float(len(guesses))}
     with_label = [(g.label, t) for g, t in zip(guesses, labels) if g.label is not None and t is not None]
@@ -42,7 +43,7 @@ def score_labels(guesses: list[Guess], truth: Truth) -> dict[str, float]:
         result["recovery_rate"] = recovery_rate([p for p, _ in with_label], [t for _, t in with_label])
     with_score = [(g.score, t) for g, t in zip(guesses, labels) if g.score is not None and t is not None]
     if with_score:
-        result["auc"] = auc([s for s, _ in with_score], [bool(t) for _, t in with_score])
+        result["auc"] = auc([s for s, _ in with_score], [(t == positive) if positive is not None else bool(t) for _, t in with_score])
     return result
 
 
@@ -52,4 +53,4 @@ def run_attack(name: str, params: dict, seed: int, transcript, knowledge: Knowle
     guesses = attack.run(transcript, knowledge)
     if cls.target == "inputs":
         return score_inputs(guesses, truth, knowledge.special_ids)
-    return score_labels(guesses, truth)
+    return score_labels(guesses, truth, attack.positive_label())
