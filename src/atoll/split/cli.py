@@ -147,3 +147,44 @@ def list_(what: Optional[str] = typer.Argument(None, help="defenses, attacks, or
             typer.echo(f"{kind}:")
             for name in registry:
                 typer.echo(f"  {name:22} {plugin_class(kind[:-1], name).summary}")
+
+
+@split_app.command("bench")
+def bench(
+    config: Path = typer.Argument(Path("configs/split/bench.yaml"), help="bench config: base split config, cuts, defense sweeps, attacks"),
+    out: Path = typer.Option(Path("runs/split-bench"), "--out", help="where cells are recorded (bench.jsonl) and run; a rerun resumes"),
+    doc: Path = typer.Option(Path("docs/split.md"), "--doc", help="Markdown file the table is written into (between the bench markers)"),
+    plot: Path = typer.Option(Path("docs/split-bench.png"), "--plot", help="trade-off plot (main task against each attack)"),
+    render_only: bool = typer.Option(False, "--render-only", help="write the table and plot from the recorded cells, run nothing"),
+) -> None:
+    """Attack x defense x cut-point grid: main task, attack performance and DCS as a table and a plot."""
+    import os
+    import time
+
+    from atoll.split.bench import load_bench_config, plot_tradeoff, read_records, render_table, run_bench, write_into
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    try:
+        bench_config = load_bench_config(config)
+        started = time.time()
+        load_before = os.getloadavg()[0]
+        if render_only:
+            records = read_records(out)
+            if not records:
+                raise AtollError(f"no recorded cells in '{out}'", "run the bench first (without --render-only)")
+        else:
+            _quiet_libraries()
+            records = run_bench(bench_config, out, say=lambda line: typer.echo(line, err=True))
+        cell_seconds = sum(r.get("seconds", 0.0) for r in records)
+        loads = [r["load_average"] for r in records if "load_average" in r]
+        note = (
+            f"{len(records)} cells; the runs took {cell_seconds / 60:.1f} min of wall time in all (one torch thread, under `nice -n 10`, "
+            f"on the shared 2-core machine: 1-minute load average {min(loads, default=load_before):.1f}-{max(loads, default=load_before):.1f} "
+            "while the cells ran), resumed cells included."
+        )
+        command = f"atoll split bench {config}"
+        write_into(doc, render_table(bench_config, records, command, note))
+        plot_tradeoff(bench_config, [r for r in records if "mp" in r], plot)
+    except AtollError as error:
+        _fail(error)
+    typer.echo(f"table written into {doc}, plot {plot} ({time.time() - started:.0f} s)")

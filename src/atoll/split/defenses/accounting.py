@@ -40,11 +40,19 @@ def _phi(x: float) -> float:
     return 0.5 * math.erfc(-x / math.sqrt(2))
 
 
+def _log_phi(x: float) -> float:
+    """log Φ(x), accurate in the far left tail too (the asymptotic series of Mills' ratio below −30)."""
+    if x > -30:
+        return math.log(_phi(x))
+    return -x * x / 2 - math.log(-x) - 0.5 * math.log(2 * math.pi) + math.log1p(-1 / x**2 + 3 / x**4)
+
+
 def gdp_delta(mu: float, epsilon: float) -> float:
     """The exact δ at ε of a μ-GDP mechanism (the Gaussian mechanism with Δ/σ = μ)."""
     if mu <= 0:
         return 0.0
-    return _phi(-epsilon / mu + mu / 2) - math.exp(epsilon) * _phi(-epsilon / mu - mu / 2)
+    second = math.exp(min(epsilon + _log_phi(-epsilon / mu - mu / 2), 700.0))
+    return max(_phi(-epsilon / mu + mu / 2) - second, 0.0)
 
 
 def gdp_epsilon(mu: float, delta: float) -> float:
@@ -56,7 +64,7 @@ def gdp_epsilon(mu: float, delta: float) -> float:
     low, high = 0.0, 1.0
     while gdp_delta(mu, high) > delta:
         high *= 2
-        if high > 1e6:
+        if high > 1e15:
             return math.inf
     for _ in range(200):
         middle = (low + high) / 2
@@ -73,7 +81,7 @@ def gdp_mu(epsilon: float, delta: float) -> float:
     low, high = 0.0, 1.0
     while gdp_delta(high, epsilon) < delta:
         high *= 2
-        if high > 1e6:
+        if high > 1e15:
             return math.inf
     for _ in range(200):
         middle = (low + high) / 2
