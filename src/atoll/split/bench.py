@@ -181,6 +181,9 @@ def run_cell(bench: BenchConfig, cell: dict[str, Any], out: Path) -> dict[str, A
     except ConfigError as error:
         record["skipped"] = str(error)
         return record
+    except Exception as error:  # a failing cell is recorded and the grid goes on; delete its line to rerun it
+        record["skipped"] = f"failed: {type(error).__name__}: {error}"
+        return record
     metric, value = main_metric(summary["final"])
     record.update(
         {
