@@ -31,6 +31,7 @@ from pydantic import Field
 
 from atoll.split.attacks.base import Attack, AttackParams, Guess, Knowledge
 from atoll.split.attacks.common import (
+    first_rows,
     freeze,
     guesses_from_tokens,
     matching_message,
@@ -57,6 +58,7 @@ class BiSRParams(AttackParams):
     temperature: float = Field(0.05, gt=0, description="T of softmax(Z/T) in the forward phase")
     beta: float = Field(0.85, ge=0, le=1, description="backward phase: weight of L2 against L1 in the gradient distance")
     batches: int = Field(1, gt=0, description="attack at most this many received training batches per data party")
+    rows: int | None = Field(None, gt=0, description="attack at most this many examples of each batch (None: all)")
 
 
 class BiSR(Attack):
@@ -81,8 +83,8 @@ class BiSR(Attack):
         for message in messages:
             head = knowledge.data_model(params.head, message.party)
             freeze(head)
-            activations = message.tensors["activations"].float()
-            mask = message.tensors["attention_mask"]
+            activations = first_rows(message.tensors["activations"], params.rows).float()
+            mask = first_rows(message.tensors["attention_mask"], params.rows)
             if inverter is not None:
                 with torch.no_grad():
                     logits = inverter(activations)
@@ -152,7 +154,7 @@ class BiSR(Attack):
         observed = backward.tensors["output_gradients"].float()
         if returned is None:
             return logits
-        returned = returned.float()
+        rows = params.rows
         mask = forward.tensors["attention_mask"]
         if returned.shape[-1] == logits.shape[-1]:  # head-tail: the model party returned the logits itself
             top = None
@@ -161,9 +163,11 @@ class BiSR(Attack):
             freeze(top)
             twice_differentiable(top)
         # positions that carried a label: a nonzero returned gradient (head-tail), else every real position but the last
-        rows = observed.reshape(*observed.shape[:2], -1).abs().sum(-1) > 0
-        labelled = rows[:, :-1] if top is None else mask.bool()[:, :-1]
-        count = max(int(labelled.sum()), 1)
+        carried = observed.reshape(*observed.shape[:2], -1).abs().sum(-1) > 0
+        labelled = carried[:, :-1] if top is None else mask.bool()[:, :-1]
+        count = max(int(labelled.sum()), 1)  # the loss is a mean over the whole batch's labels
+        returned, observed = first_rows(returned, rows).float(), first_rows(observed, rows)
+        mask, labelled = first_rows(mask, rows), first_rows(labelled, rows)
         z = logits.detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([z], lr=params.lr)
         for _ in range(params.backward_steps):

@@ -81,9 +81,15 @@ def relaxed_inversion(head, activations, mask, logits, steps: int, lr: float, te
     return z.detach()
 
 
+def first_rows(tensor, rows: int | None):
+    """The first ``rows`` examples of a batch tensor (all of them when ``rows`` is None)."""
+    return tensor if rows is None else tensor[:rows]
+
+
 def guesses_from_tokens(message: "Received", tokens) -> list:
-    """One Guess per row: the recovered token ids at that row's real positions."""
+    """One Guess per row of ``tokens`` (the first rows of the message's batch): the recovered token
+    ids at that row's real positions."""
     from atoll.split.attacks.base import Guess
 
-    mask = message.tensors["attention_mask"].bool()
+    mask = message.tensors["attention_mask"].bool()[: tokens.shape[0]]
     return [Guess(message.party, message.step, row, tokens=tokens[row][mask[row]].tolist()) for row in range(tokens.shape[0])]

@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field
 
 from atoll.split.attacks.base import Attack, AttackParams, Guess, Knowledge
+from atoll.split.attacks.common import first_rows, guesses_from_tokens
 
 
 class WhiteBoxInversionParams(AttackParams):
@@ -26,6 +27,7 @@ class WhiteBoxInversionParams(AttackParams):
     lr: float = Field(0.05, gt=0, description="Adam learning rate on the embeddings")
     loss: Literal["mse", "cosine"] = Field("mse", description="distance between head(Z) and the received activations")
     batches: int = Field(2, gt=0, description="attack at most this many received training batches per data party")
+    rows: int | None = Field(None, gt=0, description="attack at most this many examples of each batch (None: all)")
 
 
 class WhiteBoxInversion(Attack):
@@ -46,10 +48,11 @@ class WhiteBoxInversion(Attack):
                 continue
             per_party[message.party] = per_party.get(message.party, 0) + 1
             head = knowledge.data_model(params.head, message.party)
-            tokens = self.invert(head, message.tensors["activations"], message.tensors["attention_mask"])
-            mask = message.tensors["attention_mask"].bool()
-            for row in range(tokens.shape[0]):
-                guesses.append(Guess(message.party, message.step, row, tokens=tokens[row][mask[row]].tolist()))
+            rows = params.rows
+            tokens = self.invert(
+                head, first_rows(message.tensors["activations"], rows), first_rows(message.tensors["attention_mask"], rows)
+            )
+            guesses += guesses_from_tokens(message, tokens)
         return guesses
 
     def invert(self, head, activations, mask):

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field
 
 from atoll.split.attacks.base import Attack, AttackParams, Guess, Knowledge
-from atoll.split.attacks.common import freeze, guesses_from_tokens, relaxed_inversion, training_messages
+from atoll.split.attacks.common import first_rows, freeze, guesses_from_tokens, relaxed_inversion, training_messages
 
 
 class RelaxationParams(AttackParams):
@@ -27,6 +27,7 @@ class RelaxationParams(AttackParams):
     temperature: float = Field(0.05, gt=0, description="T of softmax(Z/T): small T makes the relaxed tokens nearly one-hot")
     loss: Literal["mse", "cosine"] = Field("mse", description="distance between head(softmax(Z/T)E) and the received activations")
     batches: int = Field(1, gt=0, description="attack at most this many received training batches per data party")
+    rows: int | None = Field(None, gt=0, description="attack at most this many examples of each batch (None: all)")
 
 
 class RelaxationInversion(Attack):
@@ -44,10 +45,10 @@ class RelaxationInversion(Attack):
         for message in training_messages(transcript, "forward", params.batches):
             head = knowledge.data_model(params.head, message.party)
             freeze(head)
-            activations = message.tensors["activations"]
+            activations = first_rows(message.tensors["activations"], params.rows)
             vocabulary = head.family.word_embeddings().weight.shape[0]
             start = torch.zeros(activations.shape[0], activations.shape[1], vocabulary)
-            mask = message.tensors["attention_mask"]
+            mask = first_rows(message.tensors["attention_mask"], params.rows)
             logits = relaxed_inversion(head, activations, mask, start, params.steps, params.lr, params.temperature, params.loss)
             guesses += guesses_from_tokens(message, logits.argmax(-1))
         return guesses

@@ -32,6 +32,8 @@ def laplace_composed(epsilon: float, releases: int, delta: float) -> tuple[float
     basic = releases * epsilon
     if delta <= 0:
         return basic, 0.0
+    if epsilon > 50:  # e^ε overflows, and advanced composition cannot beat T·ε there
+        return basic, 0.0
     advanced = epsilon * math.sqrt(2 * releases * math.log(1 / delta)) + releases * epsilon * math.expm1(epsilon)
     return (advanced, delta) if advanced < basic else (basic, 0.0)
 
