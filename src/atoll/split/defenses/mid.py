@@ -99,10 +99,10 @@ class MID(Defense):
         return self._squeeze(received, mask, step, phase)
 
     def extra_loss(self, exchange):
-        if self.kl is None or self.params.weight == 0:
+        if self.kl is None:
             return None
         self.last_kl = float(self.kl.detach())
-        return self.params.weight * self.kl
+        return self.params.weight * self.kl if self.params.weight else None
 
     def report(self) -> dict[str, float]:
         return {"kl": self.last_kl}

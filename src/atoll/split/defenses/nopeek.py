@@ -45,14 +45,12 @@ class NoPeek(Defense):
         self.last = 0.0
 
     def extra_loss(self, exchange):
-        if self.params.weight == 0:
-            return None
         keep = exchange.batch["attention_mask"].unsqueeze(-1).to(exchange.sent.dtype)
         inputs = (exchange.embeddings * keep).flatten(1)
         sent = (exchange.sent * keep).flatten(1) if exchange.sent.dim() == 3 else exchange.sent.flatten(1)
         value = distance_correlation(inputs.float(), sent.float())
         self.last = float(value.detach())
-        return self.params.weight * value
+        return self.params.weight * value if self.params.weight else None
 
     def report(self) -> dict[str, float]:
         return {"distance_correlation": self.last}
