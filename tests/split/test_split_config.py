@@ -122,13 +122,27 @@ def test_split_list_and_config_commands():
     assert "split.head_blocks" in keys.output and "record.every" in keys.output
 
 
-def test_every_shipped_split_config_loads():
+def test_every_shipped_split_config_loads(tmp_path):
+    """Every run config loads; every cell of the bench grid is a valid run config whose attacks'
+    parameters parse (bench.yaml is a grid, not a run config)."""
     from pathlib import Path
 
-    from atoll.split.config import load_split_config
+    from atoll.split.bench import cell_tree, cells, load_bench_config
+    from atoll.split.config import build_split_config, load_split_config
+    from atoll.split.plugins import parse_plugin_params
 
     folder = Path(__file__).resolve().parents[2] / "configs" / "split"
     names = sorted(p.name for p in folder.glob("*.yaml"))
-    assert "quickstart.yaml" in names
+    assert "quickstart.yaml" in names and "bench.yaml" in names
     for name in names:
-        load_split_config(folder / name)
+        if name != "bench.yaml":
+            load_split_config(folder / name)
+    bench = load_bench_config(folder / "bench.yaml")
+    grid = cells(bench)
+    assert len(grid) >= len(bench.cuts) + len(bench.defenses)
+    for cell in grid:
+        tree = cell_tree(bench, cell, tmp_path)
+        config = build_split_config({**tree, "attacks": []})
+        assert [d.name for d in config.defenses] == ([bench.defenses[cell["sweep"]].name] if cell["defense"] else [])
+        for attack in tree["attacks"]:
+            parse_plugin_params("attack", attack["name"], {k: v for k, v in attack.items() if k != "name"}, attack["name"])

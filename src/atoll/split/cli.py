@@ -14,34 +14,12 @@ from typing import Any, Optional
 
 import typer
 
+from atoll.console import fail, quiet_libraries
 from atoll.errors import AtollError
 
 split_app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Split learning: a data party and a model party share one cut model."
 )
-
-
-def _quiet_libraries() -> None:
-    """No transformers/peft warning noise on the command line (tests keep the warnings). The same
-    as ``atoll.cli.quiet_libraries``, which this module cannot import (atoll.cli imports it)."""
-    import os
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    for name in ("peft", "datasets", "torch"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _fail(error: AtollError) -> None:
-    typer.echo(f"atoll: {error}", err=True)
-    raise typer.Exit(2)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -81,11 +59,11 @@ def run(
         cfg = load_split_config(config, set_)  # config errors come before any heavy import
         from atoll.split.runner import run_split
 
-        _quiet_libraries()
+        quiet_libraries()
 
         _, summary = run_split(cfg, say=(lambda _: None) if quiet else (lambda line: typer.echo(line, err=True)))
     except AtollError as error:
-        _fail(error)
+        fail(error)
     except KeyboardInterrupt:
         typer.echo("atoll: interrupted; split runs do not resume: run the config again (the same seed replays it)", err=True)
         raise typer.Exit(130) from None
@@ -102,13 +80,13 @@ def serve(
     key: Optional[Path] = typer.Option(None, help="the certificate's private key (PEM)"),
 ) -> None:
     """Serve the model party over gRPC until a data party finishes the run."""
-    _quiet_libraries()
+    quiet_libraries()
     from atoll.split.server import serve as serve_model_party
 
     try:
         answered = serve_model_party(config, out, host, port, announce=lambda line: typer.echo(line), certificate=certificate, key=key)
     except AtollError as error:
-        _fail(error)
+        fail(error)
     typer.echo(f"model party answered {answered} requests; outputs in {out}")
 
 
@@ -122,7 +100,7 @@ def config_keys(path: Optional[Path] = typer.Argument(None, help="print this spl
         try:
             typer.echo(load_split_config(path).to_yaml())
         except AtollError as error:
-            _fail(error)
+            fail(error)
         return
     for key, default, description in describe_keys(SplitConfig):
         typer.echo(f"{key:34} {default:14} {description}")
@@ -141,7 +119,7 @@ def list_(what: Optional[str] = typer.Argument(None, help="defenses, attacks, or
                 typer.echo(f"  {key:16} {json.dumps(field.default):12} {field.description or ''}")
             return
     if what not in (None, "defenses", "attacks"):
-        _fail(AtollError(f"nothing called '{what}' to list", f"choose defenses, attacks, or one of: {', '.join([*DEFENSES, *ATTACKS])}"))
+        fail(AtollError(f"nothing called '{what}' to list", f"choose defenses, attacks, or one of: {', '.join([*DEFENSES, *ATTACKS])}"))
     for kind, registry in (("defenses", DEFENSES), ("attacks", ATTACKS)):
         if what in (None, kind):
             typer.echo(f"{kind}:")
@@ -173,7 +151,7 @@ def bench(
             if not records:
                 raise AtollError(f"no recorded cells in '{out}'", "run the bench first (without --render-only)")
         else:
-            _quiet_libraries()
+            quiet_libraries()
             records = run_bench(bench_config, out, say=lambda line: typer.echo(line, err=True))
         cell_seconds = sum(r.get("seconds", 0.0) for r in records)
         loads = [r["load_average"] for r in records if "load_average" in r]
@@ -186,5 +164,5 @@ def bench(
         write_into(doc, render_table(bench_config, records, command, note))
         plot_tradeoff(bench_config, [r for r in records if "mp" in r], plot)
     except AtollError as error:
-        _fail(error)
+        fail(error)
     typer.echo(f"table written into {doc}, plot {plot} ({time.time() - started:.0f} s)")
