@@ -139,7 +139,7 @@ def test_the_transcript_keeps_what_the_model_party_computed_and_reloads_from_dis
     assert all(k.startswith("parameter_gradients.") and ".lora_" in k or "score" in k for k in backward.local)
     reloaded = Transcript.load(tmp_path)
     assert [m.kind for m in reloaded.messages] == ["forward", "backward"]
-    for kept, read in zip(model_party.transcript.messages, reloaded.messages):
+    for kept, read in zip(model_party.transcript.messages, reloaded.messages, strict=True):
         assert kept.meta == read.meta and kept.tensors.keys() == read.tensors.keys() and kept.local.keys() == read.local.keys()
         assert all(torch.equal(kept.tensors[k], read.tensors[k]) for k in kept.tensors)
 
