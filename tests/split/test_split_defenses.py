@@ -24,10 +24,13 @@ def _clean_activations(setup, batch):
         return head.run("head", head.embed_tokens(batch["input_ids"]), batch["attention_mask"])
 
 
-def attack_with(split_config, defense: str | None, attack: str = INVERSION, steps: int = 2, **extra) -> tuple[float, float, dict]:
-    """(attack performance, distortion of the first released tensor, the defense's report) after
-    ``steps`` training steps. Distortion: relative squared change of the first sent activations
-    (inversion) or of the first returned gradient (labels) against the undefended run's."""
+def attack_with(
+    split_config, defense: str | None, attack: str = INVERSION, steps: int = 2, clean_gradient=None, **extra
+) -> tuple[float, float, dict, torch.Tensor]:
+    """(attack performance, distortion of the first released tensor, the defense's report, that
+    tensor) after ``steps`` training steps. Distortion: relative squared change of the first sent
+    activations (inversion) against the clean head's, or of the first returned gradient (labels)
+    against ``clean_gradient``, the undefended run's (None: this run is the undefended one)."""
     over = {"attacks": f"[{attack}]", "record.limit": 1, **extra}
     if defense:
         over["defenses"] = f"[{defense}]"
@@ -42,28 +45,29 @@ def attack_with(split_config, defense: str | None, attack: str = INVERSION, step
     if name == "batch-label-inference":
         performance = results[name]["recovery_rate"]
         sent = messages.of_kind("backward")[0].tensors["output_gradients"]
-        clean = _undefended_gradient(split_config, tuple(sorted(extra.items())))
+        clean = sent if clean_gradient is None else clean_gradient
     else:
         performance = results[name]["token_recall"]
         sent = messages.of_kind("forward")[0].tensors["activations"]
         clean = _clean_activations(setup, setup.data.collate(party.batch_log[1]))
+    released = sent
     mask = messages.of_kind("forward")[0].tensors["attention_mask"].bool()
     if sent.dim() == 3:
         sent, clean = sent[mask], clean[mask]
     distortion = float((sent - clean).pow(2).sum() / clean.pow(2).sum())
-    return performance, distortion, party.defenses.report()
+    return performance, distortion, party.defenses.report(), released
 
 
-_GRADIENTS: dict = {}
+@pytest.fixture(scope="module")
+def undefended_inversion(tmp_path_factory) -> float:
+    """The white-box inversion's token recall without a defense (shared by the input defenses)."""
+    from atoll.split.config import split_config_with
 
+    from .helpers import split_overrides
 
-def _undefended_gradient(split_config, extra: tuple):
-    if extra not in _GRADIENTS:
-        setup = prepare(split_config(**{"record.limit": 1, "record.every": 1, **dict(extra)}))
-        session = connect(setup, None)
-        session.parties[0].train_step()
-        _GRADIENTS[extra] = session.model_party.transcript.of_kind("backward")[0].tensors["output_gradients"]
-    return _GRADIENTS[extra]
+    root = tmp_path_factory.mktemp("undefended")
+    recall, _, _, _ = attack_with(lambda **extra: split_config_with(split_overrides(root, **extra)), None)
+    return recall
 
 
 # defense, its parameter's values from less to more private, the attack, extra config
@@ -82,13 +86,15 @@ INPUT_DEFENSES = [
 
 
 @pytest.mark.parametrize("name,param,values,fixed", INPUT_DEFENSES, ids=[d[0] for d in INPUT_DEFENSES])
-def test_input_defense_lowers_inversion_and_its_parameter_sets_the_trade_off(split_config, name, param, values, fixed):
-    baseline, _, _ = attack_with(split_config, None)
+def test_input_defense_lowers_inversion_and_its_parameter_sets_the_trade_off(
+    split_config, undefended_inversion, name, param, values, fixed
+):
+    baseline = undefended_inversion
     assert baseline >= 0.95  # without a defense the head is inverted
     measured = []
     for value in values:
         spec = f"{{name: {name}, {param}: {value}" + (f", {fixed}" if fixed else "") + "}"
-        recall, distortion, _ = attack_with(split_config, spec)
+        recall, distortion, _, _ = attack_with(split_config, spec)
         measured.append((recall, distortion))
     (weak_recall, weak_distortion), (strong_recall, strong_distortion) = measured
     assert strong_recall < weak_recall <= baseline + 0.05  # a light defense may leave the attack as it was
@@ -101,7 +107,7 @@ def test_label_defenses_lower_batch_label_inference(split_config):
     DP noise on the returned gradient and sparsifying it each lower that, more so the more private
     their parameter, at a larger distortion of the returned gradient (measured: Laplace 1.0 ->
     0.5, Gaussian 0.875 -> 0.125, sparsification 1.0 -> 0.75 keeping one entry per example)."""
-    baseline, _, _ = attack_with(split_config, None, LABELS, steps=1, **HEAD_BODY_TAIL)
+    baseline, _, _, clean = attack_with(split_config, None, LABELS, steps=1, **HEAD_BODY_TAIL)
     assert baseline == 1.0
     cases = [
         ("laplace-dp", "epsilon", [3000, 10], "position: gradients, clip: 5"),
@@ -112,7 +118,7 @@ def test_label_defenses_lower_batch_label_inference(split_config):
         measured = []
         for value in values:
             spec = f"{{name: {name}, {param}: {value}" + (f", {fixed}" if fixed else "") + "}"
-            measured.append(attack_with(split_config, spec, LABELS, steps=1, **HEAD_BODY_TAIL)[:2])
+            measured.append(attack_with(split_config, spec, LABELS, steps=1, clean_gradient=clean, **HEAD_BODY_TAIL)[:2])
         (weak, weak_distortion), (strong, strong_distortion) = measured
         assert strong < weak <= baseline, name
         assert strong_distortion > weak_distortion, name
@@ -124,11 +130,11 @@ def test_mid_bottleneck_hides_what_passes_and_its_weight_tightens_it(split_confi
     bottleneck) fails; at the tail (head-body-tail) the label inference fails."""
     kl = {}
     for weight in (0.0, 10.0):
-        recall, _, report = attack_with(split_config, f"{{name: mid, weight: {weight}}}", steps=10, **{"train.lr": 0.05})
+        recall, _, report, _ = attack_with(split_config, f"{{name: mid, weight: {weight}}}", steps=10, **{"train.lr": 0.05})
         kl[weight] = report["mid.kl"]
         assert recall <= 0.2
     assert kl[10.0] < 0.5 * kl[0.0]
-    recovered, _, _ = attack_with(split_config, "{name: mid, position: tail, weight: 0.5}", LABELS, steps=1, **HEAD_BODY_TAIL)
+    recovered, _, _, _ = attack_with(split_config, "{name: mid, position: tail, weight: 0.5}", LABELS, steps=1, **HEAD_BODY_TAIL)
     assert recovered <= 0.7
 
 
@@ -136,7 +142,7 @@ def test_nopeek_lowers_distance_correlation_the_more_its_weight(split_config):
     """NoPeek (Vepakomma et al. 2020): training with weight alpha on DistCorr(inputs, sent) lowers it."""
     correlation = {}
     for weight in (0.0, 20.0):
-        _, _, report = attack_with(split_config, f"{{name: nopeek, weight: {weight}}}", steps=8, **{"train.lr": 0.02})
+        _, _, report, _ = attack_with(split_config, f"{{name: nopeek, weight: {weight}}}", steps=8, **{"train.lr": 0.02})
         correlation[weight] = report["nopeek.distance_correlation"]
     assert correlation[20.0] < correlation[0.0] - 0.02
 
@@ -149,7 +155,7 @@ def test_adversarial_training_defeats_its_imagined_adversary(split_config):
     accuracy = {}
     for weight in (0.0, 5.0):
         spec = f"{{name: adversarial-training, weight: {weight}, distance: 0.0}}"
-        _, _, report = attack_with(split_config, spec, steps=12, **{"train.lr": 0.01})
+        _, _, report, _ = attack_with(split_config, spec, steps=12, **{"train.lr": 0.01})
         accuracy[weight] = report["adversarial-training.adversary_accuracy"]
     assert accuracy[0.0] >= 0.5
     assert accuracy[5.0] < 0.5 * accuracy[0.0]
@@ -161,6 +167,6 @@ def test_textobfuscator_close_loss_gathers_tokens_of_a_cluster(split_config):
     close = {}
     for weight in (0.0, 5.0):
         spec = f"{{name: textobfuscator, epsilon: 1000, clusters: 8, close: {weight}, away: 0.0}}"
-        _, _, report = attack_with(split_config, spec, steps=10, **{"train.lr": 0.02})
+        _, _, report, _ = attack_with(split_config, spec, steps=10, **{"train.lr": 0.02})
         close[weight] = report["textobfuscator.close"]
     assert close[5.0] < 0.8 * close[0.0]
