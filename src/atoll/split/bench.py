@@ -176,7 +176,7 @@ def run_cell(bench: BenchConfig, cell: dict[str, Any], out: Path) -> dict[str, A
     try:
         tree["attacks"] = applicable_attacks(tree)
         config = build_split_config(tree)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         _, summary = run_split(config, say=lambda _: None)
     except ConfigError as error:
         record["skipped"] = str(error)
@@ -188,6 +188,7 @@ def run_cell(bench: BenchConfig, cell: dict[str, Any], out: Path) -> dict[str, A
     record.update(
         {
             "seconds": time.perf_counter() - started,
+            "cpu_seconds": time.process_time() - cpu_started,
             "main_metric": metric,
             "mp": value,
             "majority_class_rate": summary.get("majority_class_rate"),

@@ -154,11 +154,12 @@ def bench(
             quiet_libraries()
             records = run_bench(bench_config, out, say=lambda line: typer.echo(line, err=True))
         cell_seconds = sum(r.get("seconds", 0.0) for r in records)
+        cpu_seconds = sum(r.get("cpu_seconds", 0.0) for r in records)
         loads = [r["load_average"] for r in records if "load_average" in r]
         note = (
-            f"{len(records)} cells; the runs took {cell_seconds / 60:.1f} min of wall time in all (one torch thread, under `nice -n 10`, "
-            f"on the shared 2-core machine: 1-minute load average {min(loads, default=load_before):.1f}-{max(loads, default=load_before):.1f} "
-            "while the cells ran), resumed cells included."
+            f"{len(records)} cells; the runs took {cpu_seconds / 60:.1f} CPU minutes and {cell_seconds / 60:.1f} min of wall time in all "
+            f"(one torch thread, under `nice`, on the shared 2-core machine: 1-minute load average "
+            f"{min(loads, default=load_before):.1f}-{max(loads, default=load_before):.1f} while the cells ran), resumed cells included."
         )
         command = f"atoll split bench {config}"
         write_into(doc, render_table(bench_config, records, command, note))
