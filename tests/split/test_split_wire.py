@@ -99,8 +99,14 @@ def _strip(records):
 
 def test_two_processes_over_grpc_give_the_one_process_run(tmp_path, split_config):
     """The model party in its own process, on loopback gRPC, two data parties each on its own
-    connection: identical metrics, traffic and adapters."""
-    common = {"split.data_parties": 2}
+    connection, a DP defense drawing noise and an attack on what the model party recorded:
+    identical metrics (ε spent included), traffic, adapters and attack results."""
+    common = {
+        "split.data_parties": 2,
+        "defenses": "[{name: gaussian-dp, epsilon: 3000, clip: 5}]",
+        "attacks": "[{name: white-box-inversion, steps: 20, lr: 0.1, batches: 1, rows: 2}]",
+        "record.limit": 1,
+    }
     one_dir, one = run_split(split_config(**common, **{"run.dir": str(tmp_path / "one")}), say=lambda _: None)
     two_dir, two = run_split(split_config(**common, **{"run.dir": str(tmp_path / "two"), "split.transport": "grpc"}), say=lambda _: None)
     assert two["transport"] == "grpc" and (two_dir / "model_party" / "server.log").is_file()
@@ -113,6 +119,10 @@ def test_two_processes_over_grpc_give_the_one_process_run(tmp_path, split_config
         b = load_file(str(two_dir / party / "adapter" / "adapter_model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert one["final"]["loss"] != read(one_dir)[0]["eval"]["loss"]  # it trained
+    assert one["final"]["defense.gaussian-dp.epsilon"] == two["final"]["defense.gaussian-dp.epsilon"] > 0
+    attack = {k: v for k, v in one["attacks"]["white-box-inversion"].items() if k != "seconds"}
+    assert attack == {k: v for k, v in two["attacks"]["white-box-inversion"].items() if k != "seconds"}
+    assert attack["examples"] == 4  # two rows of the first batch of each data party
 
 
 def test_the_server_refuses_a_non_loopback_address_without_tls():
