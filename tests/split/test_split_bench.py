@@ -81,3 +81,27 @@ def test_bench_command_runs_the_grid_resumes_and_writes_the_table(tmp_path):
     assert second.exit_code == 0 and "2 cells done, 0 to run" in second.output
     assert doc.read_text().count(bench.START) == 1
     assert len((out / "bench.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    "grid,message",
+    [
+        ("cuts: [{partition: head-tail, head_blok: 1}]\ndefenses: []\nattacks: []\n", "cuts.0.head_blok: Extra inputs are not permitted"),
+        (
+            "cuts: [{head_blocks: 1}]\ndefenses: [{name: mid, param: wieght, values: [1]}]\nattacks: []\n",
+            "unknown parameter 'wieght' of defense 'mid'",
+        ),
+        ("cuts: [{head_blocks: 1}]\ndefenses: []\nattacks: [{name: bisr, knows: all}]\n", "unknown parameter 'knows' of attack 'bisr'"),
+        ("cuts: [{head_blocks: 1}]\ndefenses: [{name: nodef}]\nattacks: []\n", "unknown defense 'nodef'"),
+    ],
+)
+def test_a_bad_grid_is_one_line_before_anything_runs(tmp_path, grid, message):
+    config, doc, out = tmp_path / "bench.yaml", tmp_path / "doc.md", tmp_path / "out"
+    config.write_text(grid)
+    doc.write_text("kept\n")
+    result = CliRunner().invoke(
+        app, ["split", "bench", str(config), "--out", str(out), "--doc", str(doc), "--plot", str(tmp_path / "p.png")]
+    )
+    assert result.exit_code == 2
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not out.exists() and doc.read_text() == "kept\n" and not (tmp_path / "p.png").exists()

@@ -71,10 +71,35 @@ class BenchConfig(BaseModel):
 def load_bench_config(path: Path) -> BenchConfig:
     if not path.is_file():
         raise ConfigError(f"bench config '{path}' does not exist", "see configs/split/bench.yaml")
+    from pydantic import ValidationError
+
     try:
-        return BenchConfig.model_validate(yaml.safe_load(path.read_text()) or {})
-    except Exception as error:  # pydantic's message names the key
-        raise ConfigError(f"bench config '{path}': {str(error).splitlines()[0]} {str(error).splitlines()[1:3]}") from None
+        bench = BenchConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as error:
+        raise ConfigError(f"bench config '{path}' is not valid YAML ({str(error).splitlines()[0]})") from None
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "config"
+        raise ConfigError(f"bench config '{path}': {key}: {first['msg']}", "see configs/split/bench.yaml") from None
+    try:
+        check_cells(bench)
+    except ConfigError as error:
+        raise ConfigError(f"bench config '{path}': {error.message}", error.fix) from None
+    return bench
+
+
+def check_cells(bench: BenchConfig) -> None:
+    """Every cell's split config and every attack's parameters are valid, before anything runs
+    (no torch: a bad grid is refused without writing anything)."""
+    from atoll.split.config import build_split_config
+    from atoll.split.plugins import parse_plugin_params
+
+    for attack in bench.attacks:
+        if "name" not in attack:
+            raise ConfigError("every attack needs a name", "see `atoll split list attacks`")
+        parse_plugin_params("attack", attack["name"], {k: v for k, v in attack.items() if k != "name"}, attack["name"])
+    for cell in cells(bench):
+        build_split_config({**cell_tree(bench, cell, Path("runs")), "attacks": []})
 
 
 # -- the cells --------------------------------------------------------------------------------------
