@@ -14,8 +14,14 @@ from atoll.privacy.dp.dpsgd import DPSGDPlan, causal_lm_example_losses, dp_sgd_t
 def tiny_lora_lm(seed: int = 0):
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
     for p in model.parameters():

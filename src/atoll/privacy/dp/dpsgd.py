@@ -75,7 +75,9 @@ def dp_sgd_train(
     params = [p for p in model.parameters() if p.requires_grad]
     count = next(iter(examples.values())).shape[0]
     expected_batch = plan.sample_rate * count
-    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False, force_functorch=plan.grad_sample_mode == "functorch")
+    wrapped = GradSampleModule(
+        model, batch_first=True, loss_reduction="mean", strict=False, force_functorch=plan.grad_sample_mode == "functorch"
+    )
     base = torch.optim.SGD(params, lr=plan.lr) if plan.optimizer == "sgd" else torch.optim.AdamW(params, lr=plan.lr, weight_decay=0.0)
     optimizer = DPOptimizer(
         base, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm, expected_batch_size=max(1, round(expected_batch))

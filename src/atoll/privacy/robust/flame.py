@@ -64,7 +64,11 @@ def flame(updates: Tensor, noise_factor: float = 0.001, generator: torch.Generat
     """Admit the majority cluster, clip to the median norm S, average, add N(0, (λS)²)."""
     admitted = majority_cluster(updates)
     norms = torch.linalg.vector_norm(updates.to(torch.float64), dim=1)
-    bound = float(norms.median()) if updates.shape[0] % 2 else float(norms.sort().values[updates.shape[0] // 2 - 1 : updates.shape[0] // 2 + 1].mean())
+    bound = (
+        float(norms.median())
+        if updates.shape[0] % 2
+        else float(norms.sort().values[updates.shape[0] // 2 - 1 : updates.shape[0] // 2 + 1].mean())
+    )
     clipped = torch.stack([clip_to_norm(updates[i].to(torch.float64), bound) for i in admitted])
     aggregate = clipped.mean(dim=0)
     if noise_factor > 0:

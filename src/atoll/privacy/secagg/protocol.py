@@ -130,7 +130,9 @@ class SecAggClient:
         for v, (channel_public, _) in roster.items():
             if v == self.client_id:
                 continue
-            plaintext = _ID.pack(self.client_id) + _ID.pack(v) + shamir.encode_share(seed_shares[v + 1]) + shamir.encode_share(key_shares[v + 1])
+            plaintext = (
+                _ID.pack(self.client_id) + _ID.pack(v) + shamir.encode_share(seed_shares[v + 1]) + shamir.encode_share(key_shares[v + 1])
+            )
             nonce = os.urandom(_NONCE_BYTES)
             outgoing[v] = nonce + AESGCM(agree(self._channel_key, channel_public, b"channel")).encrypt(nonce, plaintext, None)
         return outgoing
