@@ -149,3 +149,18 @@ def test_traffic_is_counted_per_round():
     assert phases["masked_input"].messages_up == 3 and phases["masked_input"].bytes_up == 3 * (4 + 100 * 4)
     assert phases["unmasking"].messages_up == 3
     assert result.bytes_total == sum(p.bytes_up + p.bytes_down for p in result.traffic) > 3 * 400
+
+
+def test_float_sum_with_client_side_clipping_composes_with_dp():
+    from atoll.privacy.dp.clipping import clip_to_norm
+    from atoll.privacy.secagg.float_sum import secure_float_sum
+
+    quantizer = Quantizer(clip_range=2.0, levels=2**16, modulus_bits=BITS)
+    generator = torch.Generator().manual_seed(5)
+    updates = {u: torch.randn(64, generator=generator) * (u + 1) for u in range(5)}
+    result = secure_float_sum(updates, quantizer, threshold=3, dropouts=Dropouts(before_masked_input=frozenset({4})), clip_norm=1.0)
+    expected = sum(quantizer.dequantize(quantizer.to_integers(clip_to_norm(updates[u].double(), 1.0))) for u in range(4))
+    assert torch.equal(result.total, expected)
+    assert result.protocol.included == [0, 1, 2, 3]
+    with pytest.raises(SecureAggregationError, match="overflow"):
+        secure_float_sum({u: torch.zeros(2) for u in range(10)}, Quantizer(1.0, 2**28, 32), threshold=2)

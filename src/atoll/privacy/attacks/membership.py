@@ -40,6 +40,20 @@ def token_log_probs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     return result
 
 
+@torch.no_grad()
+def classifier_log_probs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, batch_size: int = 64) -> list[Tensor]:
+    """log p(label | text) of a sequence classifier, one 1-element tensor per example (so the
+    loss and reference scores apply to classifiers as they do to language models)."""
+    model.eval()
+    result: list[Tensor] = []
+    for start in range(0, input_ids.shape[0], batch_size):
+        part = slice(start, start + batch_size)
+        logits = model(input_ids=input_ids[part], attention_mask=attention_mask[part]).logits.float()
+        chosen = torch.log_softmax(logits, dim=-1).gather(-1, labels[part, None])
+        result.extend(chosen[row] for row in range(chosen.shape[0]))
+    return result
+
+
 def loss_score(log_probs: list[Tensor]) -> np.ndarray:
     return np.array([float(lp.mean()) for lp in log_probs])
 
