@@ -93,7 +93,12 @@ def main() -> None:
         for truth in truths:
             best = max(
                 (
-                    {"rouge1": rouge_n(r[1:], truth[1:], 1), "rouge2": rouge_n(r[1:], truth[1:], 2), "rougeL": rouge_l(r[1:], truth[1:]), "exact_match": float(r == truth)}
+                    {
+                        "rouge1": rouge_n(r[1:], truth[1:], 1),
+                        "rouge2": rouge_n(r[1:], truth[1:], 2),
+                        "rougeL": rouge_l(r[1:], truth[1:]),
+                        "exact_match": float(r == truth),
+                    }
                     for r in recovered
                 ),
                 key=lambda s: s["rouge1"],
@@ -143,7 +148,9 @@ def main() -> None:
                 continue
             start = time.perf_counter()
             gradient = {n: -u for n, u in privatize(update, sigma, index).items()}
-            tokens = LampAttack(lamp_model, names, gradient, LampPlan(steps=200, alternatives=4, sweeps=2)).reconstruct(len(truths[0]), tokenizer.bos_token_id)
+            tokens = LampAttack(lamp_model, names, gradient, LampPlan(steps=200, alternatives=4, sweeps=2)).reconstruct(
+                len(truths[0]), tokenizer.bos_token_id
+            )
             record(case, score([tokens], truths) | {"seconds": time.perf_counter() - start})
     summarize(out)
 

@@ -78,3 +78,18 @@ def test_update_noise_multiplier_keeps_the_total_privacy():
     assert z_delta > z
     with pytest.raises(PrivacyBudgetError, match="count_noise_stddev"):
         update_noise_multiplier(1.0, 0.4)
+
+
+def test_adaptive_dp_fedavg_clips_with_the_current_bound_then_moves_it():
+    from atoll.privacy.dp.dpfedavg import AdaptiveDPFedAvg
+
+    clip = AdaptiveClipBound(bound=1.0, target_quantile=0.5, learning_rate=0.2, count_noise_stddev=2.0)
+    rounds = AdaptiveDPFedAvg(clip, noise_multiplier=1.0)
+    assert rounds.update_noise_multiplier == pytest.approx(update_noise_multiplier(1.0, 2.0))
+    noiseless = AdaptiveDPFedAvg(AdaptiveClipBound(bound=1.0, learning_rate=0.2), noise_multiplier=0.0)
+    updates = [torch.tensor([3.0, 4.0]), torch.tensor([0.3, 0.4])]
+    first = noiseless.aggregate(updates, expected_clients=2.0)
+    assert torch.allclose(first.mean.float(), (torch.tensor([0.6, 0.8]) + torch.tensor([0.3, 0.4])) / 2)
+    assert noiseless.clip.bound == pytest.approx(math.exp(-0.2 * (0.5 - 0.5)))  # one of two under C: b = γ, C stays
+    noiseless.aggregate([torch.tensor([0.1, 0.0]), torch.tensor([0.0, 0.2])], expected_clients=2.0)
+    assert noiseless.clip.bound == pytest.approx(math.exp(-0.2 * 0.5))  # both under C: C shrinks

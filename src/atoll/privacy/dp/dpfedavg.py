@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from atoll.privacy.dp.adaptive_clipping import AdaptiveClipBound, update_noise_multiplier
 from atoll.privacy.dp.clipping import clip_to_norm, l2_norm
 
 
@@ -53,3 +54,23 @@ def dp_fedavg_mean(
     if stddev > 0:
         total += torch.normal(0.0, stddev, total.shape, generator=generator, dtype=torch.float64)
     return NoisyMean(total / expected_clients, clipped, stddev / expected_clients)
+
+
+class AdaptiveDPFedAvg:
+    """DP-FedAvg with the clipping bound adapted each round (Andrew et al., NeurIPS 2021).
+
+    A round clips to the current C, adds noise z_Δ·C to the sum (z_Δ from the noise split that
+    keeps the round's privacy at noise multiplier z), then moves C with the noisy clipped count.
+    """
+
+    def __init__(self, clip: AdaptiveClipBound, noise_multiplier: float):
+
+        self.clip = clip
+        self.noise_multiplier = noise_multiplier
+        self.update_noise_multiplier = update_noise_multiplier(noise_multiplier, clip.count_noise_stddev)
+
+    def aggregate(self, updates: list[Tensor], expected_clients: float, generator: torch.Generator | None = None) -> NoisyMean:
+        bound = self.clip.bound
+        result = dp_fedavg_mean(updates, bound, self.update_noise_multiplier, expected_clients, generator)
+        self.clip.update([l2_norm(u) for u in updates], expected_clients, generator)
+        return result
