@@ -64,7 +64,6 @@ class AdaptiveDPFedAvg:
     """
 
     def __init__(self, clip: AdaptiveClipBound, noise_multiplier: float):
-
         self.clip = clip
         self.noise_multiplier = noise_multiplier
         self.update_noise_multiplier = update_noise_multiplier(noise_multiplier, clip.count_noise_stddev)
