@@ -16,6 +16,7 @@ from atoll.privacy.attacks.membership import (
     tpr_at_fpr,
     zlib_score,
 )
+from lm_fixtures import tiny_lora_llama_fixture, tweet_tokenizer_fixture, tweets_fixture  # noqa: F401 (fixtures)
 
 
 def test_auc_and_tpr_at_low_fpr_by_hand():

@@ -10,6 +10,7 @@ from atoll.privacy.attacks.reconstruction.dager import DagerAttack, LoRAGradient
 from atoll.privacy.attacks.reconstruction.lamp import LampAttack, LampPlan
 from atoll.privacy.attacks.rouge import reconstruction_scores, rouge_l, rouge_n
 from atoll.privacy.dp.clipping import clip_to_norm
+from lm_fixtures import tiny_lora_llama_fixture, tweet_tokenizer_fixture, tweets_fixture  # noqa: F401 (fixtures)
 
 LAYER = "base_model.model.model.layers.{}.self_attn.q_proj"
 
@@ -105,3 +106,10 @@ def test_lamp_recovers_far_above_chance_and_less_under_dp(tiny_lora_llama, tweet
     private = token_accuracy(privatize(update, noise_multiplier=1.0))
     assert clean >= 0.4  # chance is 1 / 2048 per position
     assert private <= clean / 2
+
+
+def test_lamp_refuses_attention_without_double_backward(tiny_lora_llama):
+    model = tiny_lora_llama(rank=4)
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="set_attn_implementation"):
+        LampAttack(model, [], {}, LampPlan())

