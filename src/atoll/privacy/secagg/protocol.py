@@ -312,3 +312,27 @@ def secure_sum(inputs: dict[int, np.ndarray], threshold: int, modulus_bits: int,
     total = server.unmask({u: clients[u].unmasking_shares(included) for u in alive})
     dropped = sorted(set(inputs) - set(included))
     return SecAggResult(total, included, dropped, [server.traffic[phase] for phase in PHASES])
+
+
+_SHARE_CIPHERTEXT = _NONCE_BYTES + 2 * _ID.size + 2 * shamir.SHARE_BYTES + _TAG_BYTES
+
+
+@dataclass(frozen=True)
+class ClientTraffic:
+    """What one client sends and receives in a round of ``participants`` (no dropouts), counted
+    as :class:`SecAggServer` counts it: the masked input apart, as it stands in for the upload."""
+
+    bytes_up: int  # keys, encrypted shares and unmasking shares
+    masked_input_bytes: int
+    bytes_down: int  # roster, forwarded shares, survivor list
+    round_trips: int  # protocol rounds besides the masked upload itself
+
+
+def client_traffic(participants: int, length: int, modulus_bits: int) -> ClientTraffic:
+    """Per-client traffic of :func:`secure_sum` among ``participants`` clients, vectors of ``length``."""
+    others = participants - 1
+    value_bytes = (modulus_bits + 7) // 8
+    up = (_ID.size + 2 * _KEY_BYTES) + others * (_SHARE_CIPHERTEXT + 2 * _ID.size)
+    up += _ID.size + participants * (_ID.size + 1 + shamir.SHARE_BYTES)
+    down = participants * (_ID.size + 2 * _KEY_BYTES) + others * (_SHARE_CIPHERTEXT + _ID.size) + participants * _ID.size
+    return ClientTraffic(up, _ID.size + length * value_bytes, down, 3)
