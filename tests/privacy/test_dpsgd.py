@@ -59,7 +59,7 @@ def test_one_example_step_is_the_clipped_gradient(mode):
     dp_sgd_train(model, data, plan, causal_lm_example_losses, torch.Generator().manual_seed(0))
     after = lora_params(model)
     factor = bound / (norm + 1e-6)  # opacus' clip factor
-    for name, grad in zip(names, grads):
+    for name, grad in zip(names, grads, strict=True):
         assert torch.allclose(after[name] - before[name], -0.1 * factor * grad, atol=1e-6, rtol=1e-4)
 
 

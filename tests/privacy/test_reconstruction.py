@@ -40,7 +40,7 @@ def client_update(model, ids: torch.Tensor, lr: float = 0.5) -> dict[str, torch.
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
     grads = torch.autograd.grad(loss, list(params.values()))
-    return {name: -lr * g for name, g in zip(params, grads)}
+    return {name: -lr * g for name, g in zip(params, grads, strict=True)}
 
 
 def privatize(update: dict[str, torch.Tensor], noise_multiplier: float, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -99,7 +99,7 @@ def test_lamp_recovers_far_above_chance_and_less_under_dp(tiny_lora_llama, tweet
     def token_accuracy(update):
         gradient = {n: -u for n, u in update.items()}  # the server knows the step was −lr·∇
         tokens = LampAttack(model, names, gradient, plan).reconstruct(len(truth), tokenizer.bos_token_id)
-        return sum(a == b for a, b in zip(tokens[1:], truth[1:])) / (len(truth) - 1)
+        return sum(a == b for a, b in zip(tokens[1:], truth[1:], strict=False)) / (len(truth) - 1)
 
     update = client_update(model, ids)
     clean = token_accuracy(update)

@@ -5,10 +5,9 @@ effective settings they imply.
 aggregation for an algorithm whose aggregation is not a weighted linear mean (the ``weighted_mean``
 capability: noise on a sum, or a sum the server cannot look inside, stand in for the individual
 updates only then), robust rules under secure aggregation except norm bounding, protections of a
-round's sum with paradigms that aggregate one update at a time, two forms of the same protection on
+round's sum with paradigms that aggregate one update at a time, and (for now) any of them on
 Flower. :func:`effective_settings` returns the run's effective config: the noise multiplier solved
-from a target ε (this alone imports opacus, and with it torch), and on Flower the ``flower.dp`` /
-``flower.secagg`` settings that make Flower's own DP wrappers and SecAgg+ do the work.
+from a target ε (this alone imports opacus, and with it torch).
 """
 
 from __future__ import annotations
@@ -59,14 +58,12 @@ def check_protections(config: Config, spec: AlgorithmSpec, ranks: set[int]) -> N
     dp, secagg = privacy.dp, privacy.secagg
     capabilities = spec.capabilities
     aggregating = dp.enabled or secagg.enabled or robust.rule != "none"
-    if config.engine == "flower":
-        if dp.enabled and config.flower.dp.mode != "none":
-            raise ConfigError("privacy.dp and flower.dp both set DP", "set it once: privacy.dp (every engine) or flower.dp (Flower only)")
-        if secagg.enabled and config.flower.secagg.enabled:
-            raise ConfigError(
-                "privacy.secagg and flower.secagg both enable secure aggregation",
-                "set it once: privacy.secagg (every engine) or flower.secagg (Flower only)",
-            )
+    if config.engine == "flower" and (aggregating or privacy.dpsgd.enabled or robust.validation.enabled or attack.kind != "none"
+                                      or attack.reconstruction.enabled or attack.membership.enabled):  # fmt: skip
+        raise ConfigError(
+            "privacy:, robust: and attack: are wired into the local and realistic engines, not yet into engine flower",
+            "use engine: local (or mode: realistic), or Flower's own flower.dp / flower.secagg",
+        )
     if aggregating and config.mode == "realistic" and config.realistic.paradigm != "sync":
         raise ConfigError(
             f"privacy.dp, privacy.secagg and robust.rule act on a round's set of updates; realistic.paradigm "
@@ -110,12 +107,6 @@ def _check_dp(config: Config, spec: AlgorithmSpec) -> None:
             f"privacy.dp's noise is calibrated to a mean of clipped updates; robust.rule {robust.rule} changes what one client can move",
             "choose DP or a robust rule (DP's clipping already bounds every update's norm)",
         )
-    if config.engine == "flower" and not config.privacy.secagg.enabled:
-        if dp.count_noise_stddev is not None:
-            raise ConfigError(
-                "privacy.dp.count_noise_stddev: Flower's adaptive-clipping wrappers use their own (expected clients / 20)",
-                "leave it null on engine: flower",
-            )
 
 
 def _check_secagg(config: Config, spec: AlgorithmSpec) -> None:
@@ -191,29 +182,14 @@ def _check_attack(config: Config) -> None:
 
 
 def effective_settings(config: Config) -> Config:
-    """The run's effective config: the noise multiplier resolved (1.0 by default, or solved from
-    ``target_epsilon``), and on Flower the equivalent ``flower.dp`` / ``flower.secagg``. The
-    argument is not changed; it is returned as it is when nothing needs resolving."""
-    dp, secagg = config.privacy.dp, config.privacy.secagg
-    flower = config.engine == "flower"
-    if not (dp.enabled and dp.noise_multiplier is None) and not (flower and (dp.enabled or secagg.enabled)):
+    """The run's effective config: ``privacy.dp``'s noise multiplier resolved (1.0 by default, or
+    solved from ``target_epsilon``). The argument is not changed; it is returned as it is when
+    nothing needs resolving."""
+    dp = config.privacy.dp
+    if not (dp.enabled and dp.noise_multiplier is None):
         return config
     effective = config.model_copy(deep=True)
-    settings = effective.privacy.dp
-    if dp.enabled and dp.noise_multiplier is None:
-        settings.noise_multiplier = 1.0 if dp.target_epsilon is None else solve_noise_multiplier(config)
-    if flower and secagg.enabled:
-        participants = sampled_clients(config)
-        effective.flower.secagg.enabled = True
-        effective.flower.secagg.num_shares = 1.0  # every client shares with every other: Bonawitz et al.'s full graph
-        effective.flower.secagg.reconstruction_threshold = min(1.0, secagg_threshold(config) / participants)
-    elif flower and dp.enabled:
-        effective.flower.dp.mode = f"{dp.clip_at}-{dp.mode}"
-        effective.flower.dp.noise_multiplier = settings.noise_multiplier
-        effective.flower.dp.clipping_norm = dp.clip_norm
-        effective.flower.dp.weighting = "equal"
-        effective.flower.dp.target_clipped_quantile = dp.target_quantile
-        effective.flower.dp.clip_norm_lr = dp.clip_lr
+    effective.privacy.dp.noise_multiplier = 1.0 if dp.target_epsilon is None else solve_noise_multiplier(config)
     return effective
 
 

@@ -14,7 +14,6 @@ from atoll.errors import UpdateError
 from atoll.fl.state import AdapterState, LoRAFactors, Update
 from atoll.privacy.vectors import Layout, flatten, unflatten
 
-SECURE_AGGREGATE = -2  # client id of an update that is already the securely summed mean (Flower's SecAgg+)
 PROTECTED_MEAN = -3  # client id of the mean a protection hands to the algorithm's aggregation
 
 

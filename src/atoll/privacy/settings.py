@@ -60,7 +60,7 @@ class DPSGDSettings(_Section):
 
 class SecAggSettings(_Section):
     enabled: bool = Field(
-        False, description="secure aggregation (Bonawitz et al. 2017; Flower's SecAgg+ on engine: flower): the server learns only the sum"
+        False, description="secure aggregation (Bonawitz et al. 2017; local and realistic engines): the server learns only the sum"
     )
     threshold: float | int = Field(
         0.5, gt=0, description="clients needed to unmask: a count, or a fraction of the round's clients (rounded up)"

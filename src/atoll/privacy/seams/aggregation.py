@@ -12,9 +12,6 @@ Threat model of the client-side steps: a client controls its own device, so an a
 (``attack.clients``) skips them. Server-side clipping binds everyone; client-side clipping under
 secure aggregation binds only honest clients (a malicious client's update enters the sum as it
 is, up to the quantizer's range), as without zero-knowledge norm proofs.
-
-Where Flower does the work (its DP wrappers; its SecAgg+), this stage keeps the accounts, and under
-SecAgg+ with DP adds the noise to the revealed mean.
 """
 
 from __future__ import annotations
@@ -33,10 +30,8 @@ from atoll.privacy.dp.clipping import l2_norm
 from atoll.privacy.errors import SecureAggregationError
 from atoll.privacy.messages import (
     PROTECTED_MEAN,
-    SECURE_AGGREGATE,
     applied,
     flat_delta,
-    model_delta,
     refuse_control,
     replace_model_tensors,
     unflat,
@@ -44,7 +39,7 @@ from atoll.privacy.messages import (
 from atoll.privacy.seams.central_dp import ClientLevelDP
 from atoll.privacy.seams.robust_rules import apply_rule
 from atoll.privacy.seams.secure_round import SecureRound
-from atoll.privacy.vectors import Layout, flatten
+from atoll.privacy.vectors import Layout
 from atoll.seeding import torch_generator
 
 log = logging.getLogger("atoll.privacy")
@@ -75,7 +70,6 @@ class ProtectedAggregation(Stage):
         secure: SecureRound | None = None,
         robust=None,
         attackers: frozenset[int] = frozenset(),
-        flower_secagg: bool = False,
         root_change: Callable[[int, AdapterState], Tensor] | None = None,
     ):
         self.server = server
@@ -86,13 +80,12 @@ class ProtectedAggregation(Stage):
         self.secure = secure
         self.robust = robust
         self.attackers = attackers
-        self.flower_secagg = flower_secagg
         self.root_change = root_change
         self.listeners: list[Callable[[Release], None]] = []
         self.metrics: dict[str, float] = {}
-        under_secure = secure is not None or flower_secagg
+        under_secure = secure is not None
         self.client_bound: Callable[[Tensor], Tensor] | None = None
-        if dp is not None and dp.adds_noise and (under_secure or dp.settings.clip_at == "client"):
+        if dp is not None and (under_secure or dp.settings.clip_at == "client"):
             self.client_bound = dp.clip
         elif robust is not None and robust.rule == "norm-bounding" and under_secure:
             bound = robust.norm_bound
@@ -113,11 +106,6 @@ class ProtectedAggregation(Stage):
     # -- server side ----------------------------------------------------------------------------------
     def aggregate(self, round: int, updates: list[Update], server) -> bool:
         self.metrics = {}
-        if self.dp is not None and not self.dp.adds_noise:  # Flower's DP wrappers clip and add the noise
-            self.dp.account()
-            return False
-        if len(updates) == 1 and updates[0].client_id == SECURE_AGGREGATE:
-            return self._after_flower_secagg(round, updates[0], server)
         if not updates or (self.dp is None and self.secure is None and self.robust is None):
             return False
         downloads = {u.client_id: self.server.configure(round, u.client_id) for u in updates}
@@ -213,20 +201,6 @@ class ProtectedAggregation(Stage):
                 self.metrics["fltrust_honest_trust"] = float(sum(honest) / len(honest))
             if attackers_in:
                 self.metrics["fltrust_attacker_trust"] = float(sum(outcome.trust[i] for i in attackers_in) / len(attackers_in))
-        return True
-
-    def _after_flower_secagg(self, round: int, update: Update, server) -> bool:
-        """SecAgg+ revealed the mean of the clients' uploads; with DP each client clipped its change
-        and weighs 1, so the sum of changes is count x (mean - download), and the noise goes on it."""
-        if self.dp is None:
-            return False
-        reference = self.server.configure(round, 0)
-        change, layout = flatten(model_delta(update.state, reference, update.client_id))
-        total = change * update.num_examples
-        mean = unflat(self.dp.noisy_mean(total, torch_generator(self.seed, "dp-noise", round)), layout)
-        self.dp.account()
-        self._publish(Release(round, mean, reference, []))
-        server.aggregate(round, [Update(PROTECTED_MEAN, update.num_examples, applied(update.state, reference, mean), {})])
         return True
 
     def _publish(self, release: Release) -> None:

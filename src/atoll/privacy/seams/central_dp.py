@@ -6,9 +6,6 @@ client's change to S, adds N(0, z²S²) to the sum and divides by the expected n
 clients m = ceil(qN) (fixed, whoever answered); the accountant records one sampled Gaussian
 mechanism (z, q = m/N) per round and reports ε at δ. With ``budget_epsilon`` the run stops before
 a round would spend past it.
-
-On Flower without secure aggregation, Flower's DP wrappers clip and add the noise; this object
-then only keeps the accounts (``adds_noise`` False), with the same (z, q).
 """
 
 from __future__ import annotations
@@ -26,12 +23,11 @@ from atoll.privacy.dp.clipping import clip_to_norm, l2_norm
 class ClientLevelDP:
     """The DP-FedAvg mechanism of one run (see the module docstring)."""
 
-    def __init__(self, settings, expected_clients: int, num_clients: int, adds_noise: bool = True):
+    def __init__(self, settings, expected_clients: int, num_clients: int):
         self.settings = settings
         self.expected_clients = expected_clients
         self.sample_rate = expected_clients / num_clients
         self.noise_multiplier = float(settings.noise_multiplier if settings.noise_multiplier is not None else 1.0)
-        self.adds_noise = adds_noise
         self.adaptive = settings.mode == "adaptive"
         count_noise = settings.count_noise_stddev if settings.count_noise_stddev is not None else expected_clients / 20.0
         if not self.adaptive or self.noise_multiplier == 0:
@@ -89,8 +85,7 @@ class ClientLevelDP:
         epsilon = self.epsilon()
         if epsilon is not None:
             result["dp_epsilon"] = epsilon
-        if self.adds_noise or not self.adaptive:
-            result["dp_clip_norm"] = self.clip_norm
+        result["dp_clip_norm"] = self.clip_norm
         if self.clipped is not None:
             result["dp_clipped"] = float(self.clipped)
         return result

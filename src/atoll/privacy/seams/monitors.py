@@ -10,7 +10,7 @@
   class, the fraction predicted as the target class.
 
 A server-side observer: it changes nothing in the run, and measures at the rounds the run evaluates,
-on the global model as released (on Flower, after its DP wrapper's noise).
+on the global model as released (after any DP noise).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Threat model: an honest-but-curious server. It follows the protocol, knows the adapter it sent,
 and sees each client's upload, unless secure aggregation hides it, in which case it attacks the
-sum it learns (:class:`~atoll.privacy.seams.aggregation.Release`, or Flower SecAgg+'s mean). Central
+sum it learns (:class:`~atoll.privacy.seams.aggregation.Release`). Central
 DP does not hide an update from the server that adds the noise; example-level DP-SGD does change
 what it sees. Methods (:mod:`atoll.privacy.attacks.reconstruction`): DAGER's span test on the
 adapted ``module`` of layers 0 and 1 (Petrov et al., NeurIPS 2024; exact while the round's
@@ -27,7 +27,7 @@ from atoll.models.adapters import PEFT_PREFIX
 from atoll.privacy.attacks.reconstruction.dager import DagerAttack, LoRAGradient
 from atoll.privacy.attacks.reconstruction.lamp import LampAttack, LampPlan
 from atoll.privacy.attacks.rouge import rouge_l, rouge_n
-from atoll.privacy.messages import SECURE_AGGREGATE, model_delta
+from atoll.privacy.messages import model_delta
 from atoll.seeding import numpy_rng
 
 
@@ -50,9 +50,6 @@ class ReconstructionObserver(Stage):
         if update.client_id == self.settings.victim and self.individual:
             download = server.configure(round, update.client_id)
             self.attack(round, model_delta(update.state, download, update.client_id), download, individual=True)
-        elif update.client_id == SECURE_AGGREGATE:
-            download = server.configure(round, 0)
-            self.attack(round, model_delta(update.state, download, update.client_id), download, individual=False)
         return None
 
     def on_release(self, release) -> None:

@@ -1,8 +1,7 @@
 """From ``privacy:``, ``robust:`` and ``attack:`` to the federation's stages and client behaviours.
 
 :func:`protection_stages` is what :class:`~atoll.fl.federation.Federation` calls when it is built,
-in every process of every driver (the synchronous loop, the event simulation, Flower's ServerApp
-and each ClientApp), so client-side and server-side steps come from one config:
+in every driver (the synchronous loop and the event simulation), so client-side and server-side steps come from one config:
 
 =====================  ==========================================  ============================
 config                 stage or behaviour                          acts at
@@ -19,9 +18,8 @@ attack.reconstruction  ReconstructionObserver                      on_receive, o
 attack.membership      MembershipObserver                          round_metrics (final round)
 =====================  ==========================================  ============================
 
-On Flower, Flower's DP wrappers (``flower.dp``, set from ``privacy.dp`` by the resolve step) clip
-and add noise, and ProtectedAggregation keeps the accounts; Flower's SecAgg+ sums, and with DP
-the clients' clipping and the server's noise come from ProtectedAggregation around it.
+On Flower these sections are refused by the resolve step for now (Flower's own ``flower.dp`` and
+``flower.secagg`` remain); :func:`protection_stages` returns the base stages there.
 """
 
 from __future__ import annotations
@@ -43,7 +41,6 @@ from atoll.privacy.seams.monitors import AttackSuccess
 from atoll.privacy.seams.reconstruction_observer import ReconstructionObserver
 from atoll.privacy.seams.secure_round import SecureRound
 from atoll.privacy.seams.validation_stage import UpdateValidation
-from atoll.privacy.settings import ClientDPSettings
 from atoll.seeding import numpy_rng
 
 
@@ -51,6 +48,8 @@ def protection_stages(experiment, base: Stages) -> Stages:
     """``base`` (the default stages and ``federation.behaviours``) with the protections and attacks
     of the config added (see the module docstring)."""
     config = experiment.config
+    if config.engine == "flower":  # not wired there yet (the resolve step refuses these sections on Flower)
+        return base
     privacy, robust, attack = config.privacy, config.robust, config.attack
     check_task(experiment)
     server = experiment.server
@@ -60,15 +59,9 @@ def protection_stages(experiment, base: Stages) -> Stages:
         stages = [UpdateValidation(server, robust.validation.max_norm) if isinstance(s, FiniteUpdates) else s for s in stages]
     if privacy.dpsgd.enabled:
         stages.append(ExampleLevelDP(experiment.workbench, privacy.dpsgd, config, experiment.splits.client_sizes(), config.seed))
-    flower = config.engine == "flower"
-    secure_here = privacy.secagg.enabled and not flower
-    flower_secagg = flower and (privacy.secagg.enabled or config.flower.secagg.enabled)
     sampled = sampled_clients(config)
-    dp_settings = client_dp_settings(config)
-    dp = None
-    if dp_settings is not None:
-        dp = ClientLevelDP(dp_settings, sampled, config.federation.clients, adds_noise=not flower or flower_secagg)
-    secure = SecureRound(privacy.secagg, lambda n: secagg_threshold(config, n), config.seed) if secure_here else None
+    dp = ClientLevelDP(privacy.dp, sampled, config.federation.clients) if privacy.dp.enabled else None
+    secure = SecureRound(privacy.secagg, lambda n: secagg_threshold(config, n), config.seed) if privacy.secagg.enabled else None
     rule = robust if robust.rule != "none" else None
     chosen = attackers(config)
     aggregation = None
@@ -82,7 +75,6 @@ def protection_stages(experiment, base: Stages) -> Stages:
             secure,
             rule,
             frozenset(chosen),
-            flower_secagg,
             root_change_of(experiment) if robust.rule == "fltrust" else None,
         )
         stages.append(aggregation)
@@ -92,32 +84,13 @@ def protection_stages(experiment, base: Stages) -> Stages:
         if attack.kind == "backdoor" or (attack.kind == "label-flip" and attack.label_flip.source is not None):
             stages.append(AttackSuccess(experiment, attack))
     if attack.reconstruction.enabled:
-        observer = ReconstructionObserver(experiment, attack.reconstruction, sees_individual_updates=not (secure_here or flower_secagg))
+        observer = ReconstructionObserver(experiment, attack.reconstruction, sees_individual_updates=not privacy.secagg.enabled)
         stages.append(observer)
         if aggregation is not None:
             aggregation.listeners.append(observer.on_release)
     if attack.membership.enabled:
-        stages.append(MembershipObserver(experiment, attack.membership, personal_state_here=not flower))
+        stages.append(MembershipObserver(experiment, attack.membership, personal_state_here=True))
     return Stages(stages, behaviours)
-
-
-def client_dp_settings(config) -> ClientDPSettings | None:
-    """The client-level DP of the run: ``privacy.dp``, or on Flower ``flower.dp`` set directly (its
-    accounts need equal weights, the sensitivity its noise is calibrated to, and some noise)."""
-    if config.privacy.dp.enabled:
-        return config.privacy.dp
-    flower_dp = config.flower.dp
-    if config.engine != "flower" or flower_dp.mode == "none" or flower_dp.weighting != "equal" or flower_dp.noise_multiplier <= 0:
-        return None
-    where, mode = flower_dp.mode.split("-")
-    return ClientDPSettings(
-        mode=mode,
-        clip_at=where,
-        clip_norm=flower_dp.clipping_norm,
-        noise_multiplier=flower_dp.noise_multiplier,
-        target_quantile=flower_dp.target_clipped_quantile,
-        clip_lr=flower_dp.clip_norm_lr,
-    )
 
 
 def check_task(experiment) -> None:
