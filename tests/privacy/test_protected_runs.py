@@ -72,6 +72,49 @@ def test_dp_fedavg_records_the_accountants_epsilon_every_round_and_stops_at_the_
     assert "privacy budget" in summary["stopped_early"]
 
 
+def test_a_resumed_dp_run_keeps_its_privacy_accounts(tmp_path):
+    """Adaptive DP-FedAvg, killed after round 1 and resumed: the accountant's history and the
+    adapted bound come back from the checkpoint, so ε, the bound and the adapter are the
+    uninterrupted run's (not ε of the 2 rounds the resumed process ran)."""
+    from helpers import killed_copy, resume
+
+    settings = {
+        "federation.rounds": 3,
+        "privacy.dp.mode": "adaptive",
+        "privacy.dp.clip_norm": 0.01,
+        "privacy.dp.count_noise_stddev": 1.0,
+    }
+    full_dir, _, full = run(tmp_path / "full", **settings)
+    resumed = resume(killed_copy(full_dir, 1, tmp_path / "killed"))
+    assert resumed["protection"]["dp_epsilon"] == pytest.approx(full["protection"]["dp_epsilon"], rel=1e-12)
+    assert resumed["protection"]["dp_epsilon"] == pytest.approx(opacus_epsilon(1.0, 1.0, 3, 1e-5), rel=1e-9)
+    assert resumed["protection"]["dp_clip_norm"] == pytest.approx(full["protection"]["dp_clip_norm"], rel=1e-12)
+    assert full["protection"]["dp_clip_norm"] != 0.01  # the bound moved (all 4 updates were clipped)
+    expected, found = adapter(full_dir), adapter(tmp_path / "killed")
+    assert all(torch.allclose(expected[k], found[k], atol=1e-7) for k in expected)
+
+
+def test_a_sign_flipping_client_uploads_the_scaled_opposite_of_its_honest_change(tmp_path):
+    """The attacker trains honestly from its download, then uploads download − 3 × its change."""
+    from atoll.experiment import build
+    from atoll.fl.federation import Federation
+    from atoll.privacy.messages import flat_delta
+
+    settings = {**QUICK, "attack.kind": "sign-flip", "attack.clients": "[1]", "attack.byzantine.scale": 3}
+    experiment = build(config_with(tiny_overrides(tmp_path, **settings)))
+    try:
+        federation = Federation(experiment)
+        download = federation.configure(1, 1)
+        attacked = flat_delta(federation.train(1, 1, download).state, download, 1)[0]
+        honest = flat_delta(experiment.clients[1].run(1, download).state, download, 1)[0]
+        assert honest.norm() > 0
+        assert torch.allclose(attacked, -3.0 * honest, atol=1e-6)
+        other = flat_delta(federation.train(1, 0, federation.configure(1, 0)).state, download, 0)[0]
+        assert torch.allclose(other, flat_delta(experiment.clients[0].run(1, download).state, download, 0)[0])
+    finally:
+        experiment.close()
+
+
 def test_the_noise_multiplier_is_solved_from_a_target_epsilon(tmp_path):
     """target_epsilon 8 over 3 rounds at q = 1: the resolved z spends at most 8, and barely less."""
     from atoll.resolve import resolve
@@ -175,6 +218,7 @@ REFUSED = [
     ({"privacy.secagg.enabled": "true", "robust.validation.enabled": "true"}, "sees only their sum"),
     ({"privacy.dp.mode": "fixed", "robust.rule": "median"}, "choose DP or a robust rule"),
     ({"robust.rule": "krum"}, "more than 2f + 2"),
+    ({"privacy.dp.mode": "adaptive"}, "the clipped count's noise 0.2 must exceed half the noise multiplier 1"),
     ({"attack.kind": "alie", "attack.clients": "[1]"}, "at least 2 attackers"),
     ({"attack.kind": "sign-flip"}, "no client attacks"),
     ({"privacy.dp.mode": "fixed", "engine": "flower"}, "not yet into engine flower"),

@@ -97,6 +97,8 @@ def _check_dp(config: Config, spec: AlgorithmSpec) -> None:
         raise ConfigError("privacy.dp: set noise_multiplier or target_epsilon, not both")
     if dp.budget_epsilon is not None and dp.noise_multiplier == 0:
         raise ConfigError("privacy.dp.budget_epsilon needs noise: with noise_multiplier 0 no round has a finite epsilon")
+    if dp.target_epsilon is None:
+        check_adaptive_noise(config, 1.0 if dp.noise_multiplier is None else dp.noise_multiplier)
     if dp.mode == "adaptive" and config.privacy.secagg.enabled:
         raise ConfigError(
             "adaptive clipping reads how many updates were clipped, which secure aggregation hides (it would need its own secure sum)",
@@ -106,6 +108,21 @@ def _check_dp(config: Config, spec: AlgorithmSpec) -> None:
         raise ConfigError(
             f"privacy.dp's noise is calibrated to a mean of clipped updates; robust.rule {robust.rule} changes what one client can move",
             "choose DP or a robust rule (DP's clipping already bounds every update's norm)",
+        )
+
+
+def check_adaptive_noise(config: Config, noise_multiplier: float) -> None:
+    """Adaptive clipping splits the round's privacy between the update sum and the clipped count
+    (Andrew et al., Thm. 1): the count's noise must exceed half the noise multiplier."""
+    dp = config.privacy.dp
+    if dp.mode != "adaptive" or noise_multiplier <= 0:
+        return
+    count = dp.count_noise_stddev if dp.count_noise_stddev is not None else sampled_clients(config) / 20.0
+    if 2.0 * count <= noise_multiplier:
+        raise ConfigError(
+            f"privacy.dp adaptive clipping: the clipped count's noise {count:g} must exceed half the noise multiplier "
+            f"{noise_multiplier:g} (its privacy is shared with the update sum)",
+            f"set privacy.dp.count_noise_stddev above {noise_multiplier / 2:g} (default: sampled clients / 20), or lower the noise",
         )
 
 
@@ -190,6 +207,7 @@ def effective_settings(config: Config) -> Config:
         return config
     effective = config.model_copy(deep=True)
     effective.privacy.dp.noise_multiplier = 1.0 if dp.target_epsilon is None else solve_noise_multiplier(config)
+    check_adaptive_noise(config, effective.privacy.dp.noise_multiplier)
     return effective
 
 
