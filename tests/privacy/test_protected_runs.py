@@ -211,6 +211,34 @@ def test_example_level_dp_sgd_reports_the_clients_epsilon(tmp_path):
     assert 0 < protection["dpsgd_epsilon"] <= epsilon_after(1.5, 1.0, 1, 1e-5)
 
 
+def test_the_server_rebuilds_a_clients_text_from_its_update_and_not_under_dp_sgd(tmp_path):
+    """tiny-llama on synthetic instructions, client 0 takes one SGD step on one 16-token sequence:
+    from the plain upload the server's DAGER span test rebuilds it (all but the last token, which
+    no loss reads); with DP-SGD's noise added in the client it rebuilds almost nothing of it."""
+    settings = {
+        "model.name": "tiny-llama",
+        "data.source": "synthetic-sft",
+        "data.max_examples": 200,
+        "partition.name": "iid",
+        "model.max_length": 16,
+        "model.lora.rank": 32,
+        "federation.rounds": 1,
+        "train.batch_size": 1,
+        "train.optimizer": "sgd",
+        "train.lr": 0.1,
+        "eval.max_examples": 16,
+        "attack.reconstruction.enabled": "true",
+    }
+    _, records, _ = run(tmp_path / "plain", **settings)
+    plain = records[0]["protection"]
+    assert plain["reconstruction_individual_update"] == 1.0 and plain["reconstruction_sequences"] == 1.0
+    assert plain["reconstruction_rouge1"] > 0.8 and plain["reconstruction_rougeL"] > 0.8
+    # central DP would not help here: the server that adds the noise sees the update before it
+    noisy_settings = {**settings, "privacy.dpsgd.enabled": "true", "privacy.dpsgd.noise_multiplier": 0.1}
+    _, records, _ = run(tmp_path / "dpsgd", **noisy_settings)
+    assert records[0]["protection"]["reconstruction_rougeL"] < 0.2
+
+
 REFUSED = [
     ({"algorithm.name": "flexlora", "privacy.dp.mode": "fixed"}, "neither aggregates by a weighted mean"),
     ({"algorithm.name": "flexlora", "privacy.secagg.enabled": "true"}, "cannot run under secure aggregation"),

@@ -135,7 +135,11 @@ class ReconstructionSettings(_Section):
     victim: int = Field(0, ge=0, description="the client whose text is attacked")
     rounds: list[int] = Field(default_factory=lambda: [1], description="rounds in which the server attacks")
     method: Literal["dager", "lamp"] = Field("dager", description="DAGER span test (Petrov et al. 2024) or LAMP gradient matching (2022)")
-    module: str = Field("q_proj", description="the LoRA-adapted module type of layers 0 and 1 the span test reads")
+    module: str = Field(
+        "v_proj",
+        description="the LoRA-adapted module type of layers 0 and 1 the span test reads (v_proj: a value at any position gets "
+        "gradient from every later position; a query of the last layer only where the loss is read)",
+    )
     max_length: int = Field(48, gt=1, description="longest sequence searched for")
     lamp_steps: int = Field(200, gt=0, description="lamp: continuous optimisation steps")
 

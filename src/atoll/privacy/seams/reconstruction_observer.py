@@ -7,7 +7,7 @@ DP does not hide an update from the server that adds the noise; example-level DP
 what it sees. Methods (:mod:`atoll.privacy.attacks.reconstruction`): DAGER's span test on the
 adapted ``module`` of layers 0 and 1 (Petrov et al., NeurIPS 2024; exact while the round's
 training tokens fit in the LoRA rank and the update is a sum of gradients, as with ``train.
-optimizer: sgd``; the first token is taken as the known BOS), or LAMP-style gradient matching for
+optimizer: sgd``; the first token is searched in the whole vocabulary), or LAMP-style gradient matching for
 a single sequence of known length (Balunović et al., NeurIPS 2022).
 
 Scores (ROUGE-1/2/L F1 and exact match, Lin 2004) compare every sequence the victim trained on in
@@ -121,8 +121,8 @@ class ReconstructionObserver(Stage):
 
         vocab = model.get_input_embeddings().num_embeddings
         attack = DagerAttack(model, PEFT_PREFIX + first_key, PEFT_PREFIX + second_key, vocab)
-        bos = tokenizer.bos_token_id
-        result = attack.reconstruct(view(first_key), view(second_key), self.settings.max_length, [bos] if bos is not None else None)
+        # the first token is searched in the whole vocabulary: a truncated sequence need not start with BOS
+        result = attack.reconstruct(view(first_key), view(second_key), self.settings.max_length, None)
         return result.sequences
 
     def lamp(self, model, change: dict[str, torch.Tensor], references: list[list[int]], tokenizer) -> list[list[int]]:

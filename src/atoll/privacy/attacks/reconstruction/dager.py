@@ -63,6 +63,11 @@ class SpanTest:
         self.basis = row_space(matrix, rank_tolerance)
         self.projection = None if self.use_A else gradient.A.to(torch.float64)
 
+    @property
+    def full(self) -> bool:
+        """The span is the whole input space: every input passes, the test tells nothing (T ≥ width)."""
+        return self.basis.shape[0] >= self.basis.shape[1]
+
     def residuals(self, inputs: Tensor) -> Tensor:
         inputs = inputs.to(torch.float64)
         return span_residuals(self.basis, inputs if self.projection is None else inputs @ self.projection.T)
@@ -108,9 +113,12 @@ class DagerAttack:
         """Grow sequences from the candidate tokens. The query at position 0 (it attends only to
         itself) and every input of the last position (no loss reads its output) get no gradient,
         so the first token is searched in ``first_tokens`` (default: the whole vocabulary) by the
-        test of the second position, and the last token of a sequence stays unrecovered."""
-        candidates = self.token_candidates(first)
+        test of the second position, and the last token of a sequence stays unrecovered. A gradient
+        whose span fills its input space (more tokens than the rank) gives no result."""
         test = SpanTest(second, self.rank_tolerance)
+        if SpanTest(first, self.rank_tolerance).full or test.full:  # more tokens than the rank: no test, and no result
+            return DagerResult([], [])
+        candidates = self.token_candidates(first)
         starts = list(range(self.vocab_size)) if first_tokens is None else list(first_tokens)
         prefixes: list[list[int]] = [[token] for token in starts]
         finished: list[list[int]] = []
