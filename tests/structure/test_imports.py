@@ -131,6 +131,8 @@ LAYER_RULES = [
     ("atoll.algorithms", ["atoll.sim", "atoll.engines", "atoll.dispatch", "atoll.cli", "atoll.experiment"]),
     ("atoll.sim", ["atoll.engines", "atoll.dispatch", "atoll.cli"]),
     ("atoll.engines", ["atoll.sim", "atoll.dispatch", "atoll.cli"]),
+    # protections act through the federation's stages: they know no driver
+    ("atoll.privacy", ["atoll.sim", "atoll.engines", "atoll.dispatch", "atoll.cli", "atoll.experiment"]),
     ("atoll.resolve", ["atoll.experiment", "atoll.sim.realistic.engine", "atoll.fl.federation", "atoll.fl.base"]),
     # pretraining knows no federation; the shared console helpers know no command
     ("atoll.lm", ["atoll.fl", "atoll.sim", "atoll.engines", "atoll.algorithms", "atoll.dispatch", "atoll.cli", "atoll.experiment"]),
