@@ -115,6 +115,38 @@ def test_a_sign_flipping_client_uploads_the_scaled_opposite_of_its_honest_change
         experiment.close()
 
 
+@pytest.mark.parametrize(
+    "algorithm,attack",
+    [("scaffold", "free-ride-zero"), ("flora", "sign-flip")],
+    ids=["scaffold-free-rider-keeps-its-variates", "flora-change-from-the-fresh-adapter"],
+)
+def test_attacks_measure_a_change_from_where_the_client_starts(tmp_path, algorithm, attack):
+    """SCAFFOLD's free rider uploads its download's model part unchanged (its client still runs,
+    so the variates it keeps exist); FLoRA's clients start from the fresh seeded adapter, which
+    the download does not hold, and a sign flip is measured from it."""
+    from atoll.experiment import build
+    from atoll.fl.federation import Federation
+    from atoll.privacy.messages import flat_delta, start_of
+
+    settings = {**QUICK, "algorithm.name": algorithm, "attack.kind": attack, "attack.clients": "[1]", "attack.byzantine.scale": 2}
+    experiment = build(config_with(tiny_overrides(tmp_path, **settings)))
+    try:
+        federation = Federation(experiment)
+        download = federation.configure(1, 1)
+        start = start_of(experiment.server.context, 1, download)
+        sent = federation.train(1, 1, download).state
+        if attack == "free-ride-zero":
+            tensors, expected = sent.model_tensors(), start.model_tensors()
+            assert tensors and all(torch.equal(tensors[k], expected[k]) for k in tensors)
+            assert sent.control  # SCAFFOLD's control data still travels
+        else:
+            honest = flat_delta(experiment.clients[1].run(1, download).state, start, 1)[0]
+            assert honest.norm() > 0
+            assert torch.allclose(flat_delta(sent, start, 1)[0], -2.0 * honest, atol=1e-6)
+    finally:
+        experiment.close()
+
+
 def test_the_noise_multiplier_is_solved_from_a_target_epsilon(tmp_path):
     """target_epsilon 8 over 3 rounds at q = 1: the resolved z spends at most 8, and barely less."""
     from atoll.resolve import resolve

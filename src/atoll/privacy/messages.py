@@ -17,6 +17,26 @@ from atoll.privacy.vectors import Layout, flatten, unflatten
 PROTECTED_MEAN = -3  # client id of the mean a protection hands to the algorithm's aggregation
 
 
+def completed(download: AdapterState, initial: AdapterState) -> AdapterState:
+    """``download`` with the model parts it leaves out taken from ``initial``: what a client
+    starts from when its algorithm sends only part of the adapter (FLoRA's clients start each
+    round from the fresh seeded adapter)."""
+    lora = dict(download.lora)
+    for name, factors in initial.lora.items():
+        mine = lora.get(name)
+        if mine is None:
+            lora[name] = factors
+        elif mine.A is None or mine.B is None:
+            lora[name] = LoRAFactors(factors.A if mine.A is None else mine.A, factors.B if mine.B is None else mine.B, mine.scale)
+    return AdapterState(lora, {**initial.extra, **download.extra}, dict(download.base), dict(download.control))
+
+
+def start_of(context, client_id: int, download: AdapterState) -> AdapterState:
+    """The model a client's change is measured from: its download, completed by the seeded initial
+    adapter of its rank (``context`` is the server's or a client's run context)."""
+    return completed(download, context.initial_state(context.client_ranks[client_id]))
+
+
 def model_delta(upload: AdapterState, download: AdapterState, client_id: int) -> dict[str, Tensor]:
     """upload − download (float64) on every model tensor of the upload."""
     mine, reference = upload.model_tensors(), download.model_tensors()

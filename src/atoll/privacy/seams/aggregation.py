@@ -33,6 +33,7 @@ from atoll.privacy.messages import (
     applied,
     flat_delta,
     refuse_control,
+    start_of,
     replace_model_tensors,
     unflat,
 )
@@ -108,7 +109,8 @@ class ProtectedAggregation(Stage):
         self.metrics = {}
         if not updates or (self.dp is None and self.secure is None and self.robust is None):
             return False
-        downloads = {u.client_id: self.server.configure(round, u.client_id) for u in updates}
+        context = self.server.context
+        downloads = {u.client_id: start_of(context, u.client_id, self.server.configure(round, u.client_id)) for u in updates}
         if self.secure is not None:
             return self._secure(round, updates, downloads, server)
         if self.robust is not None:

@@ -10,8 +10,9 @@ attack's paper and math are in :mod:`atoll.privacy.attacks`:
 - ``sign-flip``, ``gaussian``: −scale·own change; N(0, σ²) in place of it;
 - ``alie``, ``ipm``, ``min-max``: crafted from the colluders' honest changes (each colluder's
   training from the same download; partial knowledge: the attackers see their own data only);
-- ``free-ride-zero``, ``-noise``, ``-stale``: no training; the download sent back unchanged, plus
-  noise, or plus the global model's last change.
+- ``free-ride-zero``, ``-noise``, ``-stale`` (Fraboni et al., AISTATS 2021): the upload's model
+  part is the client's start, unchanged, plus noise, or plus the global model's last change; none
+  of its own training is sent (the algorithm's client still runs, for its own bookkeeping).
 
 Client-side protections (clipping before upload) do not bind an attacker: it controls its device.
 """
@@ -26,7 +27,7 @@ import torch
 from atoll.fl.stages import ClientBehaviour
 from atoll.fl.state import AdapterState, Update
 from atoll.privacy.attacks.byzantine import ALIE, IPM, GaussianNoise, MinMax, SignFlip
-from atoll.privacy.messages import applied, flat_delta, model_delta, unflat
+from atoll.privacy.messages import applied, flat_delta, model_delta, replace_model_tensors, start_of, unflat
 from atoll.privacy.seams.poisoned_data import flipped, training_on, with_triggered
 from atoll.seeding import numpy_rng, torch_generator
 
@@ -55,8 +56,12 @@ class Coalition:
             finally:
                 store.put(client_id, saved) if saved is not None else store.discard(client_id)
             self._honest = {k: v for k, v in self._honest.items() if k[0] == round}
-            self._honest[key] = flat_delta(update.state, download, client_id)[0]
+            self._honest[key] = flat_delta(update.state, self.start(client_id, download), client_id)[0]
         return self._honest[key]
+
+    def start(self, client_id: int, download: AdapterState) -> AdapterState:
+        """What ``client_id``'s change is measured from (its download, completed)."""
+        return start_of(self.experiment.server.context, client_id, download)
 
     def poisoned_data(self, client_id: int):
         """(data, indices) the backdoor or label-flip attacker ``client_id`` trains on."""
@@ -106,7 +111,7 @@ class AttackingClient(ClientBehaviour):
         coalition = self.coalition
         kind = coalition.settings.kind
         if kind.startswith("free-ride"):
-            return self.free_ride(round, client_id, download, kind)
+            return self.free_ride(round, client_id, download, kind, honest)
         if kind in ("label-flip", "backdoor"):
             data, indices = coalition.poisoned_data(client_id)
             with training_on(coalition.experiment.workbench, coalition.experiment.clients[client_id].context, data, indices):
@@ -114,12 +119,14 @@ class AttackingClient(ClientBehaviour):
             if kind == "label-flip":
                 return update
             boost = coalition.settings.backdoor.boost or float(coalition.aggregated)
-            change, layout = flat_delta(update.state, download, client_id)
-            return dataclasses.replace(update, state=applied(update.state, download, unflat(boost * change, layout)))
+            start = coalition.start(client_id, download)
+            change, layout = flat_delta(update.state, start, client_id)
+            return dataclasses.replace(update, state=applied(update.state, start, unflat(boost * change, layout)))
         update = honest()
-        own, layout = flat_delta(update.state, download, client_id)
+        start = coalition.start(client_id, download)
+        own, layout = flat_delta(update.state, start, client_id)
         crafted = self.craft(round, client_id, download, own)
-        return dataclasses.replace(update, state=applied(update.state, download, unflat(crafted, layout)))
+        return dataclasses.replace(update, state=applied(update.state, start, unflat(crafted, layout)))
 
     def craft(self, round: int, client_id: int, download: AdapterState, own: torch.Tensor) -> torch.Tensor:
         coalition = self.coalition
@@ -139,12 +146,15 @@ class AttackingClient(ClientBehaviour):
             return ALIE(coalition.aggregated, len(coalition.attackers), settings.z).craft(own, honest)
         return MinMax().craft(own, honest)
 
-    def free_ride(self, round: int, client_id: int, download: AdapterState, kind: str) -> Update:
-        """The upload the algorithm's client would send, without training: its start as it is."""
+    def free_ride(self, round: int, client_id: int, download: AdapterState, kind: str, honest) -> Update:
+        """An upload whose model part is the client's start (its download, completed), as if it
+        had not trained. The algorithm's client still runs its round, so what it keeps and its
+        control data (SCAFFOLD's variates) stay what the algorithm expects; none of its model
+        change is sent."""
         coalition = self.coalition
-        client = coalition.experiment.clients[client_id]
-        start = client.compose(round, download)
-        message = client.upload(round, start, start.clone())
+        update = honest()
+        start = coalition.start(client_id, download).model_tensors()
+        message = replace_model_tensors(update.state, {key: start[key] for key in update.state.model_tensors()})
         if kind == "free-ride-noise":
             generator = torch_generator(coalition.seed, "free-ride", client_id, round)
             change = {k: torch.normal(0.0, coalition.settings.byzantine.stddev, t.shape, generator=generator, dtype=torch.float64)
@@ -157,4 +167,4 @@ class AttackingClient(ClientBehaviour):
                 message = applied(message, message, model_delta(download, previous, client_id))  # the global model's last change
             coalition.downloads = {r: d for r, d in coalition.downloads.items() if r >= round - 1}
             coalition.downloads.setdefault(round, download.clone())
-        return Update(client_id, client.context.num_examples, message, {})
+        return Update(client_id, update.num_examples, message, {})
