@@ -182,24 +182,31 @@ def test_secure_aggregation_past_the_threshold_drops_the_round_and_the_run_goes_
     assert any(not torch.equal(plain[k], adapter(run_dir)[k]) for k in plain)  # the plain run moved; this one did not
 
 
-def test_the_realistic_simulation_charges_secure_aggregation_and_adds_dp_noise(tmp_path, plain_run):
-    """Secure aggregation with DP in the event simulation: ε per round, and more upload bytes than
-    the plain run's (keys, encrypted shares, unmasking shares)."""
+def test_the_realistic_simulation_charges_secure_aggregation_and_stops_at_the_dp_budget(tmp_path):
+    """Secure aggregation with DP in the event simulation: the round's ε is the accountant's, its
+    uploads (keys, shares, masked input, three extra message round trips) cost more bytes and more
+    simulated time than the plain run's round, and a budget between round 1's and round 2's ε ends
+    the run after round 1."""
     system = tmp_path / "sys.yaml"
     system.write_text("devices: {mix: {laptop: 1}}\nnetworks: {mix: {ethernet: 1}}\n")
+    realistic = {"mode": "realistic", "system": str(system)}
+    _, plain, _ = run(tmp_path / "plain", **realistic, **{"federation.rounds": 1})
+    budget = (opacus_epsilon(1.0, 1.0, 1, 1e-5) + opacus_epsilon(1.0, 1.0, 2, 1e-5)) / 2
     settings = {
-        "mode": "realistic",
-        "system": str(system),
-        "federation.rounds": 1,
+        **realistic,
         "privacy.secagg.enabled": "true",
         "privacy.dp.mode": "fixed",
         "privacy.dp.noise_multiplier": 1.0,
+        "privacy.dp.budget_epsilon": budget,
     }
-    _, records, summary = run(tmp_path / "runs", **settings)
+    _, records, summary = run(tmp_path / "protected", **settings)
+    assert [r["round"] for r in records] == [1]
     protection = records[0]["protection"]
     assert protection["dp_epsilon"] == pytest.approx(opacus_epsilon(1.0, 1.0, 1, 1e-5), rel=1e-9)
     assert protection["secagg_failed"] == 0.0
-    assert records[0]["bytes_up"] > plain_run[1][0]["bytes_up"]
+    assert records[0]["bytes_up"] > plain[0]["bytes_up"]
+    assert records[0]["virtual_time"] > plain[0]["virtual_time"]
+    assert "privacy budget" in summary["stopped_by"]
 
 
 def test_krum_keeps_a_sign_flipping_attacker_out(tmp_path):
