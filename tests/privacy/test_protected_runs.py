@@ -60,9 +60,11 @@ def test_dp_fedavg_records_the_accountants_epsilon_every_round_and_stops_at_the_
         "privacy.dp.noise_multiplier": 1.2,
         "privacy.dp.clip_norm": 1e-4,  # every update is clipped
         "privacy.dp.budget_epsilon": budget,
+        "eval.every": 10,
     }
     _, records, summary = run(tmp_path, **settings)
     assert [r["round"] for r in records] == [1, 2]
+    assert "global" not in records[0] and "accuracy" in records[1]["global"]  # the model the stop leaves is evaluated
     for record in records:
         protection = record["protection"]
         assert protection["dp_epsilon"] == pytest.approx(expected[record["round"]], rel=1e-9)

@@ -155,7 +155,9 @@ class Federation:
 
     # -- records -------------------------------------------------------------------------------------
     def should_evaluate(self, round: int) -> bool:
-        return round == self.config.federation.rounds or round % self.config.eval.every == 0
+        """Every ``eval.every`` rounds, the last round, and a round after which a stage ends the run
+        (a privacy budget): the model it leaves is evaluated."""
+        return round == self.config.federation.rounds or round % self.config.eval.every == 0 or self.stop_reason() is not None
 
     def train_summary(self, updates: list[Update]) -> dict[str, float]:
         """Example-weighted mean train loss, total steps and examples of a round's updates."""
