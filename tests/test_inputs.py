@@ -174,7 +174,7 @@ def test_bad_values_say_what_to_write(override, fragment):
 
 @pytest.mark.parametrize(
     "override, guess",
-    [("federation.client=3", "federation.clients"), ("clients=3", "federation.clients"), ("model.lr=1", "train.lr")],
+    [("federation.client=3", "federation.clients"), ("clients=3", "federation.clients' or 'attack.clients"), ("model.lr=1", "train.lr")],
 )
 def test_an_unknown_key_suggests_the_one_meant(override, guess):
     with pytest.raises(ConfigError) as error:

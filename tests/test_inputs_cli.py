@@ -37,7 +37,7 @@ for case, directory, args in json.loads(sys.argv[1]):
         except BaseException:
             code, _ = "crashed", traceback.print_exc()
     results[case] = {"code": code, "stderr": stderr.getvalue()}
-print(json.dumps({"results": results, "imported": [m for m in ("torch", "transformers", "numpy") if m in sys.modules]}))
+print(json.dumps({"results": results, "imported": [m for m in ("torch", "transformers") if m in sys.modules]}))
 """
 
 SYSTEM = ROOT / "configs" / "sys" / "homogeneous-lab.yaml"

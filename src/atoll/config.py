@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from atoll.errors import ConfigError
+from atoll.privacy.settings import AttackConfig, PrivacyConfig, RobustConfig
 from atoll.textfiles import parse_yaml, parse_yaml_value, read_text
 
 
@@ -293,6 +294,9 @@ class AlgorithmConfig(BaseModel):
 
 class TrainConfig(Section):
     lr: float = Field(1e-3, gt=0, description="peak learning rate of AdamW")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="local optimizer: AdamW, or plain SGD (a FedSGD-style step whose update is -lr * the gradient)"
+    )
     batch_size: int = Field(16, gt=0, description="examples per optimizer micro-batch")
     grad_accum: int = Field(1, gt=0, description="micro-batches accumulated per optimizer step")
     local_steps: int | None = Field(None, gt=0, description="optimizer steps per client per round (overrides local_epochs)")
@@ -355,6 +359,11 @@ class Config(Section):
     )
     system: str | None = Field(None, description="realistic mode: the sys.yaml describing devices, networks, availability and ranks")
     realistic: RealisticConfig = Field(default_factory=RealisticConfig, description="realistic mode: paradigm, session and stopping")
+    privacy: PrivacyConfig = Field(
+        default_factory=PrivacyConfig, description="differential privacy and secure aggregation (docs/security.md)"
+    )
+    robust: RobustConfig = Field(default_factory=RobustConfig, description="robust aggregation and update validation (docs/security.md)")
+    attack: AttackConfig = Field(default_factory=AttackConfig, description="poisoning and privacy attacks (docs/security.md)")
 
     @field_validator("name")
     @classmethod
@@ -434,8 +443,8 @@ def _all_keys(cls: type[BaseModel] = Config, prefix: str = "") -> list[str]:
 def _did_you_mean(loc: tuple, names: list[str]) -> str:
     """The same name in another section, or else a close name in this one ('' when neither)."""
     elsewhere = [key for key in _all_keys() if key.rsplit(".", 1)[-1] == str(loc[-1])]
-    if len(elsewhere) == 1:
-        return elsewhere[0]
+    if elsewhere:
+        return "' or '".join(elsewhere[:3])
     prefix = ".".join(str(p) for p in loc[:-1])
     close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
     return (f"{prefix}.{close[0]}" if prefix else close[0]) if close else ""

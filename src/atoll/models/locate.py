@@ -124,7 +124,8 @@ def model_family(name: str) -> str:
     config = model_config(name)
     if config is None:
         return "unknown"
-    causal = config.get("is_decoder") or any("CausalLM" in a for a in config.get("architectures") or [])
+    # GPT-2-style checkpoints name their class ...LMHeadModel, not ...ForCausalLM
+    causal = config.get("is_decoder") or any("CausalLM" in a or "LMHeadModel" in a for a in config.get("architectures") or [])
     return "causal" if causal else "encoder"
 
 
