@@ -239,6 +239,31 @@ INERT_CASES = {
         [f"system={SYSTEM}", "mode=realistic", "realistic.dry_run=true", "run.keep_checkpoints=2"],
         "run.keep_checkpoints=2 has no effect in realistic mode",
     ),
+    "privacy.dp": (["privacy.dp.noise_multiplier=1.5"], "privacy.dp.noise_multiplier=1.5 has no effect without a privacy.dp.mode other"),
+    "privacy.dp.target_quantile": (
+        ["privacy.dp.mode=fixed", "privacy.dp.noise_multiplier=1", "privacy.dp.target_quantile=0.7"],
+        "privacy.dp.target_quantile=0.7 has no effect without privacy.dp.mode: adaptive",
+    ),
+    "privacy.dp.clip_lr": (
+        ["privacy.dp.mode=fixed", "privacy.dp.noise_multiplier=1", "privacy.dp.clip_lr=0.5"],
+        "privacy.dp.clip_lr=0.5 has no effect without privacy.dp.mode: adaptive",
+    ),
+    "privacy.dp.count_noise_stddev": (
+        ["privacy.dp.mode=fixed", "privacy.dp.noise_multiplier=1", "privacy.dp.count_noise_stddev=0.5"],
+        "privacy.dp.count_noise_stddev=0.5 has no effect without privacy.dp.mode: adaptive",
+    ),
+    "privacy.dpsgd": (["privacy.dpsgd.noise_multiplier=2"], "privacy.dpsgd.noise_multiplier=2 has no effect without privacy.dpsgd.enabled"),
+    "privacy.secagg": (["privacy.secagg.threshold=3"], "privacy.secagg.threshold=3 has no effect without privacy.secagg.enabled"),
+    "robust.byzantine": (["robust.byzantine=2"], "robust.byzantine=2 has no effect without robust.rule: krum or multi-krum"),
+    "robust.keep": (["robust.rule=krum", "robust.keep=3"], "robust.keep=3 has no effect without robust.rule: multi-krum"),
+    "robust.trim_fraction": (["robust.trim_fraction=0.2"], "robust.trim_fraction=0.2 has no effect without robust.rule: trimmed-mean"),
+    "robust.norm_bound": (["robust.norm_bound=2"], "robust.norm_bound=2 has no effect without robust.rule: norm-bounding"),
+    "robust.root_examples": (["robust.root_examples=50"], "robust.root_examples=50 has no effect without robust.rule: fltrust"),
+    "robust.noise_factor": (["robust.noise_factor=0.01"], "robust.noise_factor=0.01 has no effect without robust.rule: flame"),
+    "robust.validation": (
+        ["robust.validation.max_norm=3"],
+        "robust.validation.max_norm=3 has no effect without robust.validation.enabled",
+    ),
 }
 
 

@@ -79,6 +79,19 @@ INERT_RULES: list[InertRule] = [
     InertRule(
         "run.keep_checkpoints", lambda c: c.mode != "realistic", "in realistic mode (it keeps no checkpoints)", "use mode: prototype"
     ),
+    _rule("privacy.dp", lambda c: c.privacy.dp.mode != "none", "a privacy.dp.mode other than none", ("mode",)),
+    _rule("privacy.dp.target_quantile", lambda c: c.privacy.dp.mode == "adaptive", "privacy.dp.mode: adaptive"),
+    _rule("privacy.dp.clip_lr", lambda c: c.privacy.dp.mode == "adaptive", "privacy.dp.mode: adaptive"),
+    _rule("privacy.dp.count_noise_stddev", lambda c: c.privacy.dp.mode == "adaptive", "privacy.dp.mode: adaptive"),
+    _rule("privacy.dpsgd", lambda c: c.privacy.dpsgd.enabled, "privacy.dpsgd.enabled: true", ("enabled",)),
+    _rule("privacy.secagg", lambda c: c.privacy.secagg.enabled, "privacy.secagg.enabled: true", ("enabled",)),
+    _rule("robust.byzantine", lambda c: c.robust.rule in ("krum", "multi-krum"), "robust.rule: krum or multi-krum"),
+    _rule("robust.keep", lambda c: c.robust.rule == "multi-krum", "robust.rule: multi-krum"),
+    _rule("robust.trim_fraction", lambda c: c.robust.rule == "trimmed-mean", "robust.rule: trimmed-mean"),
+    _rule("robust.norm_bound", lambda c: c.robust.rule == "norm-bounding", "robust.rule: norm-bounding"),
+    _rule("robust.root_examples", lambda c: c.robust.rule == "fltrust", "robust.rule: fltrust"),
+    _rule("robust.noise_factor", lambda c: c.robust.rule == "flame", "robust.rule: flame"),
+    _rule("robust.validation", lambda c: c.robust.validation.enabled, "robust.validation.enabled: true", ("enabled",)),
 ]
 
 _DEFAULTS = Config()
