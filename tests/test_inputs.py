@@ -146,6 +146,15 @@ def test_the_pretraining_config_gets_the_same_scalar_checks(tmp_path):
     assert "model.layers: expected an integer, got the boolean true" in one_line(error)
 
 
+def test_sections_of_other_packages_inherit_the_scalar_checks():
+    """A section built on atoll.config.Section (split learning's) refuses `rank: true` by itself."""
+    from atoll.split.config import split_config_with
+
+    with pytest.raises(ConfigError) as error:
+        split_config_with(["model.lora.rank=true"])
+    assert "model.lora.rank: expected an integer, got the boolean true" in one_line(error)
+
+
 def test_algorithm_parameters_get_the_same_scalar_checks():
     assert "algorithm.mu: expected a number, got the boolean true" in refused(["algorithm.name=fedprox", "algorithm.mu=true"])
 

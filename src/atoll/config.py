@@ -39,9 +39,16 @@ FRACTION_METRICS = {"accuracy", "macro_f1", "token_accuracy", "exact_match", "ex
 
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are validated, numbers
-    are finite."""
+    are finite, and a boolean is not a number (:func:`check_scalars`: sections of other packages
+    built on this base inherit it; the outermost section names the full dotted key)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_coerced_scalars(cls, data: Any) -> Any:
+        check_scalars(cls, data)  # raises ConfigError, which pydantic lets through unwrapped
+        return data
 
 
 # -- realistic mode: the paradigm, session and stopping (devices live in the sys.yaml) -----------
@@ -586,7 +593,7 @@ def _check_scalar(annotation: Any, value: Any, key: str, where: str, error: type
             kind = "an integer" if float not in numeric else "a number"
             raise error(
                 f"{where}{key}: expected {kind}, got the boolean {str(value).lower()}",
-                f"write {kind} (YAML reads true/false as booleans, not as 1/0)",
+                f"write {kind}; YAML reads true/false as booleans, not as 1/0",
             )
         return
     if numeric and str not in leaves and isinstance(value, (int, float, str)):
