@@ -13,6 +13,7 @@ from typing import Any, Optional
 import typer
 
 from atoll.errors import AtollError
+from atoll.hybrid.cli import hybrid_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated LoRA fine-tuning across data islands.")
 
@@ -194,6 +195,7 @@ def _add_flower_commands() -> None:
 
 
 _add_flower_commands()
+app.add_typer(hybrid_app, name="hybrid")  # atoll hybrid serve-cloud / chat / eval (torch only when a command runs)
 
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Comparisons and benchmarks.")
