@@ -59,7 +59,7 @@ def serve_cloud(
     app = build_app(
         CloudModel(loaded, tokenizer, model), max_logprobs, delay_ms, jitter_ms, seed, str(log_requests) if log_requests else None
     )
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", ws="none"))
 
     async def run() -> None:
         serving = asyncio.create_task(server.serve())
