@@ -97,3 +97,19 @@ def test_generation_metrics():
     assert score("exact_match", "  It is  about Food ", "it is about food") == 1.0
     assert score("exact_match", "it is about food today", "it is about food") == 0.0
     assert score("contains", "so: it is about food.", "about FOOD") == 1.0
+
+
+def test_the_cli_and_a_config_error_import_no_torch(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("fusion: {methods: [edge], colour: red}\n")
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom atoll.cli import app\n"
+        f"result = CliRunner().invoke(app, ['hybrid', 'eval', {str(bad)!r}])\n"
+        "assert result.exit_code == 2, result.output\nprint('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

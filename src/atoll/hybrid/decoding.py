@@ -131,7 +131,7 @@ class HybridDecoder:
             edge_weight=self.fusion.edge_weight,
             alpha=self.fusion.alpha,
             support=self.fusion.support,
-            top_k=len(aligned.ids) or 1,
+            top_k=self.client.top_k,
         )
         token = fused.argmax() if fused is not None else edge_choice
         finished = time.perf_counter()
