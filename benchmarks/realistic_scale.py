@@ -59,17 +59,17 @@ def bench_queue(pending: int = 100_000, count: int = 1_000_000) -> tuple[float, 
 def hetero_algorithm() -> str:
     from atoll import algorithms
 
-    names = algorithms.available()
+    specs = algorithms.specs()
     for preferred in ("flexlora", "hetlora", "flora"):
-        if preferred in names:
+        if preferred in specs:
             return preferred
-    return next(name for name, cls in names.items() if cls.rank_support != "refuse")
+    return next(name for name, spec in specs.items() if spec.capabilities.mixed_ranks != "refuse")
 
 
 def bench_dry_run(clients: int, hours: float, root: Path) -> dict:
     from atoll.config import load_config
     from atoll.report.progress import Progress
-    from atoll.sim.prototype import start_run
+    from atoll.dispatch import start_run
 
     started, cpu = time.perf_counter(), time.process_time()
     config = load_config(
@@ -115,7 +115,7 @@ def bench_training(root: Path, paradigm: str, nightly: bool = False) -> dict:
 
     from atoll.config import config_with
     from atoll.report.progress import Progress
-    from atoll.sim.prototype import start_run
+    from atoll.dispatch import start_run
 
     torch.set_num_threads(1)
     config = config_with(

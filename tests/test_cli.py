@@ -1,6 +1,5 @@
 """The command line: bad input gives one line, exit code 2, no traceback and no run directory."""
 
-import json
 import os
 import signal
 import subprocess
@@ -13,16 +12,16 @@ from typer.testing import CliRunner
 
 from atoll.cli import app
 from conftest import tiny_overrides
+from helpers import assert_same_length, killed_copy, read_records, read_summary
 
 runner = CliRunner()
 
 
-def _empty_config():
-    import tempfile
-
-    path = Path(tempfile.gettempdir()) / "atoll-test-defaults.yaml"
-    if not path.exists():
-        path.write_text("{}\n")
+@pytest.fixture(scope="module")
+def empty_config(tmp_path_factory) -> Path:
+    """A plain-defaults config file (not the quickstart), under pytest's temporary directory."""
+    path = tmp_path_factory.mktemp("config") / "defaults.yaml"
+    path.write_text("{}\n")
     return path
 
 
@@ -30,9 +29,9 @@ def invoke(args):
     return runner.invoke(app, args)
 
 
-def set_args(overrides):
-    """A plain-defaults config file (not the quickstart) plus --set overrides."""
-    args = [str(_empty_config())]
+def set_args(config: Path, overrides):
+    """``config`` plus --set overrides."""
+    args = [str(config)]
     for item in overrides:
         args += ["--set", item]
     return args
@@ -56,9 +55,9 @@ def set_args(overrides):
         ({"data.source": "synthetic-sft", "model.name": "minilm", "partition.name": "iid"}, "cannot generate"),
     ],
 )
-def test_bad_input_is_one_clean_line(tmp_path, extra, fragment):
+def test_bad_input_is_one_clean_line(tmp_path, empty_config, extra, fragment):
     root = tmp_path / "runs"
-    result = invoke(["run", "--quiet"] + set_args(tiny_overrides(root, **extra)))
+    result = invoke(["run", "--quiet"] + set_args(empty_config, tiny_overrides(root, **extra)))
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1, result.output
@@ -67,19 +66,10 @@ def test_bad_input_is_one_clean_line(tmp_path, extra, fragment):
     assert not root.exists() or not any(root.iterdir()), "nothing written"
 
 
-def test_resuming_a_corrupted_checkpoint_is_one_clean_line_and_changes_nothing(tmp_path):
-    from atoll.report.progress import Progress
+def test_resuming_a_corrupted_checkpoint_is_one_clean_line_and_changes_nothing(tmp_path, reference_runs):
     from atoll.report.rundir import RunDir
-    from atoll.sim.prototype import start_run
-    from atoll.config import config_with
 
-    class StopAfterFirstRound(Progress):  # a kill right after round 1's checkpoint
-        def round_end(self, round, record):
-            raise KeyboardInterrupt
-
-    run = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        start_run(config_with(tiny_overrides(tmp_path, **{"run.dir": str(run)})), StopAfterFirstRound())
+    run = killed_copy(reference_runs.get(**{"federation.rounds": 4, "federation.sample_rate": 0.5}), 1, tmp_path / "run")
     server_file = RunDir(run).checkpoint_dir(1) / "server.safetensors"
     data = bytearray(server_file.read_bytes())
     data[-5] ^= 0xFF
@@ -121,11 +111,11 @@ def test_config_lists_keys_with_descriptions():
     assert "federation.sample_rate" in result.output and "fraction of clients" in result.output
 
 
-def test_existing_run_directory_is_not_overwritten(tmp_path):
+def test_existing_run_directory_is_not_overwritten(tmp_path, empty_config):
     target = tmp_path / "taken"
     target.mkdir()
     (target / "keep.txt").write_text("precious")
-    result = invoke(["run", "--quiet"] + set_args(tiny_overrides(tmp_path, **{"run.dir": str(target)})))
+    result = invoke(["run", "--quiet"] + set_args(empty_config, tiny_overrides(tmp_path, **{"run.dir": str(target)})))
     assert result.exit_code == 2 and "already exists" in result.output
     assert (target / "keep.txt").read_text() == "precious"
 
@@ -141,10 +131,10 @@ def _env():
     return env
 
 
-def test_real_process_killed_mid_run_resumes_to_the_same_metrics(tmp_path):
+def test_real_process_killed_mid_run_resumes_to_the_same_metrics(tmp_path, empty_config, reference_runs):
     """A real `atoll run` process is SIGKILLed after its second checkpoint, then resumed."""
     overrides = tiny_overrides(tmp_path, **{"federation.rounds": 5, "run.dir": str(tmp_path / "killed")})
-    command = [sys.executable, "-m", "atoll", "run", "--quiet"] + set_args(overrides)
+    command = [sys.executable, "-m", "atoll", "run", "--quiet"] + set_args(empty_config, overrides)
     process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     checkpoint = tmp_path / "killed" / "checkpoints" / "round-00002"
     deadline = time.time() + 300
@@ -162,10 +152,10 @@ def test_real_process_killed_mid_run_resumes_to_the_same_metrics(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
-    full = invoke(["run", "--quiet"] + set_args(tiny_overrides(tmp_path, **{"federation.rounds": 5, "run.dir": str(tmp_path / "full")})))
-    assert full.exit_code == 0, full.output
-    ours = json.loads((tmp_path / "killed" / "summary.json").read_text())
-    theirs = json.loads((tmp_path / "full" / "summary.json").read_text())
+    full = reference_runs.get(**{"federation.rounds": 5})  # the same config, uninterrupted
+    assert_same_length(read_records(tmp_path / "killed"), read_records(full), "metrics records")
+    assert read_records(tmp_path / "killed") == read_records(full)
+    ours, theirs = read_summary(tmp_path / "killed"), read_summary(full)
     assert ours["final_global"] == theirs["final_global"]
     assert ours["final_local"] == theirs["final_local"]
 
@@ -213,7 +203,7 @@ def test_an_interrupted_realistic_run_says_it_cannot_be_resumed(tmp_path):
     assert "Traceback" not in stderr
 
 
-def test_quiet_prints_one_log_line_per_round_and_no_library_noise(tmp_path):
+def test_quiet_prints_one_log_line_per_round_and_no_library_noise(tmp_path, empty_config):
     """`atoll run --quiet` in a real process: stderr holds the run directory line and one line per
     round (the last with its evaluation), nothing else: no progress bars, no warnings from
     transformers, peft or torch."""
@@ -221,7 +211,11 @@ def test_quiet_prints_one_log_line_per_round_and_no_library_noise(tmp_path):
 
     overrides = tiny_overrides(tmp_path, **{"federation.rounds": 3, "train.local_steps": 2, "eval.every": 3, "run.plots": "false"})
     result = subprocess.run(
-        [sys.executable, "-m", "atoll", "run", "--quiet"] + set_args(overrides), env=_env(), capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "atoll", "run", "--quiet"] + set_args(empty_config, overrides),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -231,3 +225,49 @@ def test_quiet_prints_one_log_line_per_round_and_no_library_noise(tmp_path):
     )
     assert "global accuracy" in lines[-1] and "global accuracy" not in lines[1]
     assert "global accuracy" in result.stdout and "Warning" not in result.stdout
+
+
+def test_config_of_a_file_prints_it_resolved_with_every_default(tmp_path):
+    import yaml
+
+    from atoll.config import load_config
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("federation:\n  clients: 7\nalgorithm:\n  name: hetlora\n  prune_lambda: 0.5\n")
+    result = invoke(["config", str(path)])
+    assert result.exit_code == 0, result.output
+    printed = yaml.safe_load(result.output)
+    assert printed == load_config(path).model_dump(mode="json")
+    assert printed["federation"]["clients"] == 7 and printed["algorithm"]["prune_lambda"] == 0.5
+    assert printed["train"]["lr"] == 1e-3 and printed["partition"]["min_examples"] == 4, "defaults are filled in"
+    path.write_text("federation:\n  clients: 0\n")
+    bad = invoke(["config", str(path)])
+    assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "federation.clients" in bad.output
+
+
+def test_flower_app_writes_an_app_flower_accepts_with_the_resolved_config(tmp_path):
+    """`atoll flower app CONFIG DIR`: a pyproject.toml that Flower's own validator accepts (its
+    components import), carrying the resolved run (config with engine flower, client ranks) and the run directory."""
+    import json
+    import tomllib
+
+    from flwr.cli.config_utils import load_and_validate
+
+    from atoll.config import load_config
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("federation:\n  clients: 3\n")
+    result = invoke(["flower", "app", str(path), str(tmp_path / "app"), "--set", "federation.rounds=2", "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    pyproject = tmp_path / "app" / "pyproject.toml"
+    load_and_validate(pyproject, check_module=True)
+    app_config = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+    embedded = [value for value in app_config.values() if isinstance(value, str) and '"config"' in value]
+    assert len(embedded) == 1  # the resolved run (resolved.json's text), handed as it is to the ServerApp and ClientApps
+    expected = load_config(path, ["federation.rounds=2", "engine=flower"]).model_dump(mode="json")
+    resolved = json.loads(embedded[0])
+    assert resolved["config"] == expected and resolved["client_ranks"] == 8
+    assert str(tmp_path / "run") in app_config.values()
+    assert "flwr run" in result.output
+    bad = invoke(["flower", "app", str(tmp_path / "missing.yaml"), str(tmp_path / "app2")])
+    assert bad.exit_code == 2 and "does not exist" in bad.output and not (tmp_path / "app2").exists()

@@ -6,7 +6,6 @@ from types import SimpleNamespace
 import numpy as np
 
 from atoll.experiment import Splits, majority_rates
-from atoll.report.compare import render, rerun_algorithms, run_comparison
 
 
 def test_majority_rates_by_hand():
@@ -24,6 +23,15 @@ def test_majority_rates_by_hand():
     assert majority_rates(SimpleNamespace(kind="sft", num_labels=0), SimpleNamespace(labels=labels), splits) == (None, None)
 
 
+def bench(*args):
+    """`atoll bench algorithms ...` through the CLI."""
+    from typer.testing import CliRunner
+
+    from atoll.cli import app
+
+    return CliRunner().invoke(app, ["bench", "algorithms", *map(str, args)])
+
+
 def test_comparison_table_runs_every_cell_and_rerenders_identically(tmp_path):
     extra = [
         "model.name=tiny-bert",
@@ -37,7 +45,29 @@ def test_comparison_table_runs_every_cell_and_rerenders_identically(tmp_path):
         "eval.every=1",
     ]
     runs, out = tmp_path / "runs", tmp_path / "docs"
-    path = run_comparison(["fedit", "local-only"], ["iid"], [0, 1], out, runs, 2, 0.0, None, extra, log=lambda _: None)
+    config = tmp_path / "defaults.yaml"
+    config.write_text("{}\n")
+    sets = [item for value in extra for item in ("--set", value)]
+    result = bench(
+        config,
+        "--algorithms",
+        "fedit,local-only",
+        "--partitions",
+        "iid",
+        "--seeds",
+        2,
+        "--workers",
+        1,
+        "--target",
+        0.0,
+        "--out",
+        out,
+        "--runs",
+        runs,
+        *sets,
+    )
+    assert result.exit_code == 0, result.output
+    path = out / "algorithms.md"
     table = path.read_text()
     results = json.loads((out / "algorithms.json").read_text())
     assert set(results) == {f"iid/{a}/{s}" for a in ("fedit", "local-only") for s in (0, 1)}
@@ -62,15 +92,30 @@ def test_comparison_table_runs_every_cell_and_rerenders_identically(tmp_path):
     assert (out / "algorithms.png").stat().st_size > 0
     before = table
     (out / "algorithms.md").unlink()
-    render(runs, out)
+    rendered = bench("--render-only", "--runs", runs, "--out", out)
+    assert rendered.exit_code == 0, rendered.output
     assert (out / "algorithms.md").read_text() == before
 
     # --rerun: the fedit cells run again (fresh directories, same seeds: same numbers), local-only
     # is left alone, and the table says what was re-run and why
     stale, kept = runs / "iid" / "fedit-seed0" / "old-marker", runs / "iid" / "local-only-seed0" / "old-marker"
     stale.write_text("x"), kept.write_text("x")
-    rerun_algorithms(["fedit"], "checking the re-run path", runs, out, log=lambda _: None)
+    for args, fragment in (
+        (("--rerun", "fedit"), "--rerun needs --why"),
+        (("--rerun", "fedavgm", "--why", "x"), "'fedavgm' is not an algorithm of the bench"),
+    ):
+        refused = bench(*args, "--runs", runs, "--out", out)
+        assert refused.exit_code == 2 and refused.output.count("\n") == 1 and fragment in refused.output, refused.output
+    assert stale.exists(), "a refused --rerun ran nothing"
+    rerun = bench("--rerun", "fedit", "--why", "checking the re-run path", "--runs", runs, "--out", out)
+    assert rerun.exit_code == 0, rerun.output
     assert not stale.exists() and kept.exists() and (runs / "iid" / "fedit-seed0" / "summary.json").is_file()
     again = (out / "algorithms.md").read_text()
     assert "the fedit rows were re-run (2 runs," in again and "checking the re-run path" in again
     assert [line for line in again.splitlines() if line.startswith("| ")] == [line for line in before.splitlines() if line.startswith("| ")]
+
+
+def test_render_only_without_a_finished_bench_is_one_line(tmp_path):
+    result = bench("--render-only", "--runs", tmp_path / "nothing", "--out", tmp_path / "docs")
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "holds no finished bench" in result.output
+    assert not (tmp_path / "docs").exists()

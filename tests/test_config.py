@@ -1,6 +1,7 @@
 import pytest
 
 from atoll.config import Config, apply_override, describe_keys, load_config
+from atoll.resolve import check
 from atoll.errors import ConfigError
 
 
@@ -43,14 +44,14 @@ def test_overrides_are_typed_and_nested():
 )
 def test_bad_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as error:
-        load_config(None, [override])
+        check(load_config(None, [override]))
     assert fragment in str(error.value)
     assert "\n" not in str(error.value)
 
 
 def test_unknown_key_lists_the_allowed_ones():
     with pytest.raises(ConfigError) as error:
-        load_config(None, ["train.learning_rate=1"])
+        check(load_config(None, ["train.learning_rate=1"]))
     assert "allowed here:" in str(error.value) and "lr" in str(error.value)
 
 
@@ -61,7 +62,7 @@ def test_set_without_equals_is_an_error():
 
 def test_heterogeneous_ranks_refused_by_fedit():
     with pytest.raises(ConfigError) as error:
-        load_config(None, ["model.lora.client_ranks={0: 4}"])
+        check(load_config(None, ["model.lora.client_ranks={0: 4}"]))
     assert "cannot aggregate different LoRA ranks" in str(error.value)
 
 
@@ -75,15 +76,15 @@ def test_yaml_file_round_trip(tmp_path):
 
 def test_missing_and_bad_yaml_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        load_config(tmp_path / "nope.yaml")
+        check(load_config(tmp_path / "nope.yaml"))
     bad = tmp_path / "bad.yaml"
     bad.write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(bad)
+        check(load_config(bad))
     listing = tmp_path / "list.yaml"
     listing.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
-        load_config(listing)
+        check(load_config(listing))
 
 
 def test_shipped_configs_load():

@@ -23,7 +23,7 @@ def make_server(clients=4):
 
 
 def updates_for(states, sizes):
-    return [Update(i, n, s) for i, (s, n) in enumerate(zip(states, sizes))]
+    return [Update(i, n, s) for i, (s, n) in enumerate(zip(states, sizes, strict=True))]
 
 
 def test_weighted_average_of_every_tensor():
@@ -33,11 +33,11 @@ def test_weighted_average_of_every_tensor():
     server.aggregate(1, updates_for(states, sizes))
     weights = [n / 100 for n in sizes]
     for name in ("q", "v"):
-        expected_A = sum(w * s.lora[name].A for w, s in zip(weights, states))
-        expected_B = sum(w * s.lora[name].B for w, s in zip(weights, states))
+        expected_A = sum(w * s.lora[name].A for w, s in zip(weights, states, strict=True))
+        expected_B = sum(w * s.lora[name].B for w, s in zip(weights, states, strict=True))
         assert torch.allclose(server.global_state.lora[name].A, expected_A, atol=1e-6)
         assert torch.allclose(server.global_state.lora[name].B, expected_B, atol=1e-6)
-    expected_head = sum(w * s.extra["head.weight"] for w, s in zip(weights, states))
+    expected_head = sum(w * s.extra["head.weight"] for w, s in zip(weights, states, strict=True))
     assert torch.allclose(server.global_state.extra["head.weight"], expected_head, atol=1e-6)
 
 
@@ -77,13 +77,13 @@ def test_exact_when_one_factor_is_shared_and_inexact_otherwise():
     server = make_server()
     server.aggregate(1, updates_for(states, sizes))
     for name in ("q", "v"):
-        ideal = sum(w * s.lora[name].delta() for w, s in zip(weights, states))
+        ideal = sum(w * s.lora[name].delta() for w, s in zip(weights, states, strict=True))
         assert torch.allclose(server.global_state.lora[name].delta(), ideal, atol=1e-5)
     # both factors differ: s * mean(B) mean(A) != mean(s B_k A_k)
     states = [random_state(20 + i) for i in range(4)]
     server = make_server()
     server.aggregate(1, updates_for(states, sizes))
-    ideal = sum(w * s.lora["q"].delta() for w, s in zip(weights, states))
+    ideal = sum(w * s.lora["q"].delta() for w, s in zip(weights, states, strict=True))
     gap = torch.linalg.norm(server.global_state.lora["q"].delta() - ideal)
     assert gap > 0.1 * torch.linalg.norm(ideal)
 

@@ -80,7 +80,7 @@ def test_partitions_are_seeded():
     labels = labels_of()
     a = partition(PartitionConfig(), 10, labels, np.random.default_rng(5))
     b = partition(PartitionConfig(), 10, labels, np.random.default_rng(5))
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_local_split_keeps_training_data():

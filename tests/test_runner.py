@@ -13,8 +13,9 @@ from atoll.config import config_with, load_config
 from atoll.experiment import build
 from atoll.report.progress import Progress
 from atoll.report.rundir import RunDir
-from atoll.sim.prototype import resume_run, start_run
+from atoll.dispatch import resume_run, start_run
 from conftest import tiny_overrides
+from helpers import killed_copy, read_summary, resume
 
 
 def task_metrics(run_dir):
@@ -26,17 +27,6 @@ def task_metrics(run_dir):
         record.pop("wall_seconds", None)
         records.append(record)
     return records
-
-
-class StopAfter(Progress):
-    """Simulates a kill right after the checkpoint of round ``n``."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def round_end(self, round, record):
-        if round == self.n:
-            raise KeyboardInterrupt
 
 
 def test_minilm_learns_the_synthetic_task(tmp_path):
@@ -63,55 +53,44 @@ def test_minilm_learns_the_synthetic_task(tmp_path):
     assert load_config(run_dir.path / "config.yaml") == config
 
 
-def test_same_seed_same_metrics_and_other_seed_differs(tmp_path):
-    first, _ = start_run(config_with(tiny_overrides(tmp_path / "a")), Progress())
-    second, _ = start_run(config_with(tiny_overrides(tmp_path / "b")), Progress())
-    third, _ = start_run(config_with(tiny_overrides(tmp_path / "c", seed=1)), Progress())
-    assert task_metrics(first.path) == task_metrics(second.path)
-    assert task_metrics(first.path) != task_metrics(third.path)
+def test_same_seed_same_metrics_and_other_seed_differs(tmp_path, reference_runs):
+    first = reference_runs.get()
+    second, _ = start_run(config_with(tiny_overrides(tmp_path / "b", **{"run.plots": "false"})), Progress())
+    third, _ = start_run(config_with(tiny_overrides(tmp_path / "c", seed=1, **{"run.plots": "false"})), Progress())
+    assert task_metrics(first) == task_metrics(second.path)
+    assert task_metrics(first) != task_metrics(third.path)
 
 
-def test_resume_after_a_kill_ends_at_the_uninterrupted_metrics(tmp_path):
-    overrides = tiny_overrides(tmp_path, **{"federation.rounds": 4, "federation.sample_rate": 0.5})
-    full, full_summary = start_run(config_with(overrides + ["run.dir=" + str(tmp_path / "full")]), Progress())
-    config = config_with(overrides + ["run.dir=" + str(tmp_path / "cut")])
-    with pytest.raises(KeyboardInterrupt):
-        start_run(config, StopAfter(2))
-    assert RunDir(tmp_path / "cut").checkpoint_rounds() == [1, 2]
-    assert not (tmp_path / "cut" / "summary.json").exists()
-    _, resumed_summary = resume_run(tmp_path / "cut", Progress())
-    assert task_metrics(tmp_path / "cut") == task_metrics(full.path)
-    assert resumed_summary["final_global"] == full_summary["final_global"]
+RESUMED = {"federation.rounds": 4, "federation.sample_rate": 0.5}
 
 
-def test_resume_discards_metrics_written_after_the_last_checkpoint(tmp_path):
-    overrides = tiny_overrides(tmp_path, **{"federation.rounds": 3})
-    full, _ = start_run(config_with(overrides + ["run.dir=" + str(tmp_path / "full")]), Progress())
-    cut = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
-        start_run(config_with(overrides + ["run.dir=" + str(cut)]), StopAfter(3))
-    # as if killed after writing round 3's metrics but before its checkpoint
-    import shutil
-
-    shutil.rmtree(RunDir(cut).checkpoint_dir(3))
+def test_resume_after_a_kill_ends_at_the_uninterrupted_metrics(tmp_path, reference_runs):
+    """Killed after round 2's checkpoint, with round 3's metrics already written and a half-written
+    line after them: resume drops what the checkpoint does not cover and ends where the
+    uninterrupted run ended."""
+    full = reference_runs.get(**RESUMED)
+    cut = killed_copy(full, 2, tmp_path / "cut")
     with open(cut / "metrics.jsonl", "a") as handle:
         handle.write('{"round": 4, "truncat')
-    resume_run(cut, Progress())
-    assert task_metrics(cut) == task_metrics(full.path)
+    assert RunDir(cut).checkpoint_rounds() == [1, 2] and not (cut / "summary.json").exists()
+    resumed_summary = resume(cut)
+    assert task_metrics(cut) == task_metrics(full)
+    full_summary = read_summary(full)
+    assert resumed_summary["final_global"] == full_summary["final_global"]
+    assert resumed_summary["final_local"] == full_summary["final_local"]
+    assert RunDir(cut).checkpoint_rounds() == [1, 2, 3, 4]
 
 
-def test_corrupted_checkpoint_is_refused(tmp_path):
+def test_corrupted_checkpoint_is_refused(tmp_path, reference_runs):
     from atoll.errors import CheckpointError
 
-    config = config_with(tiny_overrides(tmp_path, **{"run.dir": str(tmp_path / "run")}))
-    with pytest.raises(KeyboardInterrupt):
-        start_run(config, StopAfter(1))
-    server_file = RunDir(tmp_path / "run").checkpoint_dir(1) / "server.safetensors"
+    run = killed_copy(reference_runs.get(**RESUMED), 1, tmp_path / "run")
+    server_file = RunDir(run).checkpoint_dir(1) / "server.safetensors"
     data = bytearray(server_file.read_bytes())
     data[-5] ^= 0xFF
     server_file.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupted"):
-        resume_run(tmp_path / "run", Progress())
+        resume_run(run, Progress())
 
 
 def test_local_only_keeps_personal_adapters_and_sends_nothing(tmp_path):
@@ -159,7 +138,7 @@ def assert_pooled_client_holds_exactly_the_clients_training_data(experiment):
 
 def test_baselines_run_end_to_end(tmp_path):
     for name in ("local-only", "centralized"):
-        config = config_with(tiny_overrides(tmp_path / name, **{"algorithm.name": name, "model.name": "minilm", "train.lr": 0.002}))
+        config = config_with(tiny_overrides(tmp_path / name, **{"algorithm.name": name}))
         run_dir, summary = start_run(config, Progress())
         assert "accuracy" in summary["final_global"], name
         assert "accuracy" in summary["final_local"], name

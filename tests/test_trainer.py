@@ -1,5 +1,7 @@
 """The local training loop: LR schedules, gradient accumulation, step counts, order independence."""
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ def test_lr_schedules():
     cosine = TrainPlan(steps=10, lr=1.0, schedule="cosine")
     values = [lr_factor(s, cosine) for s in range(10)]
     assert values[0] == pytest.approx(1.0) and values[5] == pytest.approx(0.5)
-    assert all(a > b for a, b in zip(values, values[1:])) and 0 < values[-1] < 0.03
+    assert all(a > b for a, b in pairwise(values)) and 0 < values[-1] < 0.03
 
 
 def test_local_steps_from_epochs():

@@ -77,22 +77,31 @@ def run(
         set_ = list(set_) + ["mode=realistic", "realistic.dry_run=true"]
     if engine is not None and resume is None:
         set_ = list(set_) + [f"engine={engine}"]
-    quiet_libraries()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     from atoll.config import load_config
-    from atoll.report.progress import make_progress
-    from atoll.sim.prototype import reject_overrides_on_resume, resume_run, start_run
+    from atoll.resolve import resolve
 
-    cfg = None
-    try:
+    cfg = resolved = None
+    try:  # config errors first, before torch or any model library is imported
         if resume is not None:
             if config is not None:
                 raise AtollError("give either CONFIG or --resume, not both", "--resume reads the run's own config.yaml")
-            reject_overrides_on_resume(set_)
-            _, summary = resume_run(resume, make_progress(quiet))
+            if set_:
+                raise AtollError("--set cannot change a run being resumed", "resume without --set, or start a new run")
         else:
             cfg = load_config(config, set_)
-            _, summary = start_run(cfg, make_progress(quiet))
+            resolved = resolve(cfg)
+    except AtollError as error:
+        fail(error)
+    quiet_libraries()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    from atoll.report.progress import make_progress
+    from atoll.dispatch import resume_run, start_run
+
+    try:
+        if resume is not None:
+            _, summary = resume_run(resume, make_progress(quiet))
+        else:
+            _, summary = start_run(resolved, make_progress(quiet))
     except AtollError as error:
         fail(error)
     except KeyboardInterrupt:
@@ -134,31 +143,23 @@ def list_(
             ("classification", "accuracy, macro_f1", "text -> class with a trained head"),
             ("sft", "loss, perplexity", "instruction -> response; loss on the response only"),
             ("math", "exact_match", "question -> worked answer '#### N'; generation + answer extraction"),
+            ("completion", "loss, perplexity, token_accuracy", "text -> its continuation (no template); next-token prediction"),
         ],
         "partitioners": [(name, "", text) for name, text in PARTITIONERS.items()],
-        "algorithms": [
-            (
-                cls.name,
-                f"ranks: {cls.rank_support}"
-                + (", personal" if cls.personalized else "")
-                + ("" if getattr(cls, "supports_async", True) else ", sync only"),
-                ", ".join(cls.Params.model_fields) or "-",
-                cls.paper,
-            )
-            for cls in algorithms.available().values()
-        ],
     }
-    if what in algorithms.available():  # one algorithm: its parameters
-        cls = algorithms.available()[what]
-        typer.echo(f"{cls.name}: {cls.paper}")
-        for key, field in cls.Params.model_fields.items():
+    specs = algorithms.specs()  # declarations only: no algorithm module is imported
+    if what in specs:  # one algorithm: its parameters
+        spec = specs[what]
+        typer.echo(f"{spec.name}: {spec.paper}")
+        for key, field in spec.Params.model_fields.items():
             typer.echo(f"  algorithm.{key:24} {_default_text(field.default):12} {field.description or ''}")
-        if not cls.Params.model_fields:
+        if not spec.Params.model_fields:
             typer.echo("  (no parameters)")
         return
-    if what is not None and what not in sections:
-        fail(AtollError(f"nothing called '{what}' to list", f"choose one of: {', '.join(sections)}, or an algorithm name"))
-    console = Console()
+    if what is not None and what not in sections and what != "algorithms":
+        choices = ", ".join([*sections, "algorithms"])
+        fail(AtollError(f"nothing called '{what}' to list", f"choose one of: {choices}, or an algorithm name"))
+    console = Console(width=100)
     for name, rows in sections.items():
         if what is not None and name != what:
             continue
@@ -166,6 +167,34 @@ def list_(
         for row in rows:
             table.add_row(*row)
         console.print(table)
+    if what in (None, "algorithms"):
+        console.print(algorithm_table(specs))
+
+
+def algorithm_table(specs: dict):
+    """Every algorithm's declared capabilities, one row each, with a header (fits 100 columns)."""
+    from rich import box
+    from rich.table import Table
+
+    def mark(value: bool) -> str:
+        return "yes" if value else "-"
+
+    table = Table(title="algorithms (`atoll list NAME`: paper and parameters)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("name", "mixed ranks", "async", "mean", "personal", "export", "global", "parameters"):
+        table.add_column(column, overflow="fold", no_wrap=column != "parameters")
+    for spec in specs.values():
+        caps = spec.capabilities
+        table.add_row(
+            spec.name,
+            caps.mixed_ranks,
+            mark(caps.asynchronous) + (", any rank" if caps.asynchronous and caps.async_mixed_ranks else ""),
+            mark(caps.weighted_mean),
+            mark(caps.personal),
+            mark(caps.personal_export),
+            mark(caps.global_model) + (" pooled" if caps.pooled_data else ""),
+            ", ".join(spec.Params.model_fields) or "-",
+        )
+    return table
 
 
 def _default_text(value: Any) -> str:
@@ -178,8 +207,10 @@ def config_keys(path: Optional[Path] = typer.Argument(None, help="print this con
     from atoll.config import describe_keys, load_config
 
     if path is not None:
+        from atoll.resolve import resolve
+
         try:
-            typer.echo(load_config(path).to_yaml())
+            typer.echo(resolve(load_config(path)).config.to_yaml())
         except AtollError as error:
             fail(error)
         return
@@ -196,6 +227,7 @@ def _add_flower_commands() -> None:
 
 _add_flower_commands()
 app.add_typer(hybrid_app, name="hybrid")  # atoll hybrid serve-cloud / chat / eval (torch only when a command runs)
+__import__("atoll.lm.cli", fromlist=["register"]).register(app)  # `atoll pretrain` (torch is imported only when it runs)
 
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Comparisons and benchmarks.")
@@ -257,11 +289,11 @@ def bench_algorithms(
         typer.echo(f"wrote {path} and {path.with_suffix('.png')}")
         return
 
-    names = [a.strip() for a in algorithms.split(",")] if algorithms else list(registry.available())
+    names = [a.strip() for a in algorithms.split(",")] if algorithms else list(registry.specs())
     chosen = [p.strip() for p in partitions.split(",")]
     try:
         for name in names:
-            registry.get_algorithm(name)
+            registry.spec_of(name)
         unknown = [p for p in chosen if p not in PARTITIONS]
         if unknown:
             raise AtollError(f"unknown partition setting '{unknown[0]}'", f"choose from: {', '.join(PARTITIONS)}")

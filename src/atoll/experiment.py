@@ -15,17 +15,18 @@ import numpy as np
 import torch
 
 from atoll.algorithms import get_algorithm, parse_params
-from atoll.algorithms.baselines import POOLED_CLIENT
 from atoll.config import Config
 from atoll.data.partition import label_histogram, partition, split_local
 from atoll.data.sources import RawData, load_source
 from atoll.data.tasks import TaskSpec, Tokenized, default_cache_dir, resolve_task, tokenize
 from atoll.errors import DataError
+from atoll.fl.capabilities import POOLED_CLIENT
 from atoll.fl.base import BaseClient, BaseServer, ClientContext, ServerContext, local_steps
 from atoll.fl.state import AdapterState
 from atoll.fl.store import ClientStore
 from atoll.fl.workbench import Workbench
 from atoll.models.registry import check_model_for_task, check_model_name, load_base_model, load_tokenizer, target_modules
+from atoll.resolve import ResolvedRun, resolve
 from atoll.seeding import numpy_rng
 
 
@@ -52,6 +53,7 @@ class Experiment:
     server: BaseServer
     clients: dict[int, BaseClient]
     store: ClientStore
+    run: ResolvedRun | None = None
     setup_seconds: float = 0.0
     notes: dict[str, object] = field(default_factory=dict)
 
@@ -135,17 +137,22 @@ def make_splits(config: Config, data: Tokenized, raw: RawData, spec: TaskSpec) -
     return Splits(global_test, client_train, client_test, table)
 
 
-def build(config: Config, store_dir: Path | None = None) -> Experiment:
-    """Load data and model and create the server and clients described by ``config``."""
+def build(config: Config | ResolvedRun, store_dir: Path | None = None) -> Experiment:
+    """Load data and model and create the server and clients of a resolved run (a config is
+    resolved first: every check happens before anything is loaded)."""
     started = time.perf_counter()
+    run = resolve(config)
+    config = run.config
     torch.set_num_threads(config.run.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     check_model_name(config.model.name)
     server_cls = get_algorithm(config.algorithm.name)
-    params = parse_params(server_cls, config.algorithm.params())
+    params = parse_params(run.spec, config.algorithm.params())
 
     raw, spec, tokenizer, data, splits = load_data(config)
-    model = load_base_model(config.model.name, spec.is_generative, spec.num_labels, tokenizer, config.model.dtype, config.seed)
+    model = load_base_model(
+        config.model.name, spec.is_generative, spec.num_labels, tokenizer, config.model.dtype, config.seed, config.model.random_init
+    )
     targets = target_modules(model, config.model.lora.target_modules)
     workbench = Workbench(
         model,
@@ -166,7 +173,7 @@ def build(config: Config, store_dir: Path | None = None) -> Experiment:
         workbench.load(state)
         return workbench.evaluate(splits.global_test, max_generate=max_generate)
 
-    ranks = [config.rank_of(c) for c in range(config.federation.clients)]
+    ranks = list(run.client_ranks)
     server = server_cls(
         ServerContext(config, splits.client_sizes(), ranks, workbench.initial_state, evaluator, base_weight=workbench.base.pristine), params
     )
@@ -176,9 +183,9 @@ def build(config: Config, store_dir: Path | None = None) -> Experiment:
             client_id, splits.client_train[client_id], splits.client_test[client_id], ranks[client_id], config, workbench, store
         )
         clients[client_id] = server_cls.client_class(context, params)
-    if server_cls.name == "centralized":
+    if run.spec.capabilities.pooled_data:
         clients[POOLED_CLIENT] = _pooled_client(config, splits, workbench, store, server_cls, params)
-    return Experiment(config, spec, data, splits, workbench, server, clients, store, time.perf_counter() - started)
+    return Experiment(config, spec, data, splits, workbench, server, clients, store, run, time.perf_counter() - started)
 
 
 def _pooled_client(config: Config, splits: Splits, workbench: Workbench, store: ClientStore, server_cls, params) -> BaseClient:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def derive_seed(seed: int, *keys: object) -> int:
@@ -20,6 +23,8 @@ def numpy_rng(seed: int, *keys: object) -> np.random.Generator:
 
 
 def torch_generator(seed: int, *keys: object) -> torch.Generator:
+    import torch  # not at module level: config checks and the event simulator use this module without torch
+
     gen = torch.Generator()
     gen.manual_seed(derive_seed(seed, *keys))
     return gen
@@ -27,6 +32,8 @@ def torch_generator(seed: int, *keys: object) -> torch.Generator:
 
 def seed_everything(seed: int, *keys: object) -> None:
     """Seed the global torch/numpy/random state for code we do not control (dropout, peft init)."""
+    import torch
+
     value = derive_seed(seed, *keys)
     torch.manual_seed(value)
     random.seed(value)

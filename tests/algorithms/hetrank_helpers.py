@@ -58,7 +58,7 @@ def make_client(name: str, client_id: int = 0, rank: int = 4, **params):
 
 
 def updates_for(states: list[AdapterState], sizes: list[int]) -> list[Update]:
-    return [Update(i, n, s) for i, (s, n) in enumerate(zip(states, sizes))]
+    return [Update(i, n, s) for i, (s, n) in enumerate(zip(states, sizes, strict=True))]
 
 
 def weights_of(sizes: list[int]) -> list[float]:
@@ -85,25 +85,28 @@ def task_metrics(run_dir) -> list[dict]:
     return records
 
 
-def assert_resume_reproduces_the_uninterrupted_run(tmp_path, overrides: dict, stop_after: int = 2) -> None:
-    """Kill a run right after the checkpoint of round ``stop_after``, resume it, and compare
-    every round's metrics with an uninterrupted run of the same config."""
+def assert_resume_reproduces_the_uninterrupted_run(tmp_path, overrides: dict, stop_after: int = 2, before_the_cut=None) -> list[dict]:
+    """Resume a copy of a finished run cut back to the checkpoint of round ``stop_after`` and
+    compare every round's metrics with the finished run. ``before_the_cut(records, config)``
+    asserts what must have happened by then (so the resume carries it across the cut). Returns
+    the finished run's records."""
     from atoll.report.progress import Progress
-    from atoll.sim.prototype import resume_run, start_run
+    from atoll.dispatch import start_run
     from conftest import tiny_overrides
+    from helpers import killed_copy, resume
 
-    class StopAfter(Progress):
-        def round_end(self, round, record):
-            if round == stop_after:
-                raise KeyboardInterrupt
-
-    base = tiny_overrides(tmp_path, **{"train.local_steps": 2, "data.max_examples": 400, **overrides})
-    full, full_summary = start_run(config_with(base + [f"run.dir={tmp_path / 'full'}"]), Progress())
-    with pytest.raises(KeyboardInterrupt):
-        start_run(config_with(base + [f"run.dir={tmp_path / 'cut'}"]), StopAfter())
-    _, resumed_summary = resume_run(tmp_path / "cut", Progress())
-    assert task_metrics(tmp_path / "cut") == task_metrics(full.path)
+    config = config_with(
+        tiny_overrides(tmp_path, **{"train.local_steps": 2, "data.max_examples": 400, **overrides}, **{"run.dir": str(tmp_path / "full")})
+    )
+    full, full_summary = start_run(config, Progress())
+    records = task_metrics(full.path)
+    if before_the_cut is not None:
+        before_the_cut([r for r in records if r["round"] <= stop_after], config)
+    resumed_summary = resume(killed_copy(full.path, stop_after, tmp_path / "cut"))
+    assert task_metrics(tmp_path / "cut") == records
     assert resumed_summary["final_global"] == full_summary["final_global"]
+    assert resumed_summary["final_local"] == full_summary["final_local"]
+    return records
 
 
 @pytest.fixture(autouse=True)

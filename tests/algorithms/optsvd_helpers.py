@@ -19,7 +19,7 @@ from atoll.fl.state import AdapterState, LoRAFactors, Update
 from atoll.fl.store import ClientStore
 from atoll.report.progress import Progress
 from atoll.report.rundir import RunDir
-from atoll.sim.prototype import start_run
+from atoll.dispatch import start_run
 from conftest import tiny_overrides
 
 MODULES = ("q", "v")
@@ -67,7 +67,7 @@ def make_client(name: str, client_id: int = 0, store: ClientStore | None = None,
 
 def updates_for(states: list[AdapterState], sizes: list[int] = SIZES, ids=None) -> list[Update]:
     ids = list(range(len(states))) if ids is None else ids
-    return [Update(i, n, s) for i, s, n in zip(ids, states, sizes)]
+    return [Update(i, n, s) for i, s, n in zip(ids, states, sizes, strict=True)]
 
 
 def weights_of(sizes: list[int] = SIZES) -> list[float]:
@@ -76,7 +76,9 @@ def weights_of(sizes: list[int] = SIZES) -> list[float]:
 
 def ideal_delta(states: list[AdapterState], name: str, sizes: list[int] = SIZES) -> torch.Tensor:
     """sum_k p_k s_k B_k A_k (float64)."""
-    return sum(w * s.lora[name].scale * (s.lora[name].B.double() @ s.lora[name].A.double()) for w, s in zip(weights_of(sizes), states))
+    return sum(
+        w * s.lora[name].scale * (s.lora[name].B.double() @ s.lora[name].A.double()) for w, s in zip(weights_of(sizes), states, strict=True)
+    )
 
 
 # -- end-to-end ----------------------------------------------------------------------------------
@@ -154,4 +156,4 @@ def optimised(state: AdapterState) -> dict[str, torch.Tensor]:
 def pseudo_gradient(x: AdapterState, states: list[AdapterState], sizes: list[int] = SIZES) -> dict[str, torch.Tensor]:
     """Delta = sum_k p_k x_k - x per tensor."""
     current = optimised(x)
-    return {k: sum(w * optimised(s)[k] for w, s in zip(weights_of(sizes), states)) - v for k, v in current.items()}
+    return {k: sum(w * optimised(s)[k] for w, s in zip(weights_of(sizes), states, strict=True)) - v for k, v in current.items()}

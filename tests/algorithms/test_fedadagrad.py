@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from atoll.config import config_with
+from atoll.resolve import check
 from atoll.errors import ConfigError
 from optsvd_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
     no_plots,
@@ -105,7 +106,7 @@ def test_state_dict_carries_both_moments():
 
 def test_mixed_ranks_are_refused():
     with pytest.raises(ConfigError, match="cannot aggregate different LoRA ranks"):
-        config_with([f"algorithm.name={NAME}", "model.lora.client_ranks={0: 4}"])
+        check(config_with([f"algorithm.name={NAME}", "model.lora.client_ranks={0: 4}"]))
 
 
 def test_end_to_end(tmp_path):

@@ -8,9 +8,10 @@ import torch
 
 from atoll.algorithms._fedopt import optimised_keys
 from atoll.config import config_with
+from atoll.resolve import check
 from atoll.errors import ConfigError
 from atoll.report.progress import Progress
-from atoll.sim.prototype import resume_run
+from atoll.dispatch import resume_run
 from optsvd_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
     no_plots,
     MODULES,
@@ -54,7 +55,7 @@ def test_momentum_recursion_over_two_rounds_and_scales_untouched():
     for r, states in enumerate(rounds):
         server.aggregate(r + 1, updates_for(states))
         for key in x:
-            delta = sum(w * flat(s)[key] for w, s in zip(weights, states)) - x[key]
+            delta = sum(w * flat(s)[key] for w, s in zip(weights, states, strict=True)) - x[key]
             m[key] = 0.8 * m[key] + delta
             x[key] = x[key] + 0.5 * m[key]
     for key, value in flat(server.global_state).items():
@@ -96,7 +97,7 @@ def test_state_dict_carries_the_momentum():
 
 def test_mixed_ranks_are_refused():
     with pytest.raises(ConfigError, match="cannot aggregate different LoRA ranks"):
-        config_with(["algorithm.name=fedavgm", "model.lora.client_ranks={0: 4}"])
+        check(config_with(["algorithm.name=fedavgm", "model.lora.client_ranks={0: 4}"]))
 
 
 def test_end_to_end_and_resume(tmp_path):

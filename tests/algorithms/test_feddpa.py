@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from atoll.algorithms import get_algorithm
-from atoll.algorithms.feddpa import LOCAL, FedDPAClient, FedDPAParams
+from atoll.algorithms.catalog import FedDPAParams
+from atoll.algorithms.feddpa import LOCAL, FedDPAClient
 from atoll.config import config_with
 from atoll.data.batching import collate
 from atoll.experiment import build
@@ -18,7 +19,7 @@ from atoll.fl.store import ClientStore
 from atoll.models.branches import PRIMARY, BranchHost, ExampleGates
 from atoll.models.dual import instance_weights
 from atoll.report.progress import Progress
-from atoll.sim.prototype import start_run
+from atoll.dispatch import start_run
 from conftest import tiny_overrides
 
 
@@ -62,7 +63,7 @@ def test_server_is_fedavg_of_the_global_adapters_in_any_order():
         server.aggregate(1, [Update(i, sizes[i], states[i]) for i in order])
         results.append(server.global_state)
     for name in ("q", "v"):
-        expected = sum(n / 100 * s.lora[name].B for n, s in zip(sizes, states))
+        expected = sum(n / 100 * s.lora[name].B for n, s in zip(sizes, states, strict=True))
         assert torch.allclose(results[0].lora[name].B, expected, atol=1e-6)
         for other in results[1:]:
             assert torch.allclose(other.lora[name].A, results[0].lora[name].A, atol=1e-6)

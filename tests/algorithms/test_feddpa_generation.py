@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from atoll.algorithms.feddpa import LOCAL, FedDPAClient, FedDPAParams
+from atoll.algorithms.catalog import FedDPAParams
+from atoll.algorithms.feddpa import LOCAL, FedDPAClient
 from atoll.config import config_with
 from atoll.data.batching import prompt_batch
 from atoll.experiment import build

@@ -16,7 +16,7 @@ from hetrank_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
 from atoll.config import config_with
 from atoll.experiment import build
 from atoll.report.progress import Progress
-from atoll.sim.prototype import start_run
+from atoll.dispatch import start_run
 from conftest import tiny_overrides
 
 SIZES = [10, 25, 5, 60]
@@ -34,13 +34,13 @@ def test_exact_aggregation_with_non_uniform_weights_over_rounds():
             states.append(state)
         server.aggregate(round, updates_for(states, SIZES))
         for name in ("q", "v"):
-            target = sum(w * s.effective_delta(name) for w, s in zip(p, states))  # W0_prev + sum p_k s B_k A_k
+            target = sum(w * s.effective_delta(name) for w, s in zip(p, states, strict=True))  # W0_prev + sum p_k s B_k A_k
             assert torch.allclose(server.global_state.effective_delta(name), target, atol=1e-4)
-            A_bar = sum(w * s.lora[name].A for w, s in zip(p, states))
-            B_bar = sum(w * s.lora[name].B for w, s in zip(p, states))
+            A_bar = sum(w * s.lora[name].A for w, s in zip(p, states, strict=True))
+            B_bar = sum(w * s.lora[name].B for w, s in zip(p, states, strict=True))
             assert torch.allclose(server.global_state.lora[name].A, A_bar, atol=1e-6)
             assert torch.allclose(server.global_state.lora[name].B, B_bar, atol=1e-6)
-    head = sum(w * s.extra["head.weight"] for w, s in zip(p, states))
+    head = sum(w * s.extra["head.weight"] for w, s in zip(p, states, strict=True))
     assert torch.allclose(server.global_state.extra["head.weight"], head, atol=1e-6)
 
 
@@ -50,7 +50,7 @@ def test_unweighted_mean_or_missing_scale_would_not_be_exact():
     states = [random_state(i) for i in range(4)]
     server.aggregate(1, updates_for(states, SIZES))
     unscaled = (
-        sum(w * s.lora["q"].B @ s.lora["q"].A for w, s in zip(weights_of(SIZES), states))
+        sum(w * s.lora["q"].B @ s.lora["q"].A for w, s in zip(weights_of(SIZES), states, strict=True))
         - server.global_state.lora["q"].B @ server.global_state.lora["q"].A
     )
     assert not torch.allclose(server.global_state.base["q"], unscaled, atol=1e-3)

@@ -9,14 +9,15 @@ import torch
 
 from atoll.algorithms import get_algorithm
 from atoll.algorithms._personal import state_digest, unpack
-from atoll.algorithms.fedit_ft import FedITFineTuneClient, FedITFineTuneParams
+from atoll.algorithms.catalog import FedITFineTuneParams
+from atoll.algorithms.fedit_ft import FedITFineTuneClient
 from atoll.config import config_with
 from atoll.experiment import build
 from atoll.fl.base import ServerContext
 from atoll.fl.state import AdapterState, LoRAFactors, Update
 from atoll.fl.store import ClientStore
 from atoll.report.progress import Progress
-from atoll.sim.prototype import start_run
+from atoll.dispatch import start_run
 from conftest import tiny_overrides
 
 
@@ -36,7 +37,7 @@ def test_server_is_fedavg_in_any_order():
         server = cls(ServerContext(config, sizes, [4] * 3, lambda rank: random_state(9)), cls.Params())
         server.aggregate(1, [Update(i, sizes[i], states[i]) for i in order])
         results.append(server.global_state)
-    expected = sum(n / 100 * s.extra["head.weight"] for n, s in zip(sizes, states))
+    expected = sum(n / 100 * s.extra["head.weight"] for n, s in zip(sizes, states, strict=True))
     assert torch.allclose(results[0].extra["head.weight"], expected, atol=1e-6)
     for other in results[1:]:
         for name in ("q", "v"):

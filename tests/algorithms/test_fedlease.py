@@ -20,7 +20,7 @@ from atoll.fl.store import ClientStore
 from atoll.models.branches import BranchHost
 from atoll.models.moe import ROUTER, adaptive_top_m, expert_name, router_init, slot_experts
 from atoll.report.progress import Progress
-from atoll.sim.prototype import resume_run, start_run
+from atoll.dispatch import resume_run, start_run
 from conftest import tiny_overrides
 
 D, K, R = 6, 5, 2
@@ -115,7 +115,7 @@ def test_experts_start_as_size_weighted_cluster_means():
         router = server.experts[cluster].extra["router.q.weight"]
         assert router.shape == (2 * 2 - 1, K)
     download = server.configure(2, 1)
-    assert int(download.extra[CLUSTER_KEY]) == 1
+    assert int(download.control[CLUSTER_KEY]) == 1
     assert set(download.lora) == {expert_key(e, m) for e in range(2) for m in ("q", "v")}
 
 
@@ -202,7 +202,7 @@ def test_server_state_round_trips_through_a_checkpoint():
     fresh, _ = make_server(4)
     fresh.load_state_dict(server.state_dict())
     assert fresh.clusters == server.clusters
-    for a, b in zip(fresh.experts, server.experts):
+    for a, b in zip(fresh.experts, server.experts, strict=True):
         assert a.to_tensors().keys() == b.to_tensors().keys()
         assert all(torch.equal(a.to_tensors()[k], b.to_tensors()[k]) for k in a.to_tensors())
     warm, sizes = make_server(4, warmup_rounds=2)

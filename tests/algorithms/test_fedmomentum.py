@@ -8,6 +8,7 @@ import torch
 
 from atoll.algorithms.fedmomentum import effective_rank
 from atoll.config import config_with
+from atoll.resolve import check
 from atoll.errors import ConfigError
 from optsvd_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
     no_plots,
@@ -105,7 +106,7 @@ def test_upload_leaves_the_base_behind():
 
 def test_mixed_ranks_are_refused():
     with pytest.raises(ConfigError, match="cannot aggregate different LoRA ranks"):
-        config_with(["algorithm.name=fedmomentum", "model.lora.client_ranks={0: 4}"])
+        check(config_with(["algorithm.name=fedmomentum", "model.lora.client_ranks={0: 4}"]))
 
 
 def test_end_to_end(tmp_path):

@@ -9,6 +9,7 @@ from torch import nn
 
 from atoll.algorithms.fedprox import proximal_loss
 from atoll.config import config_with
+from atoll.resolve import check
 from atoll.errors import ConfigError
 from atoll.experiment import build
 from conftest import tiny_overrides
@@ -20,11 +21,11 @@ def test_proximal_gradient_is_mu_times_distance_on_random_tensors():
     gen = torch.Generator().manual_seed(0)
     params = [nn.Parameter(torch.randn(3, 5, generator=gen)), nn.Parameter(torch.randn(7, generator=gen))]
     anchors = [torch.randn(3, 5, generator=gen), torch.randn(7, generator=gen)]
-    loss = proximal_loss(list(zip(params, anchors)), mu=0.3)
-    expected = 0.15 * sum(((p.detach() - a) ** 2).sum() for p, a in zip(params, anchors))
+    loss = proximal_loss(list(zip(params, anchors, strict=True)), mu=0.3)
+    expected = 0.15 * sum(((p.detach() - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
     assert torch.allclose(loss, expected)
     loss.backward()
-    for p, a in zip(params, anchors):
+    for p, a in zip(params, anchors, strict=True):
         assert torch.allclose(p.grad, 0.3 * (p.detach() - a), atol=1e-6)
 
 
@@ -66,7 +67,7 @@ def test_server_is_the_weighted_average_and_order_free():
         results.append(server.global_state)
     weights = weights_of()
     for name in MODULES:
-        expected_B = sum(w * s.lora[name].B for w, s in zip(weights, states))
+        expected_B = sum(w * s.lora[name].B for w, s in zip(weights, states, strict=True))
         for result in results:
             assert torch.allclose(result.lora[name].B, expected_B, atol=1e-6)
     same = make_server("fedprox")
@@ -76,7 +77,7 @@ def test_server_is_the_weighted_average_and_order_free():
 
 def test_mixed_ranks_are_refused():
     with pytest.raises(ConfigError, match="cannot aggregate different LoRA ranks"):
-        config_with(["algorithm.name=fedprox", "model.lora.client_ranks={0: 4}"])
+        check(config_with(["algorithm.name=fedprox", "model.lora.client_ranks={0: 4}"]))
 
 
 def test_mu_zero_is_fedit_bit_for_bit_and_mu_matters(tmp_path):

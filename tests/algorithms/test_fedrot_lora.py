@@ -10,6 +10,7 @@ import torch
 
 from atoll.algorithms.fedrot_lora import project_so, rotate, rotation
 from atoll.config import config_with
+from atoll.resolve import check
 from atoll.errors import ConfigError
 from atoll.fl.state import AdapterState
 from optsvd_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
@@ -133,7 +134,7 @@ def test_pipeline_is_permutation_invariant_and_identical_inputs_keep_the_product
 
 def test_mixed_ranks_are_refused():
     with pytest.raises(ConfigError, match="cannot aggregate different LoRA ranks"):
-        config_with(["algorithm.name=fedrot-lora", "model.lora.client_ranks={0: 4}"])
+        check(config_with(["algorithm.name=fedrot-lora", "model.lora.client_ranks={0: 4}"]))
 
 
 def test_end_to_end_and_zero_strength_is_fedit(tmp_path):

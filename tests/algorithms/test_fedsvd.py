@@ -6,8 +6,9 @@ import itertools
 import pytest
 import torch
 
-from atoll.algorithms.fedsvd import UPLOADED_B, refactorize
+from atoll.algorithms.fedsvd import refactorize
 from atoll.config import config_with
+from atoll.resolve import check
 from atoll.errors import ConfigError, UpdateError
 from atoll.fl.state import AdapterState, LoRAFactors
 from optsvd_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
@@ -62,12 +63,12 @@ def test_aggregation_is_exact_with_unequal_weights_and_A_comes_back_orthonormal(
     weights = weights_of()
     for name in MODULES:
         new = server.global_state.lora[name]
-        B_bar = sum(w * s.lora[name].B for w, s in zip(weights, states))
+        B_bar = sum(w * s.lora[name].B for w, s in zip(weights, states, strict=True))
         assert torch.allclose(new.B @ new.A, B_bar @ x.lora[name].A, atol=1e-5)
         assert torch.allclose(new.delta().double(), ideal_delta(states, name), atol=1e-5)  # = sum p_k s B_k A
         assert torch.allclose(new.A @ new.A.T, torch.eye(RANK), atol=1e-5)
         assert new.scale == x.lora[name].scale
-    head = sum(w * s.extra["head.weight"] for w, s in zip(weights, states))
+    head = sum(w * s.extra["head.weight"] for w, s in zip(weights, states, strict=True))
     assert torch.allclose(server.global_state.extra["head.weight"], head, atol=1e-6)
 
 
@@ -93,18 +94,20 @@ def test_upload_carries_B_and_head_only_and_A_is_frozen():
     state = random_state(3)
     client = make_client("fedsvd")
     upload = client.upload(1, state, state)
-    assert not upload.lora and set(upload.extra) == {UPLOADED_B + n for n in MODULES} | set(state.extra)
+    assert set(upload.lora) == set(MODULES) and set(upload.extra) == set(state.extra)
+    for name in MODULES:  # B as a LoRA factor with A left out: protections see it as model data
+        assert upload.lora[name].A is None and torch.equal(upload.lora[name].B, state.lora[name].B)
     assert upload.nbytes() < state.nbytes()
     assert client.trainable(1).lora_A is False and client.trainable(1).lora_B is True
     server = make_server("fedsvd", initial=state)
-    bad = AdapterState({}, {k: v for k, v in upload.extra.items() if k != UPLOADED_B + "q"})
+    bad = AdapterState({n: f for n, f in upload.lora.items() if n != "q"}, dict(upload.extra))
     with pytest.raises(UpdateError):
         server.aggregate(1, updates_for([upload, bad], SIZES[:2]))
 
 
 def test_mixed_ranks_are_refused():
     with pytest.raises(ConfigError, match="cannot aggregate different LoRA ranks"):
-        config_with(["algorithm.name=fedsvd", "model.lora.client_ranks={0: 4}"])
+        check(config_with(["algorithm.name=fedsvd", "model.lora.client_ranks={0: 4}"]))
 
 
 def test_end_to_end_orthonormal_A_and_nothing_stored_per_client(tmp_path):

@@ -17,7 +17,7 @@ from hetrank_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
 from atoll.config import config_with
 from atoll.experiment import build
 from atoll.report.progress import Progress
-from atoll.sim.prototype import start_run
+from atoll.dispatch import start_run
 from conftest import tiny_overrides
 
 SIZES = [10, 25, 5, 60]
@@ -26,7 +26,10 @@ RANKS = [2, 3, 4, 6]
 
 def dense_update(states, sizes):
     return {
-        name: sum(w * s.lora[name].scale * s.lora[name].B.double() @ s.lora[name].A.double() for w, s in zip(weights_of(sizes), states))
+        name: sum(
+            w * s.lora[name].scale * s.lora[name].B.double() @ s.lora[name].A.double()
+            for w, s in zip(weights_of(sizes), states, strict=True)
+        )
         for name in ("q", "v")
     }
 
@@ -76,7 +79,7 @@ def test_global_state_is_dW_and_head_is_averaged():
     assert server.global_state.rank() == max(RANKS)
     for name in delta:
         assert torch.allclose(server.global_state.effective_delta(name).double(), delta[name], atol=1e-5)
-    head = sum(w * s.extra["head.weight"] for w, s in zip(weights_of(SIZES), states))
+    head = sum(w * s.extra["head.weight"] for w, s in zip(weights_of(SIZES), states, strict=True))
     assert torch.allclose(server.global_state.extra["head.weight"], head, atol=1e-6)
 
 

@@ -20,7 +20,7 @@ from atoll.algorithms.flora import fresh_lora, rebuild_base
 from atoll.config import config_with
 from atoll.experiment import build
 from atoll.report.progress import Progress
-from atoll.sim.prototype import start_run
+from atoll.dispatch import start_run
 from conftest import tiny_overrides
 
 SIZES = [10, 25, 5, 60]
@@ -35,14 +35,16 @@ def test_merged_base_is_the_weighted_sum_of_scaled_products_with_unequal_ranks()
         states = [random_state(10 * round + i, rank=r) for i, r in enumerate(RANKS)]
         server.aggregate(round, updates_for(states, SIZES))
         for name in ("q", "v"):
-            ideal = sum(w * s.lora[name].scale * s.lora[name].B @ s.lora[name].A for w, s in zip(p, states))
+            ideal = sum(w * s.lora[name].scale * s.lora[name].B @ s.lora[name].A for w, s in zip(p, states, strict=True))
             merged[name] = merged.get(name, 0) + ideal
             # W0' - W0 = dW*, cumulative over rounds, alpha/r_k included
             assert torch.allclose(server.global_state.base[name], merged[name], atol=1e-5)
             assert torch.allclose(server.global_state.effective_delta(name), merged[name], atol=1e-5)
     assert {s.lora["q"].scale for s in states} == {16.0 / r for r in RANKS}
     # the head is averaged with the same weights
-    assert torch.allclose(server.global_state.extra["head.bias"], sum(w * s.extra["head.bias"] for w, s in zip(p, states)), atol=1e-6)
+    assert torch.allclose(
+        server.global_state.extra["head.bias"], sum(w * s.extra["head.bias"] for w, s in zip(p, states, strict=True)), atol=1e-6
+    )
 
 
 def test_ignoring_the_scale_would_fail():
@@ -50,7 +52,7 @@ def test_ignoring_the_scale_would_fail():
     server = make_server("flora", SIZES, RANKS)
     states = [random_state(i, rank=r) for i, r in enumerate(RANKS)]
     server.aggregate(1, updates_for(states, SIZES))
-    unscaled = sum(w * s.lora["q"].B @ s.lora["q"].A for w, s in zip(weights_of(SIZES), states))
+    unscaled = sum(w * s.lora["q"].B @ s.lora["q"].A for w, s in zip(weights_of(SIZES), states, strict=True))
     assert not torch.allclose(server.global_state.base["q"], unscaled, atol=1e-3)
 
 
@@ -83,7 +85,7 @@ def test_download_rebuilds_the_base_exactly_and_grows_with_the_sum_of_ranks():
         rebuilt = rebuild_base(download)
         for name, tensor in server.global_state.base.items():
             assert torch.equal(rebuilt[name], tensor)  # bit for bit: the client trains on the server's W0'
-        stacked = sum(t.numel() for key, t in download.extra.items() if key.startswith("flora/"))
+        stacked = sum(t.numel() for key, t in download.control.items() if key.startswith("flora/"))
         assert stacked == 2 * sum(ranks) * (d + k)
         downloads[sum(ranks)] = download.nbytes()
     assert downloads[16] > downloads[8]
@@ -152,7 +154,12 @@ def test_end_to_end_run_with_unequal_ranks_finishes_with_finite_metrics(tmp_path
 
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
-    # partial participation: stacked downloads in round 1, dense ones later, across the cut
+    """Partial participation: fresh LoRA downloads in round 1, dense merged ones from round 2,
+    before the cut and across it."""
+
+    def downloads_turned_dense(records, config):
+        assert records[2]["bytes_down"] > 3 * records[1]["bytes_down"], "round 2's downloads carry no dense base delta"
+
     assert_resume_reproduces_the_uninterrupted_run(
         tmp_path,
         {
@@ -161,4 +168,5 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
             "federation.rounds": 4,
             "federation.sample_rate": 0.5,
         },
+        before_the_cut=downloads_turned_dense,
     )

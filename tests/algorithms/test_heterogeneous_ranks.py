@@ -9,9 +9,10 @@ from hetrank_helpers import no_plots  # noqa: F401 (an autouse fixture)
 
 from atoll.algorithms import available
 from atoll.config import config_with
+from atoll.resolve import check
 from atoll.errors import ConfigError
 from atoll.report.progress import Progress
-from atoll.sim.prototype import start_run
+from atoll.dispatch import start_run
 from conftest import tiny_overrides
 
 
@@ -27,7 +28,7 @@ def test_rank_cycle_assigns_ranks_by_pattern_and_client_ranks_take_precedence():
 @pytest.mark.parametrize("value", ["[]", "[4, 0]", "[-8]"])
 def test_bad_rank_cycles_are_config_errors(value):
     with pytest.raises(ConfigError, match="rank_cycle"):
-        config_with([f"model.lora.rank_cycle={value}"])
+        check(config_with([f"model.lora.rank_cycle={value}"]))
 
 
 def test_a_one_rank_cycle_is_homogeneous_for_every_algorithm():
@@ -38,11 +39,13 @@ def test_a_one_rank_cycle_is_homogeneous_for_every_algorithm():
 @pytest.mark.parametrize("name", sorted(available()))
 def test_every_algorithm_runs_mixed_ranks_or_refuses_them_clearly(name, tmp_path):
     server_cls = available()[name]
-    assert server_cls.rank_support in ("native", "pad", "refuse"), f"{name}: rank_support={server_cls.rank_support!r}"
+    assert server_cls.capabilities.mixed_ranks in ("native", "pad", "refuse"), (
+        f"{name}: mixed_ranks={server_cls.capabilities.mixed_ranks!r}"
+    )
     overrides = tiny_overrides(tmp_path, **{"algorithm.name": name, "model.lora.rank_cycle": [4, 8], "train.local_steps": 2})
-    if server_cls.rank_support == "refuse":
+    if server_cls.capabilities.mixed_ranks == "refuse":
         with pytest.raises(ConfigError, match=r"cannot aggregate different LoRA ranks \[4, 8\]"):
-            config_with(overrides)
+            check(config_with(overrides))
         return
     _, summary = start_run(config_with(overrides), Progress())
     assert summary["rounds"] == 2

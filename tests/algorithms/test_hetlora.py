@@ -23,7 +23,7 @@ from atoll.experiment import build
 from atoll.fl.base import average_states
 from atoll.fl.state import AdapterState, LoRAFactors, Update
 from atoll.report.progress import Progress
-from atoll.sim.prototype import start_run
+from atoll.dispatch import start_run
 from conftest import tiny_overrides
 
 SIZES = [10, 25, 5, 60]
@@ -76,8 +76,8 @@ def test_unequal_ranks_aggregate_padded_factors_with_norm_weights():
         weights = [n / sum(norms) for n in norms]
         assert sparsity_weights(updates, name, "norm") == pytest.approx(weights, rel=1e-5)
         s_g = scale_of(8)
-        expected_A = sum(w * to_global(s.lora[name], 8, s_g).A for w, s in zip(weights, states))
-        expected_B = sum(w * to_global(s.lora[name], 8, s_g).B for w, s in zip(weights, states))
+        expected_A = sum(w * to_global(s.lora[name], 8, s_g).A for w, s in zip(weights, states, strict=True))
+        expected_B = sum(w * to_global(s.lora[name], 8, s_g).B for w, s in zip(weights, states, strict=True))
         assert torch.allclose(server.global_state.lora[name].A, expected_A, atol=1e-6)
         assert torch.allclose(server.global_state.lora[name].B, expected_B, atol=1e-6)
         # rows 6 and 7 come from the rank-8 client alone (everyone else padded zeros there)
@@ -175,14 +175,27 @@ def test_end_to_end_run_with_unequal_ranks_finishes_with_finite_metrics(tmp_path
 
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
-    # strong regulariser: clients prune before the cut, so the pruned ranks must survive it
-    assert_resume_reproduces_the_uninterrupted_run(
-        tmp_path,
-        {
-            "algorithm.name": "hetlora",
-            "algorithm.prune_lambda": 1.0,
-            "model.lora.rank_cycle": [4, 8],
-            "federation.rounds": 4,
-            "federation.sample_rate": 0.5,
-        },
-    )
+    """A strong regulariser: clients prune in round 3, before the cut after it; a pruned client
+    trains again in round 5, after the cut, at its pruned rank."""
+    from helpers import adapter_bytes
+
+    full: dict[int, int] = {}
+
+    def below_full_rank(record, config) -> bool:
+        if not full:
+            full.update({rank: adapter_bytes(config, rank) for rank in (4, 8)})
+        return record["bytes_up"] < sum(full[config.rank_of(c)] for c in record["clients"])
+
+    def clients_pruned(records, config):
+        assert any(below_full_rank(r, config) for r in records[1:]), "nothing was pruned before the cut"
+
+    overrides = {
+        "algorithm.name": "hetlora",
+        "algorithm.prune_lambda": 1.0,
+        "model.lora.rank_cycle": [4, 8],
+        "federation.rounds": 5,
+        "federation.sample_rate": 0.5,
+    }
+    records = assert_resume_reproduces_the_uninterrupted_run(tmp_path, overrides, stop_after=3, before_the_cut=clients_pruned)
+    config = config_with(tiny_overrides(tmp_path, **overrides))
+    assert below_full_rank(records[5], config), "after the cut, a pruned client uploads its pruned rank"

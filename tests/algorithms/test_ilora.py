@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from atoll.config import config_with
+from atoll.resolve import check
 from atoll.errors import ConfigError
 from atoll.experiment import build
 from atoll.fl.state import AdapterState, LoRAFactors
@@ -137,7 +138,7 @@ def test_the_base_is_rebuilt_by_the_client_and_never_travels():
 
 def test_mixed_ranks_are_refused():
     with pytest.raises(ConfigError, match="cannot aggregate different LoRA ranks"):
-        config_with(["algorithm.name=ilora", "model.lora.client_ranks={0: 4}"])
+        check(config_with(["algorithm.name=ilora", "model.lora.client_ranks={0: 4}"]))
 
 
 def test_end_to_end_starts_at_the_pristine_model(tmp_path):

@@ -14,12 +14,12 @@ from atoll.algorithms.ravan import PREFIX
 from atoll.config import config_with
 from atoll.data.batching import collate
 from atoll.experiment import build
-from atoll.fl.base import BaseServer, ServerContext
+from atoll.fl.base import ServerContext
 from atoll.fl.state import AdapterState, LoRAFactors, Update
 from atoll.models.branches import PRIMARY, BranchHost, FixedGates
 from atoll.models.ravan import RAVAN, default_head_rank, ravan_bases
 from atoll.report.progress import Progress
-from atoll.sim.prototype import start_run
+from atoll.dispatch import start_run
 from conftest import tiny_overrides
 
 SHAPES = {"q": (12, 10), "v": (9, 10)}
@@ -61,7 +61,10 @@ def test_aggregation_is_exact_and_order_free():
     weights = [0.1, 0.3, 0.6]
     for m in SHAPES:
         B, A = server.bases(m)
-        ideal = sum(p * heads_sum(B, A, u.state.extra[f"{PREFIX}{m}.H"], u.state.extra[f"{PREFIX}{m}.s"]) for p, u in zip(weights, updates))
+        ideal = sum(
+            p * heads_sum(B, A, u.state.extra[f"{PREFIX}{m}.H"], u.state.extra[f"{PREFIX}{m}.s"])
+            for p, u in zip(weights, updates, strict=True)
+        )
         H_bar, s_bar = server.ravan.extra[f"{PREFIX}{m}.H"], server.ravan.extra[f"{PREFIX}{m}.s"]
         assert torch.equal(s_bar, torch.ones(3))
         assert torch.allclose(heads_sum(B, A, H_bar, s_bar), ideal, atol=1e-5)
@@ -123,7 +126,6 @@ def test_identical_uploads_give_that_input_back():
     assert torch.allclose(scaled.ravan.extra["head.weight"], sent.extra["head.weight"], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(not hasattr(BaseServer, "aggregate_async"), reason="no asynchronous aggregation in this tree")
 def test_asynchronous_mixing_works_on_the_folded_cores():
     from atoll.fl.base import AsyncRule
 

@@ -8,13 +8,14 @@ import itertools
 import pytest
 import torch
 
-from atoll.algorithms.scaffold import CONTROL, CONTROL_DELTA, prefixed_extras, variate_tensors, with_prefixed_extras
+from atoll.algorithms.scaffold import CONTROL, CONTROL_DELTA, control_of, variate_tensors, with_control
 from atoll.config import config_with
+from atoll.resolve import check
 from atoll.errors import ConfigError
 from atoll.experiment import build
 from atoll.fl.store import ClientStore
 from atoll.report.progress import Progress
-from atoll.sim.prototype import resume_run
+from atoll.dispatch import resume_run
 from conftest import tiny_overrides
 from optsvd_helpers import (  # noqa: F401 (no_plots is an autouse fixture)
     no_plots,
@@ -71,7 +72,7 @@ def option_ii_setup(seed, store, overrides=()):
     x = random_state(seed)
     y = random_state(seed + 1)
     c = random_like(variate_tensors(x), seed + 2)
-    start = with_prefixed_extras(x, CONTROL, c)
+    start = with_control(x, CONTROL, c)
     return client, x, y, c, start
 
 
@@ -85,7 +86,7 @@ def test_option_ii_variate_update_and_upload():
     xs, ys = variate_tensors(x), variate_tensors(y)
     expected = {k: c_i[k] - c[k] + (xs[k] - ys[k]) / (7 * 0.01) for k in c}
     stored = store.get(2)
-    sent = prefixed_extras(upload, CONTROL_DELTA)
+    sent = control_of(upload, CONTROL_DELTA)
     assert set(stored) == set(c) == set(sent)
     for key in c:
         assert torch.allclose(stored[key], expected[key], atol=1e-4)
@@ -106,7 +107,7 @@ def test_option_ii_divides_by_the_sum_of_scheduled_step_sizes():
 
 
 def server_round(server, states, deltas, ids):
-    ups = updates_for([with_prefixed_extras(s, CONTROL_DELTA, d) for s, d in zip(states, deltas)], [SIZES[i] for i in ids], ids=ids)
+    ups = updates_for([with_control(s, CONTROL_DELTA, d) for s, d in zip(states, deltas, strict=True)], [SIZES[i] for i in ids], ids=ids)
     server.aggregate(1, ups)
 
 
@@ -128,7 +129,7 @@ def test_server_steps_with_unequal_weights_partial_participation_and_any_order()
     for server in results:
         new = variate_tensors(server.global_state)
         for key in xs:
-            step = sum(w * (variate_tensors(s)[key] - xs[key]) for w, s in zip(weights, states))
+            step = sum(w * (variate_tensors(s)[key] - xs[key]) for w, s in zip(weights, states, strict=True))
             assert torch.allclose(new[key], xs[key] + 0.5 * step, atol=1e-5)
             # c moves by (1/N) sum dc = (|S|/N) * mean dc, N = 4 clients, |S| = 3
             assert torch.allclose(server.control[key], start_c[key] + sum(d[key] for d in deltas) / 4, atol=1e-6)
@@ -149,7 +150,7 @@ def test_identical_inputs_with_unit_server_step_give_that_input_back():
 
 def test_mixed_ranks_are_refused():
     with pytest.raises(ConfigError, match="cannot aggregate different LoRA ranks"):
-        config_with(["algorithm.name=scaffold", "model.lora.client_ranks={0: 4}"])
+        check(config_with(["algorithm.name=scaffold", "model.lora.client_ranks={0: 4}"]))
 
 
 def test_round_one_is_fedit_then_the_variates_act(tmp_path):
@@ -208,7 +209,7 @@ def test_option_i_keeps_the_raw_gradient_of_the_first_local_step(tmp_path):
             after_backward()
         trained = experiment.workbench.active.read()
         client.keep(1, download, trained)
-        stored, sent = experiment.store.get(1), prefixed_extras(client.upload(1, download, trained), CONTROL_DELTA)
+        stored, sent = experiment.store.get(1), control_of(client.upload(1, download, trained), CONTROL_DELTA)
         assert set(stored) == set(first) == set(sent)
         for key in first:
             assert torch.equal(stored[key], first[key]), key

@@ -11,31 +11,26 @@ ClientStore, shows up here as a mismatch.
 
 from __future__ import annotations
 
-import json
-
 import pytest
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.serde import context_from_proto, context_to_proto
 
-pytest.importorskip("flwr")
+from atoll.config import config_with
+from atoll.engines.flower import protocol
+from atoll.errors import AlgorithmError, AtollError
+from atoll.resolve import resolve
+from conftest import tiny_overrides
+from helpers import (
+    aggregates_by_weighted_mean,
+    algorithm_case,
+    algorithm_names,
+    assert_same_length,
+    forget_flower_client_experiments,
+    read_records,
+)
 
-from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
-from flwr.common.serde import context_from_proto, context_to_proto  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("flower_isolation")]
 
-from atoll.algorithms import available  # noqa: E402
-from atoll.config import config_with  # noqa: E402
-from atoll.engines.flower import client as flower_client  # noqa: E402
-from atoll.engines.flower import protocol  # noqa: E402
-from atoll.engines.flower.checks import aggregates_by_weighted_mean  # noqa: E402
-from atoll.errors import AlgorithmError, AtollError  # noqa: E402
-from atoll.report.progress import Progress  # noqa: E402
-from atoll.sim.prototype import start_run  # noqa: E402
-from conftest import tiny_overrides  # noqa: E402
-
-pytestmark = pytest.mark.slow
-
-TaskIdentity.run_id = 1
-TaskIdentity.task_id = 1
-TaskIdentity.node_id = 0
 TOLERANCE = 1e-6
 
 
@@ -97,20 +92,14 @@ class InProcessGrid:
 def run_on_flower(config, run_dir):
     from atoll.engines.flower.server import run_server
 
-    run_config = {protocol.RUN_CONFIG_KEY: config.to_yaml(), protocol.RUN_DIR_KEY: str(run_dir)}
+    run_config = protocol.run_config_for(resolve(config), run_dir)
     grid = InProcessGrid(run_config, config.federation.clients)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     run_server(grid, context)
 
 
 def task_records(run_dir):
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        for key in ("seconds", "wall_seconds", "flower"):
-            record.pop(key, None)
-        out.append(record)
-    return out
+    return read_records(run_dir, drop=("seconds", "wall_seconds", "flower"))
 
 
 def assert_close(got, expected, where=""):
@@ -124,28 +113,25 @@ def assert_close(got, expected, where=""):
         assert got == expected, where
 
 
-RANK_CYCLE = {"native", "pad"}
-
-
-@pytest.mark.parametrize("name", [n for n in available() if n != "centralized"])
-def test_algorithm_runs_unchanged_on_the_flower_engine(tmp_path, name):
-    server_cls = available()[name]
-    extra = {"algorithm.name": name, "eval.local": "final", "federation.rounds": 2, "federation.sample_rate": 0.75}
-    if server_cls.rank_support in RANK_CYCLE:
-        extra["model.lora.client_ranks"] = "{1: 4}"  # mixed ranks where the algorithm supports them
-    local_config = config_with(tiny_overrides(tmp_path / "local", **extra, **{"run.dir": str(tmp_path / "local")}))
-    start_run(local_config, Progress())  # every algorithm runs this config locally: a failure is a regression, not a skip
-    flower_config = config_with(tiny_overrides(tmp_path / "flower", **extra, **{"engine": "flower"}))
-    flower_client._EXPERIMENTS.clear()
+@pytest.mark.parametrize("name", [n for n in algorithm_names() if n != "centralized"])
+def test_algorithm_runs_unchanged_on_the_flower_engine(tmp_path, reference_runs, plain_bert, name):
+    case = algorithm_case(name, plain_bert)  # the local run the run-directory tests reload too
+    local = reference_runs.get(**case)
+    flower_config = config_with(tiny_overrides(tmp_path / "flower", **case, **{"engine": "flower", "run.plots": "false"}))
+    forget_flower_client_experiments()
     run_on_flower(flower_config, tmp_path / "flower")
-    local, flower = task_records(tmp_path / "local"), task_records(tmp_path / "flower")
-    assert len(flower) == len(local) == 3
-    for got, expected in zip(flower, local):
+    local_records, flower = task_records(local), task_records(tmp_path / "flower")
+    assert len(flower) == len(local_records) == 3
+    for got, expected in zip(flower, local_records, strict=True):
         assert_close(got, expected, f"{name} round {expected['round']}")
     assert (tmp_path / "flower" / "summary.json").is_file()
 
 
-MEAN_ALGORITHMS = [n for n, cls in available().items() if n != "centralized" and aggregates_by_weighted_mean(cls)]
+MEAN_ALGORITHMS = [n for n in algorithm_names() if n != "centralized" and aggregates_by_weighted_mean(n)]
+# mean aggregators whose clients download something other than the global adapter, which Flower's
+# DP wrappers (clipping each update against one global model) cannot serve, pinned by name: RAVAN
+# sends its trainable cores, not the adapter its server evaluates. Any other refusal fails the test.
+DP_REFUSERS = {"ravan"}
 PRIVACY = {
     # SecAgg+ quantizes uploads (2**22 levels over [-8, 8]): agreement to 1e-4
     "secagg": ({"flower.secagg.enabled": "true"}, 1e-4),
@@ -193,20 +179,21 @@ CASES += [("fedit", "dp-server-adaptive"), ("fedit", "dp-client-adaptive")]
 
 
 @pytest.mark.parametrize("name, privacy", CASES)
-def test_mean_algorithms_under_secagg_and_inactive_dp_match_the_local_engine(tmp_path, name, privacy):
+def test_mean_algorithms_under_secagg_and_inactive_dp_match_the_local_engine(tmp_path, reference_runs, name, privacy):
     settings, tolerance = PRIVACY[privacy]
     extra = {"algorithm.name": name, "eval.local": "never", "federation.rounds": 2}
-    start_run(config_with(tiny_overrides(tmp_path / "local", **extra, **{"run.dir": str(tmp_path / "local")})), Progress())
-    flower_config = config_with(tiny_overrides(tmp_path / "flower", **extra, **settings, **{"engine": "flower"}))
-    flower_client._EXPERIMENTS.clear()
-    try:
-        run_on_flower(flower_config, tmp_path / "flower")
-    except AlgorithmError as error:  # the one refusal allowed: DP needs every client to download the global adapter
-        assert privacy.startswith("dp") and "differs from the global adapter" in str(error), error
+    local = task_records(reference_runs.get(**extra))  # one local run per algorithm for every privacy setting
+    flower_config = config_with(tiny_overrides(tmp_path / "flower", **extra, **settings, **{"engine": "flower", "run.plots": "false"}))
+    forget_flower_client_experiments()
+    if privacy.startswith("dp") and name in DP_REFUSERS:
+        with pytest.raises(AlgorithmError, match="differs from the global adapter"):
+            run_on_flower(flower_config, tmp_path / "flower")
         return
-    local, flower = task_records(tmp_path / "local"), task_records(tmp_path / "flower")
+    run_on_flower(flower_config, tmp_path / "flower")  # any other refusal is a failure
+    flower = task_records(tmp_path / "flower")
+    assert_same_length(flower, local, "metrics records")
     assert flower[1]["train"] == local[1]["train"]
-    for got, expected in zip(flower, local):
+    for got, expected in zip(flower, local, strict=True):
         if tolerance == TOLERANCE:
             assert_close(got, expected, f"{name} {privacy} round {expected['round']}")
         else:

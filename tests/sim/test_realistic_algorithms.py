@@ -1,7 +1,7 @@
 """Every registered algorithm runs in realistic mode (the registry is read when the tests are
 collected, so algorithms added later are covered) in all four paradigms: short synchronous and
 sequential runs, and short FedAsync and FedBuff runs or, when the algorithm declares
-``supports_async = False``, a refusal at config load. And a cancelled straggler's private state
+``asynchronous=False`` in its capabilities, a refusal when the config is resolved. And a cancelled straggler's private state
 rolls back on a real personalized algorithm."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import yaml
 
 from atoll import algorithms
 from atoll.config import config_with
+from atoll.resolve import check
 from atoll.errors import ConfigError
 from atoll.report.progress import Progress
-from atoll.sim.prototype import start_run
+from atoll.dispatch import start_run
 from conftest import tiny_overrides
 
 NAMES = sorted(algorithms.available())
@@ -49,9 +50,9 @@ def test_every_algorithm_runs_realistic_sync_and_async_or_refuses_async(tmp_path
     assert summary["stopped_by"] == "rounds" and summary["rounds_completed"] == 2, name
     assert summary["final_global"], f"{name}: no final evaluation"
     server_cls = algorithms.get_algorithm(name)
-    if not server_cls.supports_async:
+    if not server_cls.capabilities.asynchronous:
         with pytest.raises(ConfigError, match=f"algorithm '{name}' cannot run asynchronously"):
-            config_with(overrides(tmp_path, name, "fedasync"))
+            check(config_with(overrides(tmp_path, name, "fedasync")))
         return
     _, summary = start_run(config_with(overrides(tmp_path, name, "fedasync")), Progress())
     assert summary["stopped_by"] == "rounds" and summary["jobs"]["aggregated"] == 2, name
@@ -65,9 +66,9 @@ def test_every_algorithm_runs_sequentially_and_buffered_or_refuses_async(tmp_pat
     assert summary["stopped_by"] == "rounds" and summary["rounds_completed"] == 2, name
     assert summary["final_global"], f"{name}: no final evaluation"
     buffered = overrides(tmp_path, name, "fedbuff") + ["realistic.fedbuff.buffer=2"]
-    if not algorithms.get_algorithm(name).supports_async:
+    if not algorithms.get_algorithm(name).capabilities.asynchronous:
         with pytest.raises(ConfigError, match=f"algorithm '{name}' cannot run asynchronously"):
-            config_with(buffered)
+            check(config_with(buffered))
         return
     _, summary = start_run(config_with(buffered), Progress())
     assert summary["stopped_by"] == "rounds" and summary["rounds_completed"] == 2, name

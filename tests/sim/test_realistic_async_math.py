@@ -3,6 +3,8 @@ hinge staleness (Xie et al. 2019), and FedBuff's buffered step (Nguyen et al., A
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -47,7 +49,7 @@ def test_hinge_uses_the_papers_sign_and_weights_never_increase_with_staleness():
         rule = AsyncRule(staleness=kind, a=0.7, b=2)
         weights = [rule.weight(t) for t in range(30)]
         assert weights[0] == 1.0
-        assert all(later <= earlier for earlier, later in zip(weights, weights[1:]))
+        assert all(later <= earlier for earlier, later in pairwise(weights))
     with pytest.raises(ValueError):
         AsyncRule().weight(-1)
 
@@ -74,9 +76,7 @@ def test_fedasync_with_no_staleness_and_alpha_one_adopts_the_update():
 
 
 def test_fedasync_leaves_factors_a_partial_message_omits_unchanged():
-    current, incoming = random_state(0), random_state(1)
-    for factors in incoming.lora.values():
-        factors.B = factors.B.new_empty(0, factors.rank)  # an A-only message
+    current, incoming = random_state(0), random_state(1).without("B")  # an A-only message
     server = server_with(current)
     server.aggregate_async(1, Update(0, 10, incoming), 0, AsyncRule(alpha=0.5))
     for name, factors in server.global_state.lora.items():
@@ -100,7 +100,7 @@ def test_fedbuff_steps_by_the_mean_staleness_weighted_delta():
     server.aggregate_buffered(3, [Update(k, 10, s) for k, s in enumerate(finals)], staleness, starts, rule)
     result = tensors(server.global_state)
     for key, value in tensors(current).items():
-        step = sum(rule.weight(t) * (tensors(f)[key] - tensors(s)[key]) for f, s, t in zip(finals, starts, staleness)) / 3
+        step = sum(rule.weight(t) * (tensors(f)[key] - tensors(s)[key]) for f, s, t in zip(finals, starts, staleness, strict=True)) / 3
         assert torch.allclose(result[key], value + 0.8 * step, atol=1e-5), key
 
 

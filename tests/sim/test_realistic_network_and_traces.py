@@ -19,11 +19,11 @@ import pytest
 import yaml
 
 from atoll.config import config_with
+from atoll.resolve import resolve
 from atoll.errors import DataError
 from atoll.sim.realistic.availability import TraceWindows, read_trace
 from atoll.sim.realistic.draws import Draws, gaussian
 from atoll.sim.realistic.runner import build_simulation, dry_backend
-from atoll.sim.realistic.system import load_for_run
 
 NBYTES = 1000  # 4 bytes * (0 LoRA parameters per rank + 250 extra parameters)
 LATENCY = 0.5
@@ -66,8 +66,8 @@ def make_sim(tmp_path, tree: dict, clients: int, **overrides):
         "run.root": str(tmp_path / "runs"),
     }
     values.update(overrides)
-    config = config_with([f"{k}={v}" for k, v in values.items()])
-    spec, fleet = load_for_run(config)
+    run = resolve(config_with([f"{k}={v}" for k, v in values.items()]))
+    config, spec, fleet = run.config, run.system, run.fleet
     return build_simulation(config, spec, fleet, dry_backend(config, spec, fleet), record_events=True)
 
 
@@ -185,7 +185,7 @@ def test_a_huge_sigma_is_clipped_at_three_standard_deviations(tmp_path):
             assert abs(unclipped - measured[c]) > 1e-8
         # and the spread is real: the slowest transfer takes over 1e6 times the fastest's
         assert (max(measured) - LATENCY) / (min(measured) - LATENCY) > 1e6
-    assert sim.records[1]["virtual_time"] == pytest.approx(max(d + 10.0 + u for d, u in zip(down, up)), abs=1e-9, rel=0)
+    assert sim.records[1]["virtual_time"] == pytest.approx(max(d + 10.0 + u for d, u in zip(down, up, strict=True)), abs=1e-9, rel=0)
 
 
 # ---------------------------------------------------------------------------------------------

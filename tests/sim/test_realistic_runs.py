@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from atoll.cli import app
 from atoll.config import config_with, load_config
 from atoll.report.progress import Progress
-from atoll.sim.prototype import start_run
+from atoll.dispatch import start_run
 from conftest import tiny_overrides
 
 SYSTEM = {
@@ -143,16 +143,50 @@ def test_dropouts_lose_real_work_and_the_same_seed_replays_the_same_run(tmp_path
     assert (first.path / "events.csv").read_text() != (other.path / "events.csv").read_text()
 
 
-def test_a_target_metric_ends_the_run(tmp_path):
+@pytest.fixture(scope="module")
+def untargeted(tmp_path_factory, plain_bert):
+    """Five evaluated rounds without a target: the per-round metrics a target is checked against
+    (on the plain BERT, whose metrics move from round to round)."""
+    root = tmp_path_factory.mktemp("targets")
+    system = system_file(root)
+    run_dir, _ = start_run(realistic(root, "untargeted", system, **{"federation.rounds": 5, "model.name": str(plain_bert)}), Progress())
+    return system, str(plain_bert), read_metrics(run_dir.path)
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "loss"])
+def test_a_target_ends_the_run_at_the_first_round_that_reaches_it_in_the_metrics_direction(tmp_path, untargeted, metric):
+    """Accuracy is reached from below, loss from above: the target is the best value of rounds 2-5,
+    which round 1 misses, so a run that compared in the wrong direction would stop at round 1."""
+    system, model, records = untargeted
+    values = [r["global"][metric] for r in records[1:]]
+    lower_is_better = metric == "loss"
+    target = min(values[1:]) if lower_is_better else max(values[1:])
+    reached = [(value <= target) if lower_is_better else (value >= target) for value in values]
+    assert not reached[0], f"round 1 already reaches {metric} {target}: the check would mean nothing"
+    first = reached.index(True) + 1
     config = realistic(
         tmp_path,
         "target",
-        system_file(tmp_path),
-        **{"federation.rounds": 10, "realistic.target_metric": "accuracy", "realistic.target_value": 0.0},
+        system,
+        **{"federation.rounds": 5, "model.name": model, "realistic.target_metric": metric, "realistic.target_value": target},
     )
     _, summary = start_run(config, Progress())
-    assert summary["stopped_by"] == "target" and summary["rounds_completed"] == 1
-    assert summary["time_to_target_hours"] == pytest.approx(summary["virtual_hours"])
+    assert summary["stopped_by"] == "target" and summary["rounds_completed"] == first, (values, target)
+    assert summary["time_to_target_hours"] == pytest.approx(records[first]["virtual_hours"])
+
+
+def test_a_target_no_round_reaches_lets_the_run_finish_its_rounds(tmp_path, untargeted):
+    system, model, records = untargeted
+    best = min(r["global"]["loss"] for r in records[1:])
+    config = realistic(
+        tmp_path,
+        "unreached",
+        system,
+        **{"federation.rounds": 5, "model.name": model, "realistic.target_metric": "loss", "realistic.target_value": best / 2},
+    )
+    _, summary = start_run(config, Progress())
+    assert summary["stopped_by"] == "rounds" and summary["rounds_completed"] == 5
+    assert summary["time_to_target_hours"] is None
 
 
 def test_the_cli_runs_realistic_mode_and_dry_runs_and_refuses_to_resume_them(tmp_path):

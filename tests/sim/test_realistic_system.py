@@ -3,6 +3,7 @@ device tier and by memory budget, deterministic draws, the cost model's geometry
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 from atoll import algorithms
 from atoll.cli import app
 from atoll.config import config_with, load_config
+from atoll.resolve import check, resolve
 from atoll.errors import ConfigError, DataError
 from atoll.sim.realistic.availability import DailyWindows, generate_trace, read_trace, write_trace
 from atoll.sim.realistic.draws import Draws
@@ -73,7 +75,7 @@ def realistic(tmp_path, system: Path, **extra) -> list[str]:
 def test_a_bad_sys_yaml_is_one_clear_line(tmp_path, tree, fragment):
     path = write(tmp_path, tree)
     with pytest.raises((ConfigError, DataError)) as error:
-        config_with(realistic(tmp_path, path))
+        check(config_with(realistic(tmp_path, path)))
     assert fragment in str(error.value)
     assert "\n" not in str(error.value)
 
@@ -103,7 +105,7 @@ def test_a_bad_trace_is_refused_when_the_config_is_loaded(tmp_path):
     write(tmp_path, "client,start,end\n0,5,1\n", "trace.csv")
     path = write(tmp_path, {**GOOD, "availability": {"windows": "trace", "trace": {"path": "trace.csv"}}})
     with pytest.raises(DataError, match="line 2"):
-        config_with(realistic(tmp_path, path))
+        check(config_with(realistic(tmp_path, path)))
 
 
 def test_the_shipped_trace_and_generated_traces_parse(tmp_path):
@@ -125,27 +127,32 @@ def test_every_shipped_sys_yaml_is_valid(name):
 def test_config_level_mistakes_are_refused(tmp_path):
     good = write(tmp_path, GOOD)
     with pytest.raises(ConfigError, match="needs a system file"):
-        config_with(tiny_overrides(tmp_path, **{"mode": "realistic"}))
+        check(config_with(tiny_overrides(tmp_path, **{"mode": "realistic"})))
     with pytest.raises(ConfigError, match="realistic.dry_run needs mode: realistic"):
-        config_with(tiny_overrides(tmp_path, **{"realistic.dry_run": "true"}))
+        check(config_with(tiny_overrides(tmp_path, **{"realistic.dry_run": "true"})))
     with pytest.raises(ConfigError, match="system file '.*nope.yaml' does not exist"):
-        config_with(realistic(tmp_path, tmp_path / "nope.yaml"))
+        check(config_with(realistic(tmp_path, tmp_path / "nope.yaml")))
     with pytest.raises(ConfigError, match="realistic.sync.deadline_seconds is not set"):
-        config_with(realistic(tmp_path, good, **{"realistic.sync.wait": "deadline"}))
+        check(config_with(realistic(tmp_path, good, **{"realistic.sync.wait": "deadline"})))
     with pytest.raises(ConfigError, match="realistic.paradigm"):
-        config_with(realistic(tmp_path, good, **{"realistic.paradigm": "gossip"}))
+        check(config_with(realistic(tmp_path, good, **{"realistic.paradigm": "gossip"})))
     with pytest.raises(ConfigError, match="target_value"):
-        config_with(realistic(tmp_path, good, **{"realistic.target_metric": "accuracy"}))
+        check(config_with(realistic(tmp_path, good, **{"realistic.target_metric": "accuracy"})))
 
 
-def test_a_sync_only_algorithm_is_refused_in_an_async_paradigm_at_load(tmp_path):
-    sync_only = [name for name, cls in algorithms.available().items() if not cls.supports_async]
-    if not sync_only:
-        pytest.skip("no registered algorithm declares supports_async = False")
+# algorithms whose math needs a whole synchronous round (their modules say why); the registry may
+# add more, but these must stay refused
+KNOWN_SYNC_ONLY = {"fedex-lora", "flexlora", "flora", "hetlora", "rolora", "scaffold", "fedmomentum", "ilora", "fedsvd"}
+
+
+def test_every_sync_only_algorithm_is_refused_in_an_async_paradigm_at_load(tmp_path):
+    sync_only = [name for name, cls in algorithms.available().items() if not cls.capabilities.asynchronous]
+    assert KNOWN_SYNC_ONLY <= set(sync_only), f"no longer declared synchronous-only: {KNOWN_SYNC_ONLY - set(sync_only)}"
     good = write(tmp_path, GOOD)
-    for paradigm in ("fedasync", "fedbuff"):
-        with pytest.raises(ConfigError, match=f"algorithm '{sync_only[0]}' cannot run asynchronously"):
-            config_with(realistic(tmp_path, good, **{"algorithm.name": sync_only[0], "realistic.paradigm": paradigm}))
+    for name in sync_only:
+        for paradigm in ("fedasync", "fedbuff"):
+            with pytest.raises(ConfigError, match=f"algorithm '{name}' cannot run asynchronously"):
+                check(config_with(realistic(tmp_path, good, **{"algorithm.name": name, "realistic.paradigm": paradigm})))
 
 
 def test_the_cli_refuses_a_bad_system_with_one_line_exit_2_and_nothing_written(tmp_path):
@@ -208,11 +215,11 @@ def test_daily_windows_repeat_with_jitter_and_skip_absent_days():
         assert end - start == pytest.approx(8 * 3600)
         clock = (start / 3600 + 12) % 24
         assert min(abs(clock - 22), abs(clock + 24 - 22)) <= 1.0 + 1e-9
-    assert all(a[1] <= b[0] for a, b in zip(windows, windows[1:]))
+    assert all(a[1] <= b[0] for a, b in pairwise(windows))
 
 
 def test_ranks_by_device_tier_reach_the_server_and_the_clients(tmp_path):
-    native = [name for name, cls in algorithms.available().items() if cls.rank_support != "refuse" and name != "centralized"]
+    native = [name for name, cls in algorithms.available().items() if cls.capabilities.mixed_ranks != "refuse" and name != "centralized"]
     system = write(
         tmp_path,
         {
@@ -224,11 +231,13 @@ def test_ranks_by_device_tier_reach_the_server_and_the_clients(tmp_path):
             "ranks": {"by": "device", "device": {"laptop": 16, "budget-phone": 4}},
         },
     )
-    config = config_with(realistic(tmp_path, system, **{"algorithm.name": "local-only" if "local-only" in native else native[0]}))
-    assert [config.rank_of(c) for c in range(4)] == [16, 4, 4, 16]
+    given = config_with(realistic(tmp_path, system, **{"algorithm.name": "local-only" if "local-only" in native else native[0]}))
+    run = resolve(given)
+    config = run.config
+    assert run.client_ranks == [config.rank_of(c) for c in range(4)] == [16, 4, 4, 16]
     from atoll.experiment import build
 
-    experiment = build(config)
+    experiment = build(given)
     try:
         assert experiment.server.context.client_ranks == [16, 4, 4, 16]
         assert [experiment.clients[c].context.rank for c in range(4)] == [16, 4, 4, 16]
@@ -237,22 +246,25 @@ def test_ranks_by_device_tier_reach_the_server_and_the_clients(tmp_path):
     # reloading the resolved config gives the same ranks (no conflict with what it wrote)
     again = tmp_path / "resolved.yaml"
     again.write_text(config.to_yaml())
-    assert load_config(again) == config
+    assert load_config(again) == config and resolve(load_config(again)).client_ranks == run.client_ranks
 
 
 def test_mixed_ranks_from_the_system_are_refused_for_an_algorithm_that_cannot_mix_them(tmp_path):
     devices = {"mix": {"laptop": 1, "budget-phone": 3}, "clients": {0: "laptop", 1: "budget-phone"}}
     system = write(tmp_path, {**GOOD, "devices": devices, "ranks": {"by": "device", "device": {"laptop": 16, "budget-phone": 4}}})
     with pytest.raises(ConfigError, match="cannot aggregate different LoRA ranks"):
-        config_with(realistic(tmp_path, system, **{"algorithm.name": "fedit"}))
+        check(config_with(realistic(tmp_path, system, **{"algorithm.name": "fedit"})))
     with pytest.raises(ConfigError, match="cannot aggregate different LoRA ranks"):
-        config_with(realistic(tmp_path, system, **{"algorithm.name": "fedit", "realistic.dry_run": "true"}))
+        check(config_with(realistic(tmp_path, system, **{"algorithm.name": "fedit", "realistic.dry_run": "true"})))
 
 
 def test_one_rank_for_every_device_becomes_the_federation_rank(tmp_path):
     system = write(tmp_path, {**GOOD, "ranks": {"by": "device", "device": {"laptop": 4, "budget-phone": 4}}})
-    config = config_with(realistic(tmp_path, system))
-    assert config.model.lora.rank == 4 and config.model.lora.client_ranks is None
+    given = config_with(realistic(tmp_path, system))
+    run = resolve(given)
+    config = run.config
+    assert config.model.lora.rank == 4 and config.model.lora.client_ranks is None and run.client_ranks == [4] * 4
+    assert given.model.lora.rank == 8, "resolving never rewrites the config it was given"
 
 
 def test_ranks_by_memory_budget_pick_the_largest_rank_that_fits():
@@ -283,16 +295,17 @@ def test_ranks_by_memory_are_refused_when_a_device_cannot_hold_the_model(tmp_pat
         },
     )
     with pytest.raises(ConfigError, match="cannot hold model"):
-        config_with(realistic(tmp_path, system, **{"algorithm.name": "local-only"}))
+        check(config_with(realistic(tmp_path, system, **{"algorithm.name": "local-only"})))
 
 
 def test_the_geometry_table_matches_the_built_model(tmp_path):
     from atoll.experiment import build
+    from atoll.fl.federation import Federation
     from atoll.sim.realistic.backends import ModelBackend
 
     experiment = build(config_with(tiny_overrides(tmp_path)))
     try:
-        measured = ModelBackend(experiment, None)
+        measured = ModelBackend(Federation(experiment))
         table = BUILTIN_GEOMETRY["tiny-bert"]
         cost = measured.cost(8)
         assert cost.base_parameters == table.base_parameters
@@ -309,3 +322,17 @@ def test_daily_windows_of_all_clients_at_once_equal_the_one_client_path():
     for client in range(0, 300, 7):
         for day in range(-1, 6):
             assert batched.window_of_day(client, day) == single.window_of_day(client, day)
+
+
+def test_the_cost_model_is_the_documented_formulas():
+    """docs/realistic-mode.md: FLOPs = tokens (4 frozen + 6 trained parameters); tokens = steps x
+    grad_accum x min(batch_size, examples) x mean tokens per example; a transfer takes
+    bytes x 8 / (Mbit/s x 1e6) + latency."""
+    from atoll.sim.realistic.cost import ModelCost, local_tokens, training_seconds, transfer_seconds
+
+    cost = ModelCost(base_parameters=1_000, lora_parameters_per_rank=10, extra_parameters=5)
+    assert cost.flops_per_token(4) == 4 * 1_000 + 6 * (10 * 4 + 5)
+    assert local_tokens(steps=3, grad_accum=2, batch_size=16, examples=5, tokens_per_example=10.0) == 3 * 2 * 5 * 10
+    assert local_tokens(steps=3, grad_accum=2, batch_size=4, examples=50, tokens_per_example=10.0) == 3 * 2 * 4 * 10
+    assert training_seconds(tokens=300.0, flops_per_token=2_000.0, flops_per_second=1e6) == pytest.approx(0.6)
+    assert transfer_seconds(nbytes=1_000_000, mbps=8.0, latency_seconds=0.05) == pytest.approx(1.05)

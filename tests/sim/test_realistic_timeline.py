@@ -12,12 +12,12 @@ import pytest
 import yaml
 
 from atoll.config import config_with
+from atoll.resolve import resolve
 from atoll.seeding import numpy_rng
 from atoll.sim.realistic.backends import DryBackend
 from atoll.sim.realistic.draws import Draws
 from atoll.sim.realistic.events import EventKind, EventQueue
 from atoll.sim.realistic.runner import build_simulation, dry_backend
-from atoll.sim.realistic.system import load_for_run
 
 TRANSFER = 1.5
 TRAIN = {"fast": 10.0, "mid": 20.0, "slow": 40.0, "crawl": 80.0}
@@ -93,8 +93,8 @@ def make_sim(tmp_path, system: dict, **overrides):
         "run.root": str(tmp_path / "runs"),
     }
     values.update(overrides)
-    config = config_with([f"{k}={v}" for k, v in values.items()])
-    spec, fleet = load_for_run(config)
+    run = resolve(config_with([f"{k}={v}" for k, v in values.items()]))
+    config, spec, fleet = run.config, run.system, run.fleet
     backend = RecordingBackend(dry_backend(config, spec, fleet))
     return build_simulation(config, spec, fleet, backend, record_events=True), backend
 
@@ -342,8 +342,8 @@ def phone_week(tmp_path, folder: str, seed: int = 0, tokens: int = 32, **overrid
         "run.root": str(tmp_path / folder),
     }
     values.update(overrides)
-    config = config_with([f"{k}={v}" for k, v in values.items()])
-    spec, fleet = load_for_run(config)
+    run = resolve(config_with([f"{k}={v}" for k, v in values.items()]))
+    config, spec, fleet = run.config, run.system, run.fleet
     return build_simulation(config, spec, fleet, dry_backend(config, spec, fleet), record_events=True)
 
 
@@ -356,44 +356,49 @@ def test_the_same_seed_gives_the_same_timeline_and_another_seed_does_not(tmp_pat
     assert first.event_log != other.event_log and first.timeline_digest() != other.timeline_digest()
 
 
-def client_counters(sim):
-    return [
-        (
-            c.state,
-            c.token,
-            c.window_id,
-            c.available_seconds,
-            c.train_seconds,
-            c.transfer_seconds,
-            c.wasted_seconds,
-            c.jobs,
-            c.completed,
-            c.lost,
-            c.dropouts,
-        )
-        for c in sim.clients
-    ]
+def test_the_presence_process_alone_puts_each_client_online_exactly_in_its_windows():
+    """Fed only its own events, the availability process keeps a client in the pool exactly while
+    one of its daily windows is open, and accounts exactly the windows' overlap with the session."""
+    from atoll.sim.realistic.availability import DailyWindows
+    from atoll.sim.realistic.engine import SimClient
+    from atoll.sim.realistic.presence import AvailabilityProcess
 
+    class Daily:  # 8 h a day from 22:00, jitter up to 1 h, present 70 % of days
+        start_hour, hours, jitter_hours, presence, clock_start_hour = 22.0, 8.0, 1.0, 0.7, 0.0
 
-@pytest.mark.parametrize("paradigm", ["sync", "fedasync"])
-@pytest.mark.parametrize("max_events", [None, 6000])
-def test_the_inlined_window_events_behave_exactly_like_their_handlers(tmp_path, paradigm, max_events):
-    """The loop handles window openings and closings itself (the hot path); with inline_windows
-    off it calls _on_window_open / _on_window_close instead. Both must give the same run."""
-    extra = {"realistic.paradigm": paradigm, "federation.rounds": 100_000} | ({"realistic.max_events": max_events} if max_events else {})
-    # long jobs (4k tokens per example), so that closing windows cut some of them
-    inline, handlers = (phone_week(tmp_path, folder, tokens=4096, **extra) for folder in ("inline", "handlers"))
-    handlers.inline_windows = False
-    inline.run(), handlers.run()
-    if not max_events:  # the whole session: both loss paths ran
-        assert inline.totals.lost_jobs["window_close"] > 0 and inline.totals.dropouts > 0
-    assert inline.stopped_by == handlers.stopped_by == ("max_events" if max_events else "session")
-    assert inline.event_log == handlers.event_log and inline.timeline == handlers.timeline
-    assert (inline.events, inline.stale_events, inline.now) == (handlers.events, handlers.stale_events, handlers.now)
-    assert inline.timeline_digest() == handlers.timeline_digest()
-    assert inline.records == [dict(r, wall_seconds=x["wall_seconds"]) for r, x in zip(handlers.records, inline.records)]
-    assert client_counters(inline) == client_counters(handlers) and inline.totals == handlers.totals
-    assert sorted(inline.pool.items) == sorted(handlers.pool.items)
+    horizon = 3 * 86_400.0
+    windows = DailyWindows(Daily, Draws(5), horizon, clients=30)
+    clients = [SimClient(i, i, "d", "n", 1.0, None, 8) for i in range(30)]
+    queue, timeline = EventQueue(), []
+    process = AvailabilityProcess(clients, windows, queue, rejoin_seconds=60.0, timeline=timeline, timeline_limit=30)
+    process.start()
+    open_window, close_window = process.window_handlers(lose=None)
+    handlers = {EventKind.WINDOW_OPEN: open_window, EventKind.WINDOW_CLOSE: close_window}
+    while queue:
+        time, _, kind, index, token = queue.pop()
+        if time > horizon:
+            break
+        assert handlers[kind](index, token, time)
+        if queue and queue.peek_time() == time:
+            continue  # judge once every event of this instant is handled
+        online = {int(i) for i in process.available_ids()}
+        expected = set()
+        for client in clients:  # every window of the client that contains `time`
+            cursor = 0
+            while (window := windows.next(client.id, cursor)) is not None and window[0] <= time:
+                start, end, cursor = window
+                if start <= time < end:
+                    expected.add(client.index)
+        assert online == expected, time
+    process_end = horizon
+    for client in clients:
+        process.finish(client, process_end)
+        cursor, total = 0, 0.0
+        while (window := windows.next(client.id, cursor)) is not None and window[0] < process_end:
+            start, end, cursor = window
+            total += min(end, process_end) - start
+        assert client.available_seconds == pytest.approx(total)
+    assert sum(end - start for _, _, start, end, _ in timeline) == pytest.approx(sum(c.available_seconds for c in clients))
 
 
 def test_the_bucketed_queue_pops_exactly_like_one_heap():

@@ -1,83 +1,55 @@
-"""Aggregation algorithms, one module each, registered by name.
+"""Aggregation algorithms, one module each, declared in :mod:`atoll.algorithms.catalog`.
 
-``get_algorithm(name)`` returns the server class; its ``client_class``, ``Params`` and support
-flags (``rank_support``, ``supports_async``, ``personalized``) describe the rest.
+``get_algorithm(name)`` imports the one module that implements ``name`` and returns its server
+class (whose ``client_class`` is the client side); ``specs()`` lists every declaration without
+importing any algorithm module, so listing and config checks stay cheap and a broken module breaks
+only the runs that choose it.
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 
 from pydantic import ValidationError
 
+from atoll.algorithms.catalog import SPECS
+from atoll.fl.capabilities import AlgorithmSpec
 from atoll.errors import ConfigError
 
-_REGISTRY: dict[str, type] = {}
-_LOADED = False
+
+def specs() -> dict[str, AlgorithmSpec]:
+    """Every algorithm's declaration, by name (sorted; nothing is imported)."""
+    return dict(sorted(SPECS.items()))
 
 
-def register(cls: type) -> type:
-    """Class decorator: make a BaseServer subclass available under ``cls.name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"algorithm name '{cls.name}' registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _load_all() -> None:
-    global _LOADED
-    if _LOADED:
-        return
-    for module in pkgutil.iter_modules(__path__):
-        if not module.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{module.name}")
-    _LOADED = True
-
-
-def available() -> dict[str, type]:
-    _load_all()
-    return dict(sorted(_REGISTRY.items()))
+def spec_of(name: str) -> AlgorithmSpec:
+    """The declaration of ``name`` (ConfigError naming the choices when unknown)."""
+    if name not in SPECS:
+        raise ConfigError(f"unknown algorithm '{name}'", f"choose one of: {', '.join(sorted(SPECS))}")
+    return SPECS[name]
 
 
 def get_algorithm(name: str) -> type:
-    algorithms = available()
-    if name not in algorithms:
-        raise ConfigError(f"unknown algorithm '{name}'", f"choose one of: {', '.join(algorithms)}")
-    return algorithms[name]
+    """The server class of ``name``; imports its module only."""
+    spec = spec_of(name)
+    module = importlib.import_module(f"{__name__}.{spec.module}")
+    return getattr(module, spec.server_class)
 
 
-def parse_params(server_cls: type, params: dict):
+def available() -> dict[str, type]:
+    """Every algorithm's server class, by name (imports every algorithm module: tests and tools)."""
+    return {name: get_algorithm(name) for name in specs()}
+
+
+def parse_params(spec_or_class, params: dict):
+    """The algorithm's parameters validated by its Params model (ConfigError on a bad key/value)."""
+    spec = spec_or_class if isinstance(spec_or_class, AlgorithmSpec) else spec_or_class.spec
     try:
-        return server_cls.Params(**params)
+        return spec.Params(**params)
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
         if first["type"] == "extra_forbidden":
-            allowed = ", ".join(server_cls.Params.model_fields) or "none"
-            raise ConfigError(f"unknown key 'algorithm.{key}' for {server_cls.name}; allowed: {allowed}") from None
+            allowed = ", ".join(spec.Params.model_fields) or "none"
+            raise ConfigError(f"unknown key 'algorithm.{key}' for {spec.name}; allowed: {allowed}") from None
         raise ConfigError(f"algorithm.{key}: {first['msg']} (got {first.get('input')!r})") from None
-
-
-def validate_params(config) -> None:
-    """Check the algorithm name, its parameters and what it supports against the config."""
-    server_cls = get_algorithm(config.algorithm.name)
-    parse_params(server_cls, config.algorithm.params())
-    ranks = {config.rank_of(c) for c in range(config.federation.clients)}
-    if len(ranks) > 1 and server_cls.rank_support == "refuse":
-        raise ConfigError(
-            f"algorithm '{server_cls.name}' cannot aggregate different LoRA ranks {sorted(ranks)}",
-            "give every client the same rank (model.lora.client_ranks) or use flora, flexlora or hetlora",
-        )
-    if config.run.export_personal:
-        if not server_cls.exports_personal():
-            exporting = ", ".join(name for name, cls in available().items() if cls.exports_personal())
-            raise ConfigError(
-                f"run.export_personal: algorithm '{server_cls.name}' has no personal model that is one LoRA adapter",
-                f"drop run.export_personal or use one of: {exporting}",
-            )
-        if config.engine != "local" or config.realistic.dry_run:
-            where = "engine: flower keeps personal state on the nodes" if config.engine != "local" else "a dry run trains nothing"
-            raise ConfigError(f"run.export_personal needs the local engine with training ({where})", "drop run.export_personal")

@@ -31,8 +31,6 @@ class ServerOptimizer(BaseServer):
     Not asynchronous: Delta is measured from the current x, so an update that started from an
     older x would be credited with changes it never made."""
 
-    rank_support = "refuse"
-    supports_async = False
     moment_names: tuple[str, ...] = ()
 
     def __init__(self, context, params):

@@ -1,14 +1,14 @@
-"""Low-rank helpers of ffa-lora, rolora, fedsa-lora, flora, flexlora, hetlora and fedex-lora
-(not an algorithm: the leading underscore keeps it out of the registry scan).
+"""The shared low-rank linear algebra of the algorithms (not an algorithm: the leading underscore
+marks a helper module). Exact factorisations of products L @ R without forming the dense d x k
+matrix, stacking of clients' factors, truncation, PEFT's A initialisation, per-rank templates.
 
-- partial messages: an algorithm that sends only one factor replaces the other by an empty
-  placeholder (A: r x 0, B: 0 x r), so the message keeps module names and ranks
-  (``AdapterState.rank()`` works) but costs no payload bytes; ``fill_factor`` puts the real
-  factor back before anything reaches the model (a placeholder written to the model is refused
-  as a shape mismatch);
-- per-rank templates: the seeded initial adapter of a rank, whose scale (alpha/r, or
-  alpha/sqrt(r) with rsLoRA) is the one the live PEFT adapter of that rank uses;
-- stacking, SVD of a stacked product, truncation, PEFT's A initialisation.
+Aggregating LoRA products sum_k p_k s_k B_k A_k equals one product of stacked factors
+[B_1 ... B_K] @ [p_1 s_1 A_1; ...; p_K s_K A_K], whose rank is at most sum_k r_k. Working on the
+factors costs O((d + k) m^2) for inner size m instead of O(d k min(d, k)) for a dense SVD, and is
+exact (not randomised). Factorisations run in float64; callers cast back.
+
+Partial messages (one factor left out) are a property of the message type itself:
+:meth:`atoll.fl.state.AdapterState.without` and :meth:`~atoll.fl.state.AdapterState.completed`.
 """
 
 from __future__ import annotations
@@ -20,46 +20,12 @@ from torch import Tensor
 
 from atoll.fl.state import AdapterState, LoRAFactors
 
-# -- partial messages -------------------------------------------------------------------------------
-
-
-def omit_factor(factors: LoRAFactors, which: str) -> LoRAFactors:
-    """``factors`` with A or B replaced by an empty placeholder of the same rank."""
-    rank = factors.rank
-    if which == "A":
-        return LoRAFactors(factors.A.new_empty(rank, 0), factors.B, factors.scale)
-    if which == "B":
-        return LoRAFactors(factors.A, factors.B.new_empty(0, rank), factors.scale)
-    raise ValueError(f"factor must be 'A' or 'B', got {which!r}")
-
-
-def omit(state: AdapterState, which: str, extra: bool = True) -> AdapterState:
-    """A message carrying every factor except ``which`` (and the extras when ``extra``); no base."""
-    return AdapterState(
-        {name: omit_factor(f, which) for name, f in state.lora.items()},
-        dict(state.extra) if extra else {},
-    )
-
-
-def fill_factor(message: AdapterState, source: AdapterState, which: str) -> AdapterState:
-    """A full adapter: ``message`` with its ``which`` factor cloned from ``source`` (same ranks)."""
-    if which not in ("A", "B"):
-        raise ValueError(f"factor must be 'A' or 'B', got {which!r}")
-    lora = {}
-    for name, f in message.lora.items():
-        other = source.lora[name]
-        if which == "A":
-            lora[name] = LoRAFactors(other.A.clone(), f.B, f.scale)
-        else:
-            lora[name] = LoRAFactors(f.A, other.B.clone(), f.scale)
-    return AdapterState(lora, dict(message.extra), dict(message.base))
-
-
 # -- ranks and scales ---------------------------------------------------------------------------------
 
 
 class RankTemplates:
-    """The seeded initial adapter of each rank (from ``ServerContext.initial_state``), cached."""
+    """The seeded initial adapter of each rank (from ``ServerContext.initial_state``), cached; its
+    scale (alpha/r, or alpha/sqrt(r) with rsLoRA) is the one the live PEFT adapter of that rank uses."""
 
     def __init__(self, initial_state):
         self._initial_state = initial_state
@@ -71,24 +37,37 @@ class RankTemplates:
         return self._cache[rank]
 
 
-# -- factor algebra -----------------------------------------------------------------------------------
+# -- stacking and exact factorisations -----------------------------------------------------------------
 
 
-def stack(factors: list[LoRAFactors], weights: list[float]) -> tuple[Tensor, Tensor]:
-    """B_stack = [B_1, ..., B_K] (d x sum r_k), A_stack = [w_1 s_1 A_1; ...] (sum r_k x k), so
-    that B_stack @ A_stack = sum_k w_k s_k B_k A_k (each client's own scale; ranks may differ)."""
-    B_stack = torch.cat([f.B.float() for f in factors], dim=1)
-    A_stack = torch.cat([(float(w) * f.scale) * f.A.float() for f, w in zip(factors, weights)], dim=0)
+def stack(factors: list[LoRAFactors], weights: list[float], dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """B_stack = [B_1, ..., B_K] (d x sum r_k), A_stack = [w_1 s_1 A_1; ...] (sum r_k x k) in
+    ``dtype``, so that B_stack @ A_stack = sum_k w_k s_k B_k A_k (each client's own scale; ranks
+    may differ). float32 where the stacks are kept or merged (FLoRA, FlexLoRA, FedEx-LoRA),
+    float64 where they are factorised at once (FedMomentum, ILoRA)."""
+    B_stack = torch.cat([f.B.to(dtype) for f in factors], dim=1)
+    A_stack = torch.cat([(float(w) * float(f.scale)) * f.A.to(dtype) for f, w in zip(factors, weights)], dim=0)
     return B_stack, A_stack
 
 
-def lowrank_svd(B_stack: Tensor, A_stack: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """SVD of the product B_stack @ A_stack without forming it: QR of both factors and an SVD of
-    the small core, in float64. Returns U (d x m), S (m,), Vh (m x k), U diag(S) Vh = B_stack A_stack."""
-    Qb, Rb = torch.linalg.qr(B_stack.double())
-    Qa, Ra = torch.linalg.qr(A_stack.double().T)
-    Uc, S, Vhc = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
-    return Qb @ Uc, S, Vhc @ Qa.T
+def lowrank_svd(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of left @ right (d x m times m x k) without forming it: QR of both factors and an
+    SVD of the small core, in float64. U (d x q), S (q, descending), Vh (q x k) with
+    U diag(S) Vh = left @ right and q = min(d, m, k)."""
+    q_left, r_left = torch.linalg.qr(left.double())
+    q_right, r_right = torch.linalg.qr(right.double().T)
+    u, s, vh = torch.linalg.svd(r_left @ r_right.T, full_matrices=False)
+    return q_left @ u, s, vh @ q_right.T
+
+
+def truncated_qr(left: Tensor, right: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """The first ``rank`` columns of Q and rows of R in a QR decomposition of M = left @ right:
+    Q_r (d x rank, orthonormal columns) and R_r = Q_r^T M (rank x k), so Q_r R_r is the projection
+    of M onto the span of its first ``rank`` columns (Householder QR: Q_r depends only on them)."""
+    left = left.double()
+    right = right.double()
+    q, _ = torch.linalg.qr(left @ right[:, :rank])
+    return q, (q.T @ left) @ right
 
 
 def frobenius_of_product(B: Tensor, A: Tensor) -> Tensor:

@@ -1,7 +1,9 @@
-"""Helpers for personal client state: pack an adapter with the digest of the global it came from."""
+"""Helpers for personal client state: an adapter stored with the digest of the global it came from
+(as control data: never loaded into the model, never federated)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import torch
@@ -9,7 +11,7 @@ from torch import Tensor
 
 from atoll.fl.state import AdapterState
 
-DIGEST_KEY = "meta.digest"
+DIGEST = "digest"  # control entry: the digest of the global a personal adapter was derived from
 
 
 def state_digest(state: AdapterState) -> str:
@@ -25,13 +27,15 @@ def state_digest(state: AdapterState) -> str:
 
 
 def pack(state: AdapterState, digest: str | None = None) -> dict[str, Tensor]:
-    tensors = dict(state.to_tensors())
+    """``state`` (plus the digest of its global) as a store entry."""
+    control = dict(state.control)
     if digest is not None:
-        tensors[DIGEST_KEY] = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8)
-    return tensors
+        control[DIGEST] = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8)
+    return dataclasses.replace(state, control=control).to_tensors()
 
 
 def unpack(tensors: dict[str, Tensor]) -> tuple[AdapterState, str | None]:
-    own = {k: v for k, v in tensors.items() if k != DIGEST_KEY}
-    digest = bytes(tensors[DIGEST_KEY].tolist()).hex() if DIGEST_KEY in tensors else None
-    return AdapterState.from_tensors(own), digest
+    """(the adapter, the digest of its global or None) from a store entry written by :func:`pack`."""
+    state = AdapterState.from_tensors(tensors)
+    stored = state.control.pop(DIGEST, None)
+    return state, (bytes(stored.tolist()).hex() if stored is not None else None)

@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import SPECS
+from atoll.fl.capabilities import POOLED_CLIENT
 from atoll.fl.base import BaseClient, BaseServer
 from atoll.fl.state import AdapterState, Update
-
-POOLED_CLIENT = -1
 
 
 class LocalOnlyClient(BaseClient):
@@ -29,17 +28,12 @@ class LocalOnlyClient(BaseClient):
         return AdapterState()  # nothing leaves the device
 
 
-@register
 class LocalOnly(BaseServer):
     """Each client trains alone; global accuracy is the mean of the clients' own adapters on the
     global test set (reported at the final round)."""
 
-    name = "local-only"
-    paper = "baseline: no federation"
+    spec = SPECS["local-only"]
     client_class = LocalOnlyClient
-    rank_support = "native"
-    personalized = True
-    has_global_model = False
 
     def configure(self, round: int, client_id: int) -> AdapterState:
         return AdapterState()
@@ -48,14 +42,11 @@ class LocalOnly(BaseServer):
         return None
 
 
-@register
 class Centralized(BaseServer):
     """One pooled client holds every client's training data and trains, per round, as many steps
     as the sampled clients together would (the non-private upper bound)."""
 
-    name = "centralized"
-    paper = "baseline: pooled data"
-    supports_async = False  # one pooled client: there is nothing to be asynchronous about
+    spec = SPECS["centralized"]
 
     def sample(self, round: int, available: list[int]) -> list[int]:
         return [POOLED_CLIENT]

@@ -10,28 +10,16 @@ Inexact like FedIT: A and B move separately, so s * B A is not the average of s 
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import SPECS
 from atoll.algorithms._fedopt import AdaptiveServerOptimizer
 
 
-class FedAdamParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    server_lr: float = Field(0.01, gt=0, description="server step size eta")
-    beta1: float = Field(0.9, ge=0, lt=1, description="decay of the first moment m (server momentum)")
-    beta2: float = Field(0.99, ge=0, lt=1, description="decay of the second moment v")
-    tau: float = Field(1e-3, gt=0, description="adaptivity tau: added to sqrt(v), and v starts at tau^2")
-
-
-@register
 class FedAdam(AdaptiveServerOptimizer):
     """Server-side Adam on the pseudo-gradient; m and v are checkpointed."""
 
-    name = "fedadam"
-    paper = "Reddi, Charles, Zaheer, Garrett, Rush, Konečný, Kumar, McMahan, Adaptive Federated Optimization, ICLR 2021"
-    Params = FedAdamParams
+    spec = SPECS["fedadam"]
 
     def second_moment(self, v: Tensor, delta_sq: Tensor) -> Tensor:
         beta2 = float(self.params.beta2)

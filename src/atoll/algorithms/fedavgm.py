@@ -8,29 +8,16 @@ Inexact like FedIT: it moves A and B separately, so s * B A is not the average o
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import SPECS
 from atoll.algorithms._fedopt import ServerOptimizer
 
 
-class FedAvgMParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    server_lr: float = Field(1.0, gt=0, description="server step size eta applied to the momentum buffer")
-    momentum: float = Field(0.9, ge=0, lt=1, description="server momentum beta (0 with server_lr 1 is FedAvg)")
-
-
-@register
 class FedAvgM(ServerOptimizer):
     """Server momentum on the pseudo-gradient; the momentum buffer is checkpointed."""
 
-    name = "fedavgm"
-    paper = (
-        "Hsu, Qi, Brown, Measuring the Effects of Non-Identical Data Distribution for Federated Visual "
-        "Classification, arXiv:1909.06335, 2019"
-    )
-    Params = FedAvgMParams
+    spec = SPECS["fedavgm"]
     moment_names = ("m",)
 
     def step(self, key: str, delta: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ Training, per sampled client and round:
 FedDPA-F (variant "finetune") skips step 2 during the rounds: a client fine-tunes its local
 adapter from the global it is evaluated with (once per global, cached in its store).
 
-Flags: ``personalized`` (the local adapter is private and used at inference); ``supports_async``
+Flags: ``personal`` (the local adapter is private and used at inference); ``asynchronous``
 (the server side is FedAvg of global adapters, which can take one update at a time); ranks are
 refused when mixed (the two adapters and FedAvg share one rank).
 """
@@ -25,12 +25,10 @@ refused when mixed (the two adapters and FedAvg share one rank).
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import SPECS
 from atoll.algorithms._personal import pack, state_digest, unpack
 from atoll.fl.base import BaseClient, BaseServer, local_steps
 from atoll.fl.state import AdapterState, LoRAFactors, Update
@@ -39,23 +37,6 @@ from atoll.models.dual import InstanceGate, reference_representations
 from atoll.seeding import numpy_rng
 
 LOCAL = "local"
-
-
-class FedDPAParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    variant: Literal["iterative", "finetune"] = Field(
-        "iterative",
-        description="FedDPA-T ('iterative': train the local adapter every round) or FedDPA-F ('finetune': once, from the global it is evaluated with)",
-    )
-    local_steps: int | None = Field(
-        None,
-        gt=0,
-        description="optimizer steps of local-adapter training per round (or per fine-tune); default: as many as a round of global training",
-    )
-    train_weight: float = Field(0.5, gt=0, le=1, description="weight w of the local adapter while it trains (the frozen global gets 1 - w)")
-    lambda_scale: float = Field(0.5, ge=0, description="lambda in a(x) = clip(lambda * mean cosine similarity, 0, 1)")
-    reference_examples: int = Field(5, gt=0, description="local training examples whose representations a(x) compares the input with")
 
 
 class FedDPAClient(BaseClient):
@@ -139,17 +120,11 @@ class FedDPAClient(BaseClient):
         return metrics
 
 
-@register
 class FedDPA(BaseServer):
     """Server: FedAvg of the clients' global adapters (the local adapters never arrive)."""
 
-    name = "feddpa"
-    paper = "Yang, Long, Shen, Jiang, Blumenstein, Dual-Personalizing Adapter for Federated Foundation Models, NeurIPS 2024"
-    Params = FedDPAParams
+    spec = SPECS["feddpa"]
     client_class = FedDPAClient
-    rank_support = "refuse"
-    supports_async = True
-    personalized = True
 
     @classmethod
     def prepare_workbench(cls, workbench, config, params) -> None:

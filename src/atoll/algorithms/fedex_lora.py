@@ -11,13 +11,13 @@ average of the clients' models. sum_k p_k B_k A_k is one product of the stacked 
 Downlink: the LoRA factors, the head and the dense merged base (a client keeps no model copy),
 so every download costs a dense d x k tensor per adapted module; ``bytes_down`` counts it.
 
-rank_support "refuse": the residual needs one shared scale s. supports_async False: the
+mixed_ranks "refuse": the residual needs one shared scale s. not asynchronous: the
 residual is defined for a synchronous weighted average of one round's updates.
 """
 
 from __future__ import annotations
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import SPECS
 from atoll.algorithms._lowrank import stack
 from atoll.fl.base import BaseClient, BaseServer, weighted_average
 from atoll.fl.state import AdapterState, LoRAFactors, Update, example_weights
@@ -28,15 +28,9 @@ class FedExLoRAClient(BaseClient):
         return AdapterState(trained.lora, trained.extra)  # the base is the server's; never sent back
 
 
-@register
 class FedExLoRA(BaseServer):
-    name = "fedex-lora"
-    paper = (
-        "Singhal, Ponkshe, Vepakomma, FedEx-LoRA: Exact Aggregation for Federated and Efficient Fine-Tuning of Foundation Models, ACL 2025"
-    )
+    spec = SPECS["fedex-lora"]
     client_class = FedExLoRAClient
-    rank_support = "refuse"
-    supports_async = False
 
     def aggregate(self, round: int, updates: list[Update]) -> None:
         if not updates:

@@ -7,11 +7,9 @@ Inexact by design: s * mean(B) mean(A) differs from mean(s B_k A_k) when both fa
 
 from __future__ import annotations
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import SPECS
 from atoll.fl.base import BaseServer
 
 
-@register
 class FedIT(BaseServer):
-    name = "fedit"
-    paper = "Zhang et al., Towards Building the Federated GPT: Federated Instruction Tuning, ICASSP 2024"
+    spec = SPECS["fedit"]

@@ -9,8 +9,8 @@ fine-tune is made when a client is evaluated with a global it has not fine-tuned
 metrics at an intermediate round show what stopping the federation there would give), and is
 cached in the client's store with the digest of the global it started from.
 
-Flags: ``personalized`` (the fine-tuned adapter is private and used at inference);
-``supports_async`` (the federated part is FedIT); mixed ranks refused as in FedIT.
+Flags: ``personal`` (the fine-tuned adapter is private and used at inference);
+``asynchronous`` (the federated part is FedIT); mixed ranks refused as in FedIT.
 """
 
 from __future__ import annotations
@@ -18,21 +18,11 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import SPECS
 from atoll.algorithms._personal import pack, state_digest, unpack
 from atoll.fl.base import BaseClient, BaseServer, local_steps
 from atoll.fl.state import AdapterState
-
-
-class FedITFineTuneParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    finetune_steps: int | None = Field(
-        None, gt=0, description="optimizer steps of the personal fine-tune; default: as many as one round of local training"
-    )
-    finetune_lr: float | None = Field(None, gt=0, description="learning rate of the personal fine-tune; default: train.lr")
 
 
 class FedITFineTuneClient(BaseClient):
@@ -75,14 +65,8 @@ class FedITFineTuneClient(BaseClient):
         return self.workbench.evaluate(chosen, max_generate=self.context.config.eval.max_generate)
 
 
-@register
 class FedITFineTune(BaseServer):
     """Server: FedIT (FedAvg of every uploaded tensor, weighted by example counts)."""
 
-    name = "fedit-ft"
-    paper = "Wang et al., Federated Evaluation of On-device Personalization, arXiv:1910.10252, 2019 (FedAvg + local fine-tuning), on FedIT: Zhang et al., ICASSP 2024"
-    Params = FedITFineTuneParams
+    spec = SPECS["fedit-ft"]
     client_class = FedITFineTuneClient
-    rank_support = "refuse"
-    supports_async = True
-    personalized = True

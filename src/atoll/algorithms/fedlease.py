@@ -14,9 +14,9 @@
 4. Server: cluster-wise FedAvg: expert, routers and head of cluster m <- sum over m's updating
    members of p_k x_k, p_k = n_k / sum of their n. An update only reaches its own cluster.
 
-Flags: ``personalized`` (a client's model is its cluster's routers and head over shared experts);
+Flags: ``personal`` (a client's model is its cluster's routers and head over shared experts);
 no global model (evaluation on the global test set averages the clients' own models); not
-``supports_async`` (clustering needs every client's warm-up adapter at one point in time); mixed
+``asynchronous`` (clustering needs every client's warm-up adapter at one point in time); mixed
 ranks refused (experts are shared across clusters' clients).
 """
 
@@ -25,10 +25,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import SPECS
 from atoll.errors import ConfigError, UpdateError
 from atoll.fl.base import BaseClient, BaseServer, average_states, weighted_average
 from atoll.fl.state import AdapterState, LoRAFactors, Update, example_weights
@@ -36,13 +35,6 @@ from atoll.models.branches import BranchHost, train_parameters
 from atoll.models.moe import ROUTER, AdaptiveTopM, MixtureOfExperts, expert_name, router_init
 
 CLUSTER_KEY = "fedlease.cluster"
-
-
-class FedLEASEParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    warmup_rounds: int = Field(1, gt=0, description="rounds of independent local LoRA training (all clients) before clustering")
-    max_clusters: int = Field(8, gt=0, description="at most this many clusters (experts); the number is chosen by silhouette score")
 
 
 # -- allocation: distances, clustering, silhouette ------------------------------------------------
@@ -159,7 +151,7 @@ class FedLEASEClient(BaseClient):
         PEFT's adapter (whose own LoRA is reset to B = 0 and gated off). Every live tensor is
         written, so nothing of the previous client survives."""
         self.context.store.discard(self.client_id)  # the warm-up adapter is not needed any more
-        own = int(download.extra[CLUSTER_KEY])
+        own = int(download.control[CLUSTER_KEY])
         experts: dict[int, dict[str, LoRAFactors]] = {}
         for key, factors in download.lora.items():
             expert, layer = parse_expert_key(key)
@@ -171,12 +163,12 @@ class FedLEASEClient(BaseClient):
         for expert, factors in experts.items():
             self.host.write_lora(expert_name(expert), factors)
         mixture.write_routers({k: v for k, v in download.extra.items() if k.startswith(ROUTER + ".")})
-        head = {k: v for k, v in download.extra.items() if not k.startswith(ROUTER + ".") and k != CLUSTER_KEY}
+        head = {k: v for k, v in download.extra.items() if not k.startswith(ROUTER + ".")}
         workbench.load(AdapterState(lora=workbench.initial_state(self.context.rank).lora, extra=head, base=download.base))
         return mixture, own
 
     def run(self, round: int, download: AdapterState) -> Update:
-        if CLUSTER_KEY not in download.extra:
+        if CLUSTER_KEY not in download.control:
             return super().run(round, download)
         mixture, own = self.load_mixture(download)
         workbench = self.workbench
@@ -197,7 +189,7 @@ class FedLEASEClient(BaseClient):
     def evaluate(self, download: AdapterState, indices: np.ndarray | None = None) -> dict[str, float]:
         chosen = self.context.test_indices if indices is None else indices
         max_generate = self.context.config.eval.max_generate
-        if CLUSTER_KEY not in download.extra:
+        if CLUSTER_KEY not in download.control:
             self.workbench.load(self.compose(0, download))
             return self.workbench.evaluate(chosen, max_generate=max_generate)
         mixture, own = self.load_mixture(download)
@@ -208,17 +200,9 @@ class FedLEASEClient(BaseClient):
 # -- server ------------------------------------------------------------------------------------------
 
 
-@register
 class FedLEASE(BaseServer):
-    name = "fedlease"
-    paper = "Wang, Bian, Zhang, Xu, Adaptive LoRA Experts Allocation and Selection for Federated Fine-Tuning, NeurIPS 2025"
-    Params = FedLEASEParams
+    spec = SPECS["fedlease"]
     client_class = FedLEASEClient
-    rank_support = "refuse"
-    supports_async = False
-    personalized = True
-    has_global_model = False
-    weighted_mean_aggregation = False  # cluster-wise means, not one mean over all updates
 
     def __init__(self, context, params):
         super().__init__(context, params)
@@ -251,9 +235,8 @@ class FedLEASE(BaseServer):
             return AdapterState() if client_id in self.warmup else self.global_state
         own = self.clusters[client_id]
         lora = {expert_key(m, layer): factors for m, state in enumerate(self.experts) for layer, factors in state.lora.items()}
-        extra = dict(self.experts[own].extra)
-        extra[CLUSTER_KEY] = torch.tensor(own, dtype=torch.int64)
-        return AdapterState(lora, extra, dict(self.global_state.base))
+        control = {CLUSTER_KEY: torch.tensor(own, dtype=torch.int64)}  # which expert is the client's own
+        return AdapterState(lora, dict(self.experts[own].extra), dict(self.global_state.base), control)
 
     def aggregate(self, round: int, updates: list[Update]) -> None:
         if self.clusters is None:

@@ -16,24 +16,13 @@ Heads: FedAvg.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from atoll.algorithms import register
-from atoll.algorithms._factorize import lowrank_svd, stacked_factors
+from atoll.algorithms.catalog import SPECS
+from atoll.algorithms._lowrank import lowrank_svd, stack
 from atoll.errors import UpdateError
 from atoll.fl.base import BaseClient, BaseServer, weighted_average
 from atoll.fl.state import AdapterState, LoRAFactors, Update, example_weights
-
-
-class FedMomentumParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    energy: float = Field(
-        0.95,
-        gt=0,
-        le=1,
-        description="tau: components are kept (top r in LoRA, the rest merged into the base) until their cumulative energy share reaches tau",
-    )
 
 
 def effective_rank(singular_values: Tensor, energy: float) -> int:
@@ -51,7 +40,7 @@ def momentum_split(
     factors: list[LoRAFactors], weights: list[float], rank: int, scale: float, energy: float
 ) -> tuple[LoRAFactors, Tensor | None, int]:
     """(new balanced LoRA factors, dense residual merged into the base or None, r_eff) for one module."""
-    left, right = stacked_factors(factors, weights)
+    left, right = stack(factors, weights, torch.float64)
     U, S, Vh = lowrank_svd(left, right)
     if S.numel() < rank:
         raise ValueError(f"rank {rank} exceeds the layer's dimensions {left.shape[0]} x {right.shape[1]}")
@@ -71,20 +60,12 @@ class FedMomentumClient(BaseClient):
         return AdapterState(trained.lora, trained.extra)
 
 
-@register
 class FedMomentum(BaseServer):
     """Mixed ranks are refused (the balanced split targets one rank). Not asynchronous: the residual
     merged into the base each round assumes every update started from the current base."""
 
-    name = "fedmomentum"
-    paper = (
-        "Yan, Hua, Wang, Zhang, Wu, Song, Guan, FedMomentum: Preserving LoRA Training Momentum in "
-        "Federated Fine-Tuning, arXiv:2603.08014, 2026"
-    )
-    Params = FedMomentumParams
+    spec = SPECS["fedmomentum"]
     client_class = FedMomentumClient
-    rank_support = "refuse"
-    supports_async = False
 
     def __init__(self, context, params):
         super().__init__(context, params)

@@ -10,20 +10,14 @@ Inexact like FedIT: s * mean(B) mean(A) != mean(s B_k A_k) in general.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import SPECS
 from atoll.fl.base import BaseClient, BaseServer
 from atoll.fl.state import AdapterState
 from atoll.fl.trainer import TrainHooks
 from atoll.fl.workbench import Trainable
 from atoll.models.adapters import LiveAdapter
-
-
-class FedProxParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    mu: float = Field(0.01, ge=0, description="weight of the proximal term mu/2 * ||w - w_global||^2 (0 gives FedIT)")
 
 
 def anchored_parameters(live: LiveAdapter, start: AdapterState, trainable: Trainable) -> list[tuple[nn.Parameter, Tensor]]:
@@ -60,15 +54,10 @@ class FedProxClient(BaseClient):
         return TrainHooks(extra_loss=lambda: proximal_loss(pairs, mu))
 
 
-@register
 class FedProx(BaseServer):
     """FedIT's server with FedProx clients. Mixed ranks are refused (FedIT's factor averaging needs
     one shape). Asynchronous use is fine: the anchor is whatever adapter the client downloaded, so a
     stale download only changes the anchor, and the server is FedIT's weighted average."""
 
-    name = "fedprox"
-    paper = "Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith, Federated Optimization in Heterogeneous Networks, MLSys 2020"
-    Params = FedProxParams
+    spec = SPECS["fedprox"]
     client_class = FedProxClient
-    rank_support = "refuse"
-    supports_async = True

@@ -16,25 +16,13 @@ clients that hold rotated copies of one update are averaged back to that update 
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import SPECS
 from atoll.fl.base import BaseClient, BaseServer
 from atoll.fl.state import AdapterState, LoRAFactors
-
-
-class FedRotLoRAParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    strength: float = Field(
-        1.0, ge=0, le=1, description="lambda: R = proj_SO((1 - lambda) I + lambda R*); 1 is the full Procrustes rotation, 0 none"
-    )
-    align: Literal["alternate", "A", "B"] = Field(
-        "alternate", description="factor aligned to the global: A in odd rounds and B in even rounds, or always A, or always B"
-    )
 
 
 def project_so(matrix: Tensor) -> Tensor:
@@ -85,15 +73,10 @@ class FedRotLoRAClient(BaseClient):
         return align_state(trained, start, factor, float(self.params.strength))
 
 
-@register
 class FedRotLoRA(BaseServer):
     """FedIT's server with rotation-aligning clients. Mixed ranks are refused (R is r x r and the
     server averages factors of one shape). Asynchronous use is fine: the rotation never changes a
     client's product, and aligning to an older global only aligns less well."""
 
-    name = "fedrot-lora"
-    paper = "Zhang, Kim, Cha, Vikalo, FedRot-LoRA: Mitigating Rotational Misalignment in Federated LoRA, ICML 2026 (arXiv:2602.23638)"
-    Params = FedRotLoRAParams
+    spec = SPECS["fedrot-lora"]
     client_class = FedRotLoRAClient
-    rank_support = "refuse"
-    supports_async = True

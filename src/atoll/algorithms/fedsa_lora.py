@@ -12,24 +12,17 @@ personal too (stored beside B_k, never uploaded).
 
 There is no global model (the server has no B): global accuracy is the mean of the clients'
 personal adapters on the global test set; local accuracy uses each client's own B_k.
-rank_support "refuse": A_bar is one tensor of one rank. supports_async True: averaging the
+mixed_ranks "refuse": A_bar is one tensor of one rank. asynchronous: averaging the
 shared A is plain FedAvg on one factor and can take one update at a time.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from atoll.algorithms import register
-from atoll.algorithms._lowrank import omit
+from atoll.algorithms.catalog import FedSALoRAParams, SPECS
 from atoll.fl.base import BaseClient, BaseServer, average_states
 from atoll.fl.state import AdapterState, LoRAFactors, Update, example_weights
-
-
-class FedSALoRAParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    share_head: bool = Field(True, description="federate the classifier head (FedAvg); false keeps it personal beside B_k")
 
 
 class FedSALoRAClient(BaseClient):
@@ -61,24 +54,17 @@ class FedSALoRAClient(BaseClient):
         self.context.store.put(self.client_id, tensors)
 
     def upload(self, round: int, start: AdapterState, trained: AdapterState) -> AdapterState:
-        return omit(trained, "B", extra=self.params.share_head)
+        return trained.without("B", extra=self.params.share_head)
 
 
-@register
 class FedSALoRA(BaseServer):
-    name = "fedsa-lora"
-    paper = "Guo, Zeng, Wang, Fan, Wang, Qu, Selective Aggregation for Low-Rank Adaptation in Federated Learning, ICLR 2025"
-    Params = FedSALoRAParams
+    spec = SPECS["fedsa-lora"]
     client_class = FedSALoRAClient
-    rank_support = "refuse"
-    supports_async = True
-    personalized = True
-    has_global_model = False
 
     def __init__(self, context, params):
         super().__init__(context, params)
         # the server holds A_bar (and the shared head) only; B never exists here
-        self.global_state = omit(self.global_state, "B", extra=params.share_head)
+        self.global_state = self.global_state.without("B", extra=params.share_head)
 
     def aggregate(self, round: int, updates: list[Update]) -> None:
         if not updates:

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from atoll.algorithms import register
-from atoll.algorithms._factorize import lowrank_svd
+from atoll.algorithms.catalog import SPECS
+from atoll.algorithms._lowrank import lowrank_svd
 from atoll.errors import UpdateError
 from atoll.fl.base import BaseClient, BaseServer, weighted_average
 from atoll.fl.state import AdapterState, LoRAFactors, Update, example_weights
 from atoll.fl.workbench import Trainable
-
-UPLOADED_B = "fedsvd.B."  # uploads carry B as extras named fedsvd.B.<module> (A never leaves the server)
 
 
 def refactorize(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
@@ -39,42 +37,35 @@ class FedSVDClient(BaseClient):
         return Trainable(lora_A=False)
 
     def upload(self, round: int, start: AdapterState, trained: AdapterState) -> AdapterState:
-        extra = dict(trained.extra)
-        extra.update({UPLOADED_B + name: factors.B for name, factors in trained.lora.items()})
-        return AdapterState({}, extra)
+        return trained.without("A")  # B and the head; A never leaves the server
 
 
-@register
 class FedSVD(BaseServer):
     """Mixed ranks are refused: clients must multiply one shared A. Not asynchronous: A is replaced
     every round, so a B trained against an earlier A no longer matches it."""
 
-    name = "fedsvd"
-    paper = (
-        "Lee, Park, Lee, Wagner, Seong, Bocklet, Lee, Hwang, FedSVD: Adaptive Orthogonalization for "
-        "Private Federated Learning with LoRA, NeurIPS 2025"
-    )
+    spec = SPECS["fedsvd"]
     client_class = FedSVDClient
-    rank_support = "refuse"
-    supports_async = False
 
     def aggregate(self, round: int, updates: list[Update]) -> None:
         if not updates:
             return
         weights = example_weights(updates)
-        expected = [UPLOADED_B + name for name in self.global_state.lora] + list(self.global_state.extra)
         for update in updates:
-            missing = [key for key in expected if key not in update.state.extra]
+            for name, factors in self.global_state.lora.items():
+                sent = update.state.lora.get(name)
+                if sent is None or sent.B is None:
+                    raise UpdateError(f"client {update.client_id} sent no B of '{name}'")
+                if sent.B.shape != factors.B.shape:
+                    raise UpdateError(
+                        f"client {update.client_id} sent B of '{name}' with shape {tuple(sent.B.shape)}, expected {tuple(factors.B.shape)}"
+                    )
+            missing = [key for key in self.global_state.extra if key not in update.state.extra]
             if missing:
                 raise UpdateError(f"client {update.client_id} sent no '{missing[0]}'")
-            for name, factors in self.global_state.lora.items():
-                if update.state.extra[UPLOADED_B + name].shape != factors.B.shape:
-                    raise UpdateError(
-                        f"client {update.client_id} sent B of '{name}' with shape {tuple(update.state.extra[UPLOADED_B + name].shape)}, expected {tuple(factors.B.shape)}"
-                    )
         lora = {}
         for name, factors in self.global_state.lora.items():
-            B_bar = weighted_average([u.state.extra[UPLOADED_B + name] for u in updates], weights)
+            B_bar = weighted_average([u.state.lora[name].B for u in updates], weights)
             A, B = refactorize(B_bar, factors.A)
             lora[name] = LoRAFactors(A, B, factors.scale)
         extra = {name: weighted_average([u.state.extra[name] for u in updates], weights) for name in self.global_state.extra}

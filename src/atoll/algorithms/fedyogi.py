@@ -13,28 +13,16 @@ Inexact like FedIT: A and B move separately, so s * B A is not the average of s 
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import SPECS
 from atoll.algorithms._fedopt import AdaptiveServerOptimizer
 
 
-class FedYogiParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    server_lr: float = Field(0.01, gt=0, description="server step size eta")
-    beta1: float = Field(0.9, ge=0, lt=1, description="decay of the first moment m (server momentum)")
-    beta2: float = Field(0.99, ge=0, lt=1, description="decay of the second moment v")
-    tau: float = Field(1e-3, gt=0, description="adaptivity tau: added to sqrt(v), and v starts at tau^2")
-
-
-@register
 class FedYogi(AdaptiveServerOptimizer):
     """Server-side Yogi on the pseudo-gradient; m and v are checkpointed."""
 
-    name = "fedyogi"
-    paper = "Reddi, Charles, Zaheer, Garrett, Rush, Konečný, Kumar, McMahan, Adaptive Federated Optimization, ICLR 2021"
-    Params = FedYogiParams
+    spec = SPECS["fedyogi"]
 
     def second_moment(self, v: Tensor, delta_sq: Tensor) -> Tensor:
         beta2 = float(self.params.beta2)

@@ -7,14 +7,13 @@ Because every client multiplies the same A0, aggregation is exact:
     s * (sum_k p_k B_k) A0 = sum_k p_k s B_k A0.
 Only B and the head travel, both ways: every client rebuilds A0 from the shared seed.
 
-rank_support "refuse": one frozen A0 of one rank is the method. supports_async True: with A
+mixed_ranks "refuse": one frozen A0 of one rank is the method. asynchronous: with A
 fixed, mixing one client's B into the global B at a time stays exact.
 """
 
 from __future__ import annotations
 
-from atoll.algorithms import register
-from atoll.algorithms._lowrank import fill_factor, omit
+from atoll.algorithms.catalog import SPECS
 from atoll.fl.base import BaseClient, BaseServer, average_states
 from atoll.fl.state import AdapterState, Update, example_weights
 from atoll.fl.workbench import Trainable
@@ -23,25 +22,21 @@ from atoll.fl.workbench import Trainable
 class FFALoRAClient(BaseClient):
     def compose(self, round: int, download: AdapterState) -> AdapterState:
         # A0 is the seeded initial A of the global rank: identical in every process with the same seed
-        return fill_factor(download, self.workbench.initial_state(download.rank()), "A")
+        return download.completed(self.workbench.initial_state(download.rank()), "A")
 
     def trainable(self, round: int) -> Trainable:
         return Trainable(lora_A=False)
 
     def upload(self, round: int, start: AdapterState, trained: AdapterState) -> AdapterState:
-        return omit(trained, "A")
+        return trained.without("A")
 
 
-@register
 class FFALoRA(BaseServer):
-    name = "ffa-lora"
-    paper = "Sun, Li, Li, Ding, Improving LoRA in Privacy-preserving Federated Learning, ICLR 2024"
+    spec = SPECS["ffa-lora"]
     client_class = FFALoRAClient
-    rank_support = "refuse"
-    supports_async = True
 
     def configure(self, round: int, client_id: int) -> AdapterState:
-        return omit(self.global_state, "A")
+        return self.global_state.without("A")
 
     def aggregate(self, round: int, updates: list[Update]) -> None:
         if not updates:

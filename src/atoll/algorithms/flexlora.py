@@ -15,7 +15,7 @@ The global model is dW itself: ``global_state`` holds the best rank-r_max approx
 PEFT adapter plus the dense remainder dW - (alpha/r_max) B A in ``base``, so its effective delta
 is dW exactly (r_max = the largest client rank).
 
-rank_support "native". supports_async False: dW is the weighted sum of one round's full
+mixed_ranks "native". not asynchronous: dW is the weighted sum of one round's full
 adapters and replaces the previous one; it is not defined one update at a time.
 """
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import SPECS
 from atoll.algorithms._lowrank import RankTemplates, lowrank_svd, stack
 from atoll.fl.base import BaseServer, weighted_average
 from atoll.fl.state import AdapterState, LoRAFactors, Update, example_weights
@@ -42,15 +42,8 @@ def svd_factors(U: Tensor, S: Tensor, Vh: Tensor, rank: int, scale: float, fallb
     return LoRAFactors(A.to(fallback.A.dtype).contiguous(), B.to(fallback.B.dtype).contiguous(), scale)
 
 
-@register
 class FlexLoRA(BaseServer):
-    name = "flexlora"
-    paper = (
-        "Bai, Chen, Qian, Yao, Li, Federated Fine-tuning of Large Language Models under "
-        "Heterogeneous Tasks and Client Resources, NeurIPS 2024"
-    )
-    rank_support = "native"
-    supports_async = False
+    spec = SPECS["flexlora"]
 
     def __init__(self, context, params):
         super().__init__(context, params)

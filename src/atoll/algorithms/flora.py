@@ -15,33 +15,23 @@ accumulation order), or the dense merged base once that is smaller (``downlink: 
 the download grows with sum_k r_k until it reaches the dense size. ``downlink: dense`` always
 sends the dense base. The fresh LoRA itself costs nothing: every client draws it from the seed.
 
-rank_support "native". supports_async False: a round's fresh LoRAs and its stack are merged
+mixed_ranks "native". not asynchronous: a round's fresh LoRAs and its stack are merged
 together; an update trained on an older base would be merged onto a newer one.
 """
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import SPECS
 from atoll.algorithms._lowrank import kaiming_uniform, stack
 from atoll.fl.base import BaseClient, BaseServer, weighted_average
 from atoll.fl.state import AdapterState, LoRAFactors, Update, example_weights
 from atoll.seeding import torch_generator
 
 STACK_PREFIX = "flora/"
-
-
-class FLoRAParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    downlink: Literal["auto", "dense"] = Field(
-        "auto",
-        description="auto: send every round's stacked factors while smaller than the dense merged base, then the dense base; dense: always the dense base",
-    )
 
 
 def stack_key(round: int, module: str, which: str) -> str:
@@ -77,7 +67,7 @@ def rebuild_base(message: AdapterState) -> dict[str, Tensor]:
     if message.base:
         return {n: t.clone() for n, t in message.base.items()}
     stacks: dict[int, dict[str, dict[str, Tensor]]] = {}
-    for key, tensor in message.extra.items():
+    for key, tensor in message.control.items():
         if key.startswith(STACK_PREFIX):
             round, module, which = parse_stack_key(key)
             stacks.setdefault(round, {}).setdefault(module, {})[which] = tensor
@@ -91,24 +81,16 @@ def rebuild_base(message: AdapterState) -> dict[str, Tensor]:
 class FLoRAClient(BaseClient):
     def compose(self, round: int, download: AdapterState) -> AdapterState:
         template = self.workbench.initial_state(self.context.rank)
-        extra = {n: t.clone() for n, t in download.extra.items() if not n.startswith(STACK_PREFIX)}
+        extra = {n: t.clone() for n, t in download.extra.items()}
         return AdapterState(fresh_lora(template, self.context.config.seed, round), extra, rebuild_base(download))
 
     def upload(self, round: int, start: AdapterState, trained: AdapterState) -> AdapterState:
         return AdapterState(trained.lora, trained.extra)  # the base is the server's; never sent back
 
 
-@register
 class FLoRA(BaseServer):
-    name = "flora"
-    paper = (
-        "Wang, Shen, He, Sun, Wang, Lyu, Li, FLoRA: Federated Fine-Tuning Large Language Models "
-        "with Heterogeneous Low-Rank Adaptations, NeurIPS 2024"
-    )
-    Params = FLoRAParams
+    spec = SPECS["flora"]
     client_class = FLoRAClient
-    rank_support = "native"
-    supports_async = False
 
     def __init__(self, context, params):
         super().__init__(context, params)
@@ -121,11 +103,12 @@ class FLoRA(BaseServer):
         extra = dict(self.global_state.extra)
         if self.stacks is None:
             return AdapterState({}, extra, dict(self.global_state.base))
+        control = {}  # every round's stacked factors, from which the client rebuilds the merged base
         for merged_round, modules in self.stacks:
             for module, (B_stack, A_stack) in modules.items():
-                extra[stack_key(merged_round, module, "B")] = B_stack
-                extra[stack_key(merged_round, module, "A")] = A_stack
-        return AdapterState({}, extra)
+                control[stack_key(merged_round, module, "B")] = B_stack
+                control[stack_key(merged_round, module, "A")] = A_stack
+        return AdapterState({}, extra, {}, control)
 
     def aggregate(self, round: int, updates: list[Update]) -> None:
         if not updates:

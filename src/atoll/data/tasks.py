@@ -4,6 +4,8 @@
 - sft: instruction -> response; the loss is on the response tokens only; metric answer loss.
 - math: GSM8K-style question -> worked answer ending in ``#### N``; trained like sft, evaluated
   by greedy generation, answer extraction and exact match.
+- completion: a text -> its continuation, concatenated as they are (no template); next-token
+  prediction on the continuation; metrics loss, perplexity, next-token accuracy.
 
 Tokenisation happens once per (source, columns, tokenizer, max_length) and is cached on disk.
 """
@@ -46,13 +48,17 @@ class TaskSpec:
 
     @property
     def is_generative(self) -> bool:
-        return self.kind in ("sft", "math")
+        return self.kind in ("sft", "math", "completion")
 
     def prompt_text(self, prompt: str) -> str:
+        if self.kind == "completion":
+            return prompt
         template = MATH_TEMPLATE if self.kind == "math" else SFT_TEMPLATE
         return template.format(prompt=prompt.strip())
 
     def response_text(self, response: str) -> str:
+        if self.kind == "completion":
+            return response
         if self.kind == "math":
             return " " + _CALCULATOR.sub("", response).strip()
         return response.strip()

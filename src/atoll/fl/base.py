@@ -12,21 +12,16 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 from torch import Tensor
 
+from atoll.fl.capabilities import AlgorithmSpec, Capabilities, NoParams
 from atoll.config import Config, TrainConfig
 from atoll.fl.state import AdapterState, LoRAFactors, Update, example_weights
 from atoll.fl.store import ClientStore
 from atoll.fl.trainer import TrainHooks, TrainPlan
 from atoll.fl.workbench import Trainable, Workbench
 from atoll.seeding import numpy_rng
-
-
-class NoParams(BaseModel):
-    """An algorithm without parameters of its own."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 def weighted_average(tensors: list[Tensor], weights: list[float]) -> Tensor:
@@ -88,8 +83,8 @@ class AsyncRule:
 
 
 def _async_pairs(current: AdapterState, incoming: AdapterState, client_id: int):
-    """(container, key, current tensor, incoming tensor) for every tensor both carry with data.
-    Empty placeholders (a factor a partial message leaves out) are skipped."""
+    """(container, key, current tensor, incoming tensor) for every model tensor both carry (LoRA
+    factors present in both, extras, base deltas); control data is the algorithm's own business."""
     from atoll.errors import UpdateError
 
     pairs = []
@@ -99,7 +94,7 @@ def _async_pairs(current: AdapterState, incoming: AdapterState, client_id: int):
         mine = current.lora[name]
         for which in ("A", "B"):
             theirs_t, mine_t = getattr(factors, which), getattr(mine, which)
-            if theirs_t.numel() == 0 or mine_t.numel() == 0:
+            if theirs_t is None or mine_t is None:  # a factor the message leaves out
                 continue
             if theirs_t.shape != mine_t.shape:
                 raise UpdateError(
@@ -124,7 +119,7 @@ def _replaced(state: AdapterState, new: dict) -> AdapterState:
         lora[name] = LoRAFactors(new.get(("lora", (name, "A")), f.A), new.get(("lora", (name, "B")), f.B), f.scale)
     extra = {k: new.get(("extra", k), t) for k, t in state.extra.items()}
     base = {k: new.get(("base", k), t) for k, t in state.base.items()}
-    return AdapterState(lora, extra, base)
+    return AdapterState(lora, extra, base, dict(state.control))
 
 
 def mix_states(current: AdapterState, incoming: AdapterState, alpha: float, client_id: int = -1) -> AdapterState:
@@ -274,37 +269,28 @@ class BaseClient:
 class BaseServer:
     """Sampling, per-client configuration, aggregation and global evaluation.
 
-    Class attributes say what the algorithm supports:
-    ``rank_support`` "native" (mixed ranks are part of the method), "pad" (zero-padding, documented),
-    or "refuse" (mixed ranks are a config error); ``supports_async`` whether it can take one update
-    at a time; ``personalized`` whether clients hold private state used at inference.
+    What an algorithm is and supports is declared in one place, its ``spec`` (an
+    :class:`~atoll.algorithms.catalog.AlgorithmSpec`): ``name``, ``paper``, ``Params`` and
+    ``capabilities`` are read from it. BaseServer itself is FedAvg (FedIT's rule).
     """
 
+    spec: ClassVar[AlgorithmSpec | None] = None
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     Params: ClassVar[type[BaseModel]] = NoParams
+    capabilities: ClassVar[Capabilities] = Capabilities(asynchronous=True, weighted_mean=True)
     client_class: ClassVar[type[BaseClient]] = BaseClient
-    rank_support: ClassVar[str] = "refuse"
-    supports_async: ClassVar[bool] = True
-    personalized: ClassVar[bool] = False
-    has_global_model: ClassVar[bool] = True
-    # True when aggregate(updates) == aggregate([one update holding their example-weighted mean]),
-    # so secure aggregation (which reveals only that mean) and central DP can stand in for the
-    # individual updates; None: decided by whether the class keeps this FedAvg aggregate
-    # (see atoll.engines.flower.checks.aggregates_by_weighted_mean).
-    weighted_mean_aggregation: ClassVar[bool | None] = None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        spec = cls.__dict__.get("spec")
+        if spec is not None:
+            cls.name, cls.paper, cls.Params, cls.capabilities = spec.name, spec.paper, spec.Params, spec.capabilities
 
     def __init__(self, context: ServerContext, params: BaseModel):
         self.context = context
         self.params = params
         self.global_state: AdapterState = context.initial_state(context.global_rank)
-
-    @classmethod
-    def exports_personal(cls) -> bool:
-        """Whether each client's personal model is one LoRA adapter that ``personal_adapter`` gives
-        (personalized, and the client either evaluates with ``evaluation_state`` or says how)."""
-        client = cls.client_class
-        return cls.personalized and (client.evaluate is BaseClient.evaluate or client.personal_adapter is not BaseClient.personal_adapter)
 
     @classmethod
     def prepare_workbench(cls, workbench: Workbench, config: Config, params: BaseModel) -> None:
@@ -335,7 +321,7 @@ class BaseServer:
     def aggregate_async(self, version: int, update: Update, staleness: int, rule: AsyncRule) -> None:
         """Take one update (FedAsync): x <- (1 - a_t) x + a_t x_k with a_t = alpha * s(staleness),
         on every tensor the update carries. ``version`` counts server updates from 1. Algorithms
-        whose math is inherently synchronous set ``supports_async = False`` instead."""
+        whose math is inherently synchronous declare ``asynchronous=False`` in their capabilities."""
         alpha = rule.alpha * rule.weight(staleness)
         self.global_state = mix_states(self.global_state, update.state, alpha, update.client_id)
 
@@ -362,7 +348,7 @@ class BaseServer:
 
     def evaluate(self, round: int) -> dict[str, float]:
         """Metrics of the global adapter on the global test set."""
-        if self.context.evaluator is None or not self.has_global_model:
+        if self.context.evaluator is None or not self.capabilities.global_model:
             return {}
         return self.context.evaluator(self.global_state)
 

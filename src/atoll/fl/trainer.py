@@ -26,6 +26,28 @@ class TrainHooks:
     after_backward: Callable[[], None] | None = None
 
 
+def chain(first: TrainHooks, more: list[TrainHooks]) -> TrainHooks:
+    """One TrainHooks running ``first``'s hooks, then each of ``more`` in order (protections' hooks
+    after the algorithm's: a DP-SGD stage sees the algorithm's corrected gradient)."""
+    if not more:
+        return first
+    every = [first, *more]
+    losses = [h.extra_loss for h in every if h.extra_loss is not None]
+    afters = [h.after_backward for h in every if h.after_backward is not None]
+
+    def extra_loss() -> Tensor:
+        total = losses[0]()
+        for loss in losses[1:]:
+            total = total + loss()
+        return total
+
+    def after_backward() -> None:
+        for hook in afters:
+            hook()
+
+    return TrainHooks(extra_loss if losses else None, after_backward if afters else None)
+
+
 @dataclass
 class TrainPlan:
     steps: int

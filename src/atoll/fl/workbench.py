@@ -6,6 +6,7 @@ A client is data plus small private tensors; to train or evaluate it the runner 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from atoll.config import LoRAConfig
 from atoll.data.batching import training_batches
 from atoll.data.tasks import TaskSpec, Tokenized
 from atoll.fl.state import AdapterState
-from atoll.fl.trainer import TrainPlan, evaluate_model, train_steps
+from atoll.fl.trainer import TrainPlan, chain, evaluate_model, train_steps
 from atoll.models.adapters import BaseWeights, LiveAdapter, adapter_name
 from atoll.seeding import numpy_rng, seed_everything
 
@@ -56,6 +57,8 @@ class Workbench:
         self.eval_batch_size = eval_batch_size
         self.max_new_tokens = max_new_tokens
         self.max_trained_parameters = 0
+        # hooks of the run's protection stages for the client training now (set by the federation)
+        self.stage_hooks: list = []
         self._task_type = TaskType.CAUSAL_LM if spec.is_generative else TaskType.SEQ_CLS
         self._peft_config = lambda rank: LoraConfig(
             task_type=self._task_type,
@@ -137,10 +140,16 @@ class Workbench:
         )
         self.note_trained(params)
         try:
-            return train_steps(self.model, params, batches, plan)
+            return train_steps(self.model, params, batches, self.with_stage_hooks(plan))
         finally:
             for param in live.all_parameters():
                 param.requires_grad_(True)
+
+    def with_stage_hooks(self, plan: TrainPlan) -> TrainPlan:
+        """``plan`` with the protection stages' training hooks chained after the algorithm's."""
+        if not self.stage_hooks:
+            return plan
+        return dataclasses.replace(plan, hooks=chain(plan.hooks, self.stage_hooks))
 
     def note_trained(self, params: list) -> None:
         """Remember the largest parameter set one local training call optimized (for the summary)."""

@@ -83,6 +83,10 @@ class LiveAdapter:
                 if handles is None:
                     raise UpdateError(f"adapter state names unknown module '{name}'")
                 a, b, scale = handles
+                if not factors.complete:
+                    raise UpdateError(
+                        f"module '{name}' lacks its {'A' if factors.A is None else 'B'} factor; a partial message cannot be loaded"
+                    )
                 if factors.A.shape != a.shape or factors.B.shape != b.shape:
                     raise UpdateError(
                         f"module '{name}' has A{tuple(factors.A.shape)} B{tuple(factors.B.shape)}, "

@@ -370,7 +370,7 @@ def train_parameters(
     )
     workbench.note_trained(params)
     try:
-        return train_steps(workbench.model, params, batches, plan)
+        return train_steps(workbench.model, params, batches, workbench.with_stage_hooks(plan))
     finally:
         for param in live:
             param.requires_grad_(True)  # the workbench's convention for its live adapter

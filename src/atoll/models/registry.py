@@ -1,7 +1,9 @@
-"""Base models and tokenizers: the packaged MiniLM, built-in tiny configs, local directories, hub names.
+"""Base models and tokenizers: the packaged MiniLM, atoll's own pretrained causal LMs, built-in tiny
+configs, local directories, hub names.
 
-Built-in causal LMs are random-initialised (no pretrained GPT-style model ships in any package on
-this machine); their tokenizer is a byte-level BPE trained offline on the task's own text.
+No pretrained GPT-style model ships in any package on this machine, so atoll ships its own
+(`atoll-edge`, `atoll-cloud`, `atoll-tiny`: trained by `atoll pretrain`, weights in
+``models/pretrained/``). The random-init built-ins train a byte-level BPE offline on the task's text.
 """
 
 from __future__ import annotations
@@ -32,7 +34,31 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "tiny-llama": BuiltinModel("tiny-llama", "causal", "random-init 2-layer Llama, hidden 64, offline BPE 2,048 (tests, demos)", False),
     "tiny-qwen2": BuiltinModel("tiny-qwen2", "causal", "random-init 2-layer Qwen2, hidden 64, offline BPE 2,048 (tests, demos)", False),
     "small-llama": BuiltinModel("small-llama", "causal", "random-init 4-layer Llama, hidden 256, offline BPE 4,096", False),
+    "atoll-edge": BuiltinModel(
+        "atoll-edge", "causal", "pretrained 4-layer Llama, 5.0M params, BPE 4,096, open English text (atoll pretrain)", True
+    ),
+    "atoll-cloud": BuiltinModel(
+        "atoll-cloud", "causal", "pretrained 6-layer Llama, 15.7M params, BPE 8,192, open English text (atoll pretrain)", True
+    ),
+    "atoll-tiny": BuiltinModel("atoll-tiny", "causal", "pretrained 2-layer Llama, 0.2M params, BPE 1,024 (tests; < 1 MB)", True),
 }
+
+# atoll's own pretrained models: the shipped directory and the command that rebuilds it
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+SHIPPED_MODELS = {
+    "atoll-edge": "configs/pretrain/edge.yaml",
+    "atoll-cloud": "configs/pretrain/cloud.yaml",
+    "atoll-tiny": "configs/pretrain/tiny.yaml",
+}
+
+
+def shipped_model_path(name: str) -> Path:
+    """The directory of a shipped pretrained model (plain Hugging Face format)."""
+    path = PRETRAINED_DIR / name
+    if not (path / "model.safetensors").is_file():
+        raise ModelError(f"the weights of '{name}' are missing from {path}", f"rebuild them: atoll pretrain {SHIPPED_MODELS[name]}")
+    return path
+
 
 _TINY_CAUSAL = {
     "tiny-llama": (
@@ -151,6 +177,8 @@ def load_tokenizer(name: str, corpus_fn: Callable[[], list[str]], cache_dir: Pat
     if name in _TINY_CAUSAL:
         return train_bpe_tokenizer(corpus_fn(), _TINY_CAUSAL[name][2], cache_dir)
     source = str(minilm_path()) if name in ("minilm", "tiny-bert") else str(Path(name).expanduser()) if _is_local_dir(name) else name
+    if name in SHIPPED_MODELS:
+        source = str(shipped_model_path(name))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:
@@ -164,8 +192,11 @@ def load_tokenizer(name: str, corpus_fn: Callable[[], list[str]], cache_dir: Pat
     return tokenizer
 
 
-def load_base_model(name: str, generative: bool, num_labels: int, tokenizer, dtype: str, seed: int) -> torch.nn.Module:
-    """The frozen base model with a task head (sequence classifier or LM head)."""
+def load_base_model(
+    name: str, generative: bool, num_labels: int, tokenizer, dtype: str, seed: int, random_init: bool = False
+) -> torch.nn.Module:
+    """The frozen base model with a task head (sequence classifier or LM head); ``random_init``
+    keeps the architecture of a pretrained model and draws its weights afresh (seeded)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from atoll.seeding import seed_everything
@@ -203,9 +234,15 @@ def load_base_model(name: str, generative: bool, num_labels: int, tokenizer, dty
         )
         return AutoModelForSequenceClassification.from_config(config, dtype=torch_dtype)
     source = str(minilm_path()) if name == "minilm" else str(Path(name).expanduser()) if _is_local_dir(name) else name
+    if name in SHIPPED_MODELS:
+        source = str(shipped_model_path(name))
     auto = AutoModelForCausalLM if generative else AutoModelForSequenceClassification
     try:
-        model = auto.from_pretrained(source, dtype=torch_dtype, **head_kwargs)
+        if random_init:
+            config = AutoConfig.from_pretrained(source, **head_kwargs)
+            model = auto.from_config(config, dtype=torch_dtype)
+        else:
+            model = auto.from_pretrained(source, dtype=torch_dtype, **head_kwargs)
     except Exception as exc:
         raise ModelError(
             f"cannot load model '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})", "check model.name"

@@ -60,7 +60,7 @@ def _run_one(config_path: str | None, overrides: list[str], run_dir: str) -> dic
     transformers.logging.set_verbosity_error()
     from atoll.config import load_config
     from atoll.report.progress import Progress
-    from atoll.sim.prototype import start_run
+    from atoll.dispatch import start_run
 
     config = load_config(config_path, overrides + [f"run.dir={run_dir}"])
     started = time.perf_counter()

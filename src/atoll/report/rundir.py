@@ -24,6 +24,7 @@ from atoll.errors import CheckpointError, ConfigError
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+RESOLVED_FILE = "resolved.json"
 CHECKPOINTS = "checkpoints"
 
 
@@ -69,11 +70,15 @@ class RunDir:
             )
 
     @classmethod
-    def create(cls, path: Path, config: Config) -> "RunDir":
+    def create(cls, path: Path, config: Config, resolved: str | None = None) -> "RunDir":
+        """A new run directory holding the run's config (every key) and, when given, the resolved
+        run (``resolved.json``: client ranks, system file, absolute paths), written once."""
         cls.check_new(path)
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path)
         write_atomic(path / CONFIG_FILE, config.to_yaml())
+        if resolved is not None:
+            write_atomic(path / RESOLVED_FILE, resolved)
         (path / METRICS_FILE).touch()
         return run
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 
-def start_flower_run(config, progress) -> tuple[Any, dict[str, Any]]:
-    """Run ``config`` on Flower; returns (RunDir, summary) like the local engine's ``start_run``."""
+def start_flower_run(run, progress) -> tuple[Any, dict[str, Any]]:
+    """Run a resolved run on Flower; returns (RunDir, summary) like the local engine's ``start_run``."""
     from atoll.engines.flower.driver import start_flower_run as start
 
-    return start(config, progress)
+    return start(run, progress)

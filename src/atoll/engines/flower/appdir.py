@@ -1,5 +1,5 @@
 """A Flower app directory for one run: a pyproject.toml naming atoll's ServerApp and ClientApp and
-carrying the resolved config as run config. Nothing else is in it (the app directory is shipped
+carrying the resolved run (:meth:`atoll.resolve.ResolvedRun.to_json`) as run config. Nothing else is in it (the app directory is shipped
 to the SuperLink and the SuperNodes with every run), so atoll itself must be installed wherever
 the SuperLink and SuperNodes run."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from atoll.engines.flower.protocol import RUN_CONFIG_KEY, RUN_DIR_KEY
+from atoll.engines.flower.protocol import RUN_DIR_KEY, RUN_KEY
 
 APP_NAME = "atoll-run"
 
@@ -18,7 +18,7 @@ def _toml_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def pyproject_text(config_yaml: str, run_dir: str) -> str:
+def pyproject_text(resolved_run: str, run_dir: str) -> str:
     return "\n".join(
         [
             "# Written by atoll: a Flower app that runs one atoll config (see docs/flower.md).",
@@ -41,15 +41,15 @@ def pyproject_text(config_yaml: str, run_dir: str) -> str:
             'clientapp = "atoll.engines.flower.app:client_app"',
             "",
             "[tool.flwr.app.config]",
-            f"{RUN_CONFIG_KEY} = {_toml_string(config_yaml)}",
+            f"{RUN_KEY} = {_toml_string(resolved_run)}",
             f"{RUN_DIR_KEY} = {_toml_string(run_dir)}",
             "",
         ]
     )
 
 
-def write_app(directory: Path, config, run_dir: Path) -> Path:
-    """Write the app for ``config`` (run directory ``run_dir``, made absolute) into ``directory``."""
+def write_app(directory: Path, run, run_dir: Path) -> Path:
+    """Write the app for a resolved run (run directory ``run_dir``, made absolute) into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "pyproject.toml").write_text(pyproject_text(config.to_yaml(), str(Path(run_dir).expanduser().absolute())))
+    (directory / "pyproject.toml").write_text(pyproject_text(run.to_json(), str(Path(run_dir).expanduser().absolute())))
     return directory

@@ -1,9 +1,8 @@
 """Refuse Flower settings that cannot work, with one line that says why and what to do.
 
-SecAgg+ and the DP wrappers do the summing or the noising themselves, so the algorithm only ever
-sees the weighted mean of the uploads (SecAgg+) or clipped-and-noised aggregates (DP). That is
-exact only for algorithms whose ``aggregate(updates)`` depends on the updates through their
-example-weighted mean; see :func:`aggregates_by_weighted_mean`.
+These are the checks the config alone decides (addresses, TLS, SecAgg+ parameters). Which
+algorithms may run under SecAgg+ or the DP wrappers (those whose capabilities declare a
+weighted-mean aggregation) is decided with every other capability in :mod:`atoll.compat`.
 """
 
 from __future__ import annotations
@@ -17,25 +16,6 @@ if TYPE_CHECKING:
     from atoll.config import Config
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
-
-
-def aggregates_by_weighted_mean(server_cls: type) -> bool:
-    """True when ``aggregate(updates)`` equals ``aggregate([one update holding their
-    example-weighted mean])``: an algorithm says so with ``weighted_mean_aggregation = True``;
-    without that flag, only algorithms that keep BaseServer's FedAvg ``aggregate`` qualify."""
-    from atoll.fl.base import BaseServer
-
-    flag = getattr(server_cls, "weighted_mean_aggregation", None)
-    if flag is not None:
-        return bool(flag)
-    return server_cls.aggregate is BaseServer.aggregate and getattr(server_cls, "has_global_model", True)
-
-
-def mean_algorithms() -> str:
-    """Names of the registered algorithms that aggregate by a weighted mean."""
-    from atoll.algorithms import available
-
-    return ", ".join(name for name, cls in available().items() if aggregates_by_weighted_mean(cls))
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -69,22 +49,16 @@ def check_insecure(host: str, what: str) -> None:
         )
 
 
-def check_flower_config(config: "Config") -> None:
-    """Everything about ``engine: flower`` that can be judged before anything starts."""
+def check_flower_settings(config: "Config") -> None:
+    """Everything about ``engine: flower`` that the config alone decides (what it asks of the
+    algorithm is :func:`atoll.compat.check_engine`'s)."""
     if config.engine != "flower":
         return
-    from atoll.algorithms import get_algorithm
-
     flower = config.flower
-    server_cls = get_algorithm(config.algorithm.name)
     if getattr(config, "mode", "prototype") != "prototype":
         raise ConfigError(
             f"engine: flower runs synchronous rounds; mode '{config.mode}' is the local event simulator",
             "use mode: prototype with engine: flower",
-        )
-    if server_cls.name == "centralized":
-        raise ConfigError(
-            "the centralized baseline pools every client's data in one place, which a federation cannot do", "run it with engine: local"
         )
     clients = config.federation.clients
     if flower.min_available_clients is not None and flower.min_available_clients > clients:
@@ -98,14 +72,7 @@ def check_flower_config(config: "Config") -> None:
             "flower.secagg and flower.dp cannot be combined: Flower's SecAgg+ runs in its legacy API and its DP wrappers in the Message API",
             "choose one of them",
         )
-    mean_only = aggregates_by_weighted_mean(server_cls)
     if secagg.enabled:
-        if not mean_only:
-            raise ConfigError(
-                f"algorithm '{server_cls.name}' cannot run under SecAgg+: the server only learns the weighted mean of the uploads, "
-                "and this algorithm's aggregation needs the individual updates",
-                f"use one of: {mean_algorithms()}; or switch secagg off",
-            )
         sampled = _sampled(config)
         if sampled < 2:
             raise ConfigError(
@@ -122,12 +89,6 @@ def check_flower_config(config: "Config") -> None:
             raise ConfigError("flower.secagg.reconstruction_threshold must be smaller than num_shares")
         if config.model.dtype == "bfloat16":
             raise ConfigError("SecAgg+ quantizes float32 uploads; model.dtype bfloat16 is not supported with it", "use model.dtype float32")
-    if dp.mode != "none" and not mean_only:
-        raise ConfigError(
-            f"algorithm '{server_cls.name}' cannot run under Flower's DP wrappers: their noise is calibrated to a mean of clipped "
-            "updates, and this algorithm's aggregation is not such a mean",
-            f"use one of: {mean_algorithms()}; or set flower.dp.mode: none",
-        )
     if flower.mode == "deployment":
         if not flower.superlink:
             raise ConfigError(

@@ -1,9 +1,10 @@
-"""The ClientApp: the algorithm's BaseClient for the partition this SuperNode serves.
+"""The ClientApp: the federation's client-side steps for the partition this SuperNode serves.
 
-Every process builds the experiment from the run config (``atoll.experiment.build`` is
-deterministic given the seed), so a node trains exactly what the local engine would train for
-the same client. Built experiments are cached per process: in simulation a Ray actor keeps its
-model across rounds; in deployment every message starts a fresh ClientApp process.
+Every process builds the federation from the resolved run it is handed (``atoll.experiment.build``
+is deterministic given the seed; nothing is checked again), so a node trains exactly what the
+local engine would train for the same client, through the same behaviours and protection stages.
+Built federations are cached per process: in simulation a Ray actor keeps its model across rounds;
+in deployment every message starts a fresh ClientApp process.
 
 A client's private state (the entries it keeps in the ClientStore: personal adapters, control
 variates) lives in ``context.state`` between messages: it is loaded into the store before the
@@ -29,20 +30,26 @@ _EXPERIMENTS: dict[str, object] = {}
 # -- the experiment of this process -------------------------------------------------------------------
 
 
-def experiment_for(run_config):
-    """The Experiment for this run's config, built once per process."""
-    text = str(run_config.get(protocol.RUN_CONFIG_KEY, ""))
+def federation_for(run_config):
+    """The Federation of this run, built once per process from the resolved run it was handed."""
+    text = str(run_config.get(protocol.RUN_KEY, ""))
     key = hashlib.sha256(text.encode()).hexdigest()
     if key not in _EXPERIMENTS:
         from atoll.experiment import build
+        from atoll.fl.federation import Federation
 
         for old in _EXPERIMENTS.values():
-            old.close()
+            old.experiment.close()
         _EXPERIMENTS.clear()
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        config, _ = protocol.read_run_config(run_config)
-        _EXPERIMENTS[key] = build(config)
+        run, _ = protocol.read_run_config(run_config)
+        _EXPERIMENTS[key] = Federation(build(run))
     return _EXPERIMENTS[key]
+
+
+def experiment_for(run_config):
+    """The Experiment of this run (built once per process)."""
+    return federation_for(run_config).experiment
 
 
 def client_id_of(node_config, num_clients: int) -> int:
@@ -81,20 +88,21 @@ def save_private_state(store, state) -> None:
         store.discard(client_id)
 
 
-def _client(experiment, context, claimed: int):
-    client_id = client_id_of(context.node_config, experiment.config.federation.clients)
+def _check_client(federation, context, claimed: int) -> int:
+    client_id = client_id_of(context.node_config, federation.config.federation.clients)
     if claimed != client_id:
         raise ConfigError(f"this SuperNode serves client {client_id}, but the server addressed client {claimed}")
-    return experiment.clients[client_id]
+    return client_id
 
 
-def run_client(experiment, context, client_id: int, round: int, download):
-    """``client.run`` with the node's private state loaded before and saved after (on success)."""
-    client = _client(experiment, context, client_id)
-    store = experiment.store
+def run_client(federation, context, client_id: int, round: int, download):
+    """The federation's client-side step (behaviour, training, stages before upload) with the
+    node's private state loaded before and saved after (on success)."""
+    _check_client(federation, context, client_id)
+    store = federation.experiment.store
     load_private_state(store, context.state)
     try:
-        update = client.run(round, download)
+        update = federation.train(round, client_id, download)
     except BaseException:
         for stale in store.client_ids():
             store.discard(stale)
@@ -103,13 +111,12 @@ def run_client(experiment, context, client_id: int, round: int, download):
     return update
 
 
-def evaluate_client(experiment, context, client_id: int, download, scope: str) -> dict[str, float]:
-    client = _client(experiment, context, client_id)
-    store = experiment.store
+def evaluate_client(federation, context, client_id: int, download, scope: str) -> dict[str, float]:
+    _check_client(federation, context, client_id)
+    store = federation.experiment.store
     load_private_state(store, context.state)
     try:
-        indices = experiment.splits.global_test if scope == "global" else None
-        return client.evaluate(download, indices)
+        return federation.evaluate_client(0, client_id, download, scope)
     finally:
         for stale in store.client_ids():
             store.discard(stale)
@@ -132,12 +139,12 @@ def handle_train(msg, context):
 
     if "fitins.parameters" in msg.content.array_records:
         return handle_secagg_train(msg, context)
-    experiment = experiment_for(context.run_config)
+    federation = federation_for(context.run_config)
     config = msg.content.config_records[protocol.CONFIG]
     arrays = msg.content.array_records[protocol.ARRAYS]
     download = state_from_records(arrays, config)
     client_id, round = int(config["client-id"]), int(config["round"])
-    update = run_client(experiment, context, client_id, round, download)
+    update = run_client(federation, context, client_id, round, download)
     tensors, scales = split_state(update.state)
     tensors = ordered_like(tensors, list(arrays_to_tensors(arrays)))
     metrics = {k: float(v) for k, v in update.metrics.items()}
@@ -162,10 +169,10 @@ def handle_secagg_train(msg, context):
     from atoll.engines.flower.strategy import META
 
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    experiment = experiment_for(context.run_config)
+    federation = federation_for(context.run_config)
     client_id, round = int(fitins.config["atoll.client-id"]), int(fitins.config["atoll.round"])
     download = state_from_legacy(parameters_to_ndarrays(fitins.parameters), str(fitins.config[META]))
-    update = run_client(experiment, context, client_id, round, download)
+    update = run_client(federation, context, client_id, round, download)
     arrays, description = state_to_legacy(update.state)
     metrics = {k: float(v) for k, v in update.metrics.items()}
     metrics.update({"client-id": client_id, "num-examples": int(update.num_examples), META: description})
@@ -178,11 +185,11 @@ def handle_evaluate(msg, context):
 
     from atoll.engines.flower.codec import state_from_records
 
-    experiment = experiment_for(context.run_config)
+    federation = federation_for(context.run_config)
     config = msg.content.config_records[protocol.CONFIG]
     download = state_from_records(msg.content.array_records[protocol.ARRAYS], config)
     client_id = int(config["client-id"])
-    metrics = evaluate_client(experiment, context, client_id, download, str(config.get("scope", "local")))
+    metrics = evaluate_client(federation, context, client_id, download, str(config.get("scope", "local")))
     values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     values["client-id"] = client_id
     return Message(RecordDict({protocol.METRICS: MetricRecord(values)}), reply_to=msg)

@@ -150,12 +150,13 @@ def app(
     from atoll.config import load_config
     from atoll.engines.flower.appdir import write_app
     from atoll.report.rundir import RunDir
+    from atoll.resolve import resolve
 
     try:
-        cfg = load_config(config, list(set_) + ["engine=flower"])
+        run = resolve(load_config(config, list(set_) + ["engine=flower"]))
     except AtollError as error:
         _fail(error)
-    target = run_dir or RunDir.choose_path(cfg)
-    write_app(directory, cfg, target)
+    target = run_dir or RunDir.choose_path(run.config)
+    write_app(directory, run, target)
     typer.echo(f"wrote {directory / 'pyproject.toml'}; run directory {Path(target).expanduser().absolute()}")
     typer.echo(f"submit with: flwr run {directory} <connection> --stream")

@@ -99,10 +99,11 @@ def _failure_message(details: str, run_dir: Path, log_text: str) -> str:
     return (errors or lines or ["no log"])[-1]
 
 
-def start_flower_run(config, progress) -> tuple[Any, dict[str, Any]]:
-    """Submit ``config`` to Flower and wait for it; returns (RunDir, summary)."""
+def start_flower_run(run, progress) -> tuple[Any, dict[str, Any]]:
+    """Submit a resolved run to Flower and wait for it; returns (RunDir, summary)."""
     from atoll.report.rundir import RunDir
 
+    config = run.config
     flower = config.flower
     path = RunDir.choose_path(config).expanduser().absolute()
     RunDir.check_new(path)
@@ -116,7 +117,7 @@ def start_flower_run(config, progress) -> tuple[Any, dict[str, Any]]:
         scratch_dir = Path(scratch)
         home = scratch_dir / "flwr-home"
         env = flower_env(home)
-        app = write_app(scratch_dir / "app", config, path)
+        app = write_app(scratch_dir / "app", run, path)
         superlink: ManagedProcess | None = None
         try:
             if flower.mode == "simulation":

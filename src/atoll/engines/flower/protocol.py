@@ -9,35 +9,40 @@ Messages (all carry ``client-id`` so a reply can be checked against the node tha
 - ``evaluate``: like train plus ``scope`` (``local``: the client's own test split, ``global``: the
   global test set); the reply holds ``metrics``.
 
-The run itself is described by the run config: ``atoll-config`` (the resolved YAML) and
-``atoll-run-dir`` (where the ServerApp writes the run directory).
+The run itself is described by the run config: ``atoll-run`` (the resolved run, as
+:meth:`atoll.resolve.ResolvedRun.to_json` wrote it: the ServerApp and every ClientApp take it as it
+is and check nothing again) and ``atoll-run-dir`` (where the ServerApp writes the run directory).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from atoll.errors import ConfigError, UpdateError
 
-RUN_CONFIG_KEY = "atoll-config"
+RUN_KEY = "atoll-run"
 RUN_DIR_KEY = "atoll-run-dir"
 ACTION_CLIP_FIXED = "clipfixed"
 ACTION_CLIP_ADAPTIVE = "clipadaptive"
 ARRAYS, CONFIG, METRICS, INFO = "arrays", "config", "metrics", "info"
 
 
+def run_config_for(run, run_dir: str | Path = "") -> dict[str, str]:
+    """The Flower run config carrying a resolved run and its run directory."""
+    return {RUN_KEY: run.to_json(), RUN_DIR_KEY: str(run_dir)}
+
+
 def read_run_config(run_config) -> tuple[object, str]:
-    """(Config, run directory) from a Flower run config written by :mod:`.appdir`."""
-    import yaml
+    """(ResolvedRun, run directory) from a Flower run config written by :func:`run_config_for`."""
+    from atoll.resolve import ResolvedRun
 
-    from atoll.config import build_config
-
-    text = run_config.get(RUN_CONFIG_KEY)
+    text = run_config.get(RUN_KEY)
     if not text:
         raise ConfigError(
-            f"the Flower run config has no '{RUN_CONFIG_KEY}'",
+            f"the Flower run config has no '{RUN_KEY}'",
             "start runs with `atoll run --engine flower` or an app from `atoll flower app`",
         )
-    config = build_config(yaml.safe_load(str(text)))
-    return config, str(run_config.get(RUN_DIR_KEY, "") or "")
+    return ResolvedRun.from_json(str(text)), str(run_config.get(RUN_DIR_KEY, "") or "")
 
 
 def query_message(node_id: int, ttl: float | None = None):

@@ -1,9 +1,9 @@
-"""The ServerApp: the prototype runner's rounds, with clients reached through Flower's Grid.
+"""The ServerApp: the federation's rounds, with clients reached through Flower's Grid.
 
-:class:`FlowerRunner` reuses :class:`~atoll.sim.prototype.PrototypeRunner` for everything but
-transport (initial evaluation, checkpoints, metrics.jsonl, summary, plots, PEFT adapter), and
-overrides the three places where the prototype calls a client in process: training a round,
-local evaluation, and the final per-client evaluation of algorithms without a global model.
+:class:`FlowerDriver` is a thin driver over :class:`~atoll.fl.federation.Federation` (the same
+steps, recorder, checkpoints and outputs as the synchronous loop); what it adds is transport:
+training messages (plain, under Flower's DP wrappers, or in a SecAgg+ workflow) and evaluation
+messages (:class:`FlowerClients`).
 
 A round: wait until ``flower.min_available_clients`` partitions are online, let the algorithm
 sample among them, send each sampled client its download, collect replies until all arrived,
@@ -21,8 +21,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from atoll.engines.flower import protocol
 from atoll.engines.flower.codec import split_state, tensors_to_arrays
 from atoll.engines.flower.strategy import (
@@ -33,7 +31,6 @@ from atoll.engines.flower.strategy import (
     secagg_workflow,
 )
 from atoll.errors import AlgorithmError, AtollError
-from atoll.sim.prototype import PrototypeRunner, weighted_mean
 
 log = logging.getLogger("atoll.flower")
 
@@ -155,30 +152,52 @@ class NodeDirectory:
             time.sleep(1.0)
 
 
-# -- the runner -----------------------------------------------------------------------------------------
+# -- the driver -----------------------------------------------------------------------------------------
 
 
-class FlowerRunner(PrototypeRunner):
-    """PrototypeRunner whose clients live on Flower nodes."""
+class FlowerClients:
+    """The federation's clients on Flower nodes, reached by ``evaluate`` messages."""
 
-    def __init__(self, experiment, run_dir, progress, grid, context):
-        super().__init__(experiment, run_dir, progress)
+    def __init__(self, driver: "FlowerDriver"):
+        self.driver = driver
+
+    def evaluate(self, round: int, client_ids: list[int], scope: str) -> dict[int, dict[str, float]]:
+        driver = self.driver
+        online = driver.nodes.refresh()
+        reachable = [c for c in client_ids if c in online]
+        ttl = driver.flower.round_timeout + TTL_MARGIN
+        federation = driver.federation
+        messages = {c: protocol.evaluate_message(online[c], round, c, federation.configure(round, c), scope, ttl=ttl) for c in reachable}
+        replies, failures = exchange(driver.grid, messages, driver.flower.round_timeout)
+        for client_id, reason in sorted(failures.items()):
+            log.warning("evaluation on client %s failed: %s", client_id, reason)
+        return {c: protocol.read_metrics(replies[c].content, c) for c in sorted(replies)}
+
+
+class FlowerDriver:
+    """The federation's rounds with its clients on Flower nodes: the server-side steps run here,
+    the client-side steps in each node's ClientApp."""
+
+    def __init__(self, federation, recorder, grid, context):
+        self.federation = federation
+        self.recorder = recorder
+        self.config = federation.config
         self.grid = grid
         self.context = context
         self.flower = self.config.flower
         self.nodes = NodeDirectory(grid, self.config.federation.clients, self.flower.round_timeout)
-        server = experiment.server
+        self.clients = FlowerClients(self)
         dp = self.flower.dp
         action = {"client-fixed": protocol.ACTION_CLIP_FIXED, "client-adaptive": protocol.ACTION_CLIP_ADAPTIVE}.get(dp.mode, "")
         self.algorithm_strategy = AlgorithmStrategy(
-            server,
+            federation,
             train_action=action,
             uniform_download=dp.mode != "none",
             equal_weights=dp.mode != "none" and dp.weighting == "equal",
         )
         self.algorithm_strategy.ttl = self.flower.round_timeout + TTL_MARGIN
         self.strategy = self._with_dp(self.algorithm_strategy)
-        self.secagg = SecAggStrategy(server) if self.flower.secagg.enabled else None
+        self.secagg = SecAggStrategy(federation) if self.flower.secagg.enabled else None
 
     # -- settings ---------------------------------------------------------------------------------
     def min_clients(self) -> int:
@@ -218,19 +237,19 @@ class FlowerRunner(PrototypeRunner):
 
     # -- a round ------------------------------------------------------------------------------------
     def play_round(self, round: int) -> dict[str, Any]:
-        server = self.experiment.server
+        federation = self.federation
         started = time.perf_counter()
         online = self.nodes.wait_for(self.min_clients(), self.flower.wait_timeout)
         available = sorted(online)
-        selected = server.sample(round, available)
+        selected = federation.sample(round, available)
         strangers = [c for c in selected if c not in online]
         if strangers:
             raise AlgorithmError(
-                f"algorithm '{server.name}' sampled clients {strangers} that no online SuperNode serves",
+                f"algorithm '{federation.server.name}' sampled clients {strangers} that no online SuperNode serves",
                 "on Flower an algorithm must sample among the available clients it is given",
             )
-        self.progress.round_start(round, selected)
-        plan = RoundPlan(round, {c: online[c] for c in selected}, {c: server.configure(round, c) for c in selected})
+        self.recorder.progress.round_start(round, selected)
+        plan = RoundPlan(round, {c: online[c] for c in selected}, {c: federation.configure(round, c) for c in selected})
         train_started = time.perf_counter()
         if self.secagg is not None:
             failures = self._secagg_round(plan)
@@ -239,16 +258,14 @@ class FlowerRunner(PrototypeRunner):
         train_seconds = time.perf_counter() - train_started - plan.aggregate_seconds
         updates = plan.updates
         for update in updates:
-            self.progress.client_done(round, update.client_id, update.metrics)
-        answered = {u.client_id for u in updates}
-        bytes_down = sum(plan.downloads[c].nbytes() for c in selected)
-        bytes_up = (
-            sum(u.state.nbytes() for u in updates) if self.secagg is None else len(updates) * (updates[0].state.nbytes() if updates else 0)
-        )
+            self.recorder.progress.client_done(round, update.client_id, update.metrics)
+        answered = {u.client_id for u in updates} | set(plan.refused)
+        bytes_down = sum(federation.message_bytes(c, plan.downloads[c]) for c in selected)
+        bytes_up = plan.bytes_up if self.secagg is None else len(updates) * (updates[0].state.nbytes() if updates else 0)
         record: dict[str, Any] = {
             "round": round,
             "clients": selected,
-            "train": self.train_summary(updates),
+            "train": federation.train_summary(updates),
             "bytes_up": int(bytes_up),
             "bytes_down": int(bytes_down),
             "flower": {
@@ -258,8 +275,10 @@ class FlowerRunner(PrototypeRunner):
                 "failures": {str(c): reason for c, reason in sorted(failures.items())},
             },
         }
+        record.update(federation.round_extras(round))
         eval_started = time.perf_counter()
-        record.update(self.evaluate_round(round))
+        if federation.should_evaluate(round):
+            record.update(federation.evaluate(round, round == self.config.federation.rounds, self.clients))
         record["seconds"] = {"train": train_seconds, "aggregate": plan.aggregate_seconds, "eval": time.perf_counter() - eval_started}
         record["wall_seconds"] = time.perf_counter() - started
         return record
@@ -277,7 +296,7 @@ class FlowerRunner(PrototypeRunner):
         from flwr.app import ConfigRecord
 
         self.algorithm_strategy.plan = plan
-        tensors, _ = split_state(self.experiment.server.global_state)
+        tensors, _ = split_state(self.federation.server.global_state)
         messages = list(self.strategy.configure_train(plan.round, tensors_to_arrays(tensors), ConfigRecord(), self.grid))
         client_of = plan.client_of()
         by_client = {client_of[m.metadata.dst_node_id]: m for m in messages}
@@ -288,7 +307,7 @@ class FlowerRunner(PrototypeRunner):
         if arrays is None:
             raise RoundFailed(f"round {plan.round}: Flower's DP wrapper refused to aggregate (see the ServerApp log)")
         if self.strategy is not self.algorithm_strategy:
-            adopt_aggregate(self.experiment.server, arrays)
+            adopt_aggregate(self.federation.server, arrays)
         return failures
 
     def _secagg_round(self, plan: RoundPlan) -> dict[int, str]:
@@ -302,7 +321,7 @@ class FlowerRunner(PrototypeRunner):
         context = LegacyContext(self.context, config=ServerConfig(num_rounds=self.config.federation.rounds), strategy=strategy)
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: plan.round, Key.START_TIME: time.time()})
         context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
-        max_weight = max(self.experiment.splits.client_sizes())
+        max_weight = max(self.federation.experiment.splits.client_sizes())
         secagg_workflow(self.flower.secagg, max_weight, self.flower.round_timeout)(self.grid, context)
         answered = {u.client_id for u in plan.updates}
         failures = {c: "dropped out of the SecAgg+ protocol" for c in plan.nodes if c not in answered}
@@ -314,52 +333,32 @@ class FlowerRunner(PrototypeRunner):
         self._require_replies(plan, len(answered), failures)
         return failures
 
-    # -- evaluation on the nodes ------------------------------------------------------------------------
-    def _evaluate_remote(self, round: int, clients: list[int], scope: str) -> dict[int, dict[str, float]]:
-        server = self.experiment.server
-        online = self.nodes.refresh()
-        reachable = [c for c in clients if c in online]
-        ttl = self.flower.round_timeout + TTL_MARGIN
-        messages = {c: protocol.evaluate_message(online[c], round, c, server.configure(round, c), scope, ttl=ttl) for c in reachable}
-        replies, failures = exchange(self.grid, messages, self.flower.round_timeout)
-        for client_id, reason in sorted(failures.items()):
-            log.warning("evaluation on client %s failed: %s", client_id, reason)
-        return {c: protocol.read_metrics(replies[c].content, c) for c in sorted(replies)}
-
-    def local_evaluation(self, round: int) -> dict[str, Any]:
-        clients = [c for c in self.experiment.real_client_ids if len(self.experiment.clients[c].context.test_indices)]
-        results = self._evaluate_remote(round, clients, "local")
-        rows = [(float(len(self.experiment.clients[c].context.test_indices)), metrics) for c, metrics in results.items()]
-        per_client = {str(c): metrics for c, metrics in results.items()}
-        summary = weighted_mean(rows) if rows else {}
-        metric = self.main_metric()
-        if rows and metric in summary:
-            values = [m[metric] for _, m in rows if metric in m]
-            summary[f"{metric}_min"] = float(min(values))
-            summary[f"{metric}_std"] = float(np.std(values))
-        if len(per_client) <= 100:
-            summary["per_client"] = {c: m.get(metric) for c, m in per_client.items()}
-        missing = sorted(set(clients) - set(results))
-        if missing:
-            summary["missing_clients"] = missing
-        return summary
-
-    def personal_global_evaluation(self) -> dict[str, float]:
-        results = self._evaluate_remote(self.config.federation.rounds, list(self.experiment.real_client_ids), "global")
-        result = weighted_mean([(1.0, metrics) for metrics in results.values()])
-        result.pop("examples", None)
-        return result
-
-    def finish(self) -> dict[str, Any]:
-        summary = super().finish()
+    # -- the run ------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        federation, recorder = self.federation, self.recorder
+        rounds = self.config.federation.rounds
+        recorder.start(rounds, 1)
+        try:
+            before = federation.server.evaluate(0) if self.config.eval.initial else {}
+            recorder.record({"round": 0, "global": before, "bytes_up": 0, "bytes_down": 0, "wall_seconds": 0.0})
+            for round in range(1, rounds + 1):
+                record = self.play_round(round)
+                recorder.record(record, report=False)
+                federation.checkpoint(recorder.run_dir, round)
+                recorder.report(record)
+                if federation.stop_reason():
+                    break
+        finally:
+            recorder.close()
+        summary = federation.finish(recorder)
         summary["engine"] = {
             "name": "flower",
             "mode": self.flower.mode,
             "secagg": self.flower.secagg.enabled,
             "dp": self.flower.dp.mode,
-            "dropped_updates": int(sum(len(r.get("flower", {}).get("dropped", [])) for r in self.records)),
+            "dropped_updates": int(sum(len(r.get("flower", {}).get("dropped", [])) for r in recorder.records)),
         }
-        self.run_dir.write_summary(summary)
+        recorder.write_summary(summary)
         return summary
 
 
@@ -369,20 +368,22 @@ ERROR_FILE = "flower-error.txt"
 
 
 def run_server(grid, context) -> None:
-    """Build the experiment from the run config, then run it (called by the ServerApp)."""
+    """Build the federation from the resolved run it was handed, then run it (called by the ServerApp)."""
     from atoll.experiment import build
+    from atoll.fl.federation import Federation
     from atoll.report.progress import LogProgress
+    from atoll.report.recorder import Recorder
     from atoll.report.rundir import RunDir
 
-    config, run_dir_path = protocol.read_run_config(context.run_config)
+    run, run_dir_path = protocol.read_run_config(context.run_config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     path = Path(run_dir_path)
     RunDir.check_new(path)
-    experiment = build(config)
+    experiment = build(run)
     run_dir = None
     try:
-        run_dir = RunDir.create(path, config)
-        FlowerRunner(experiment, run_dir, LogProgress(), grid, context).run()
+        run_dir = RunDir.create(path, run.config, run.to_json())
+        FlowerDriver(Federation(experiment), Recorder(run_dir, LogProgress()), grid, context).run()
     except BaseException as error:
         if run_dir is not None:
             text = str(error) if isinstance(error, AtollError) else "".join(traceback.format_exception(error))

@@ -2,7 +2,8 @@
 
 :class:`AlgorithmStrategy` is a Message-API ``Strategy`` whose ``configure_train`` sends each
 sampled client the download ``server.configure(round, client_id)`` and whose ``aggregate_train``
-hands the decoded updates to ``server.aggregate`` (no aggregation math here). It exists so Flower's
+hands the decoded updates to the federation's receive stages and aggregation (no aggregation
+math here). It exists so Flower's
 DP wrappers (``DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping``) can wrap it: they
 clip replies before ``aggregate_train`` and add noise to what it returns.
 
@@ -30,7 +31,7 @@ from atoll.engines.flower.codec import (
 )
 from atoll.errors import AlgorithmError, UpdateError
 from atoll.fl.base import BaseServer
-from atoll.fl.state import AdapterState, Update, check_finite
+from atoll.fl.state import AdapterState, Update
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -45,7 +46,9 @@ class RoundPlan:
     round: int
     nodes: dict[int, int]  # client id -> node id
     downloads: dict[int, AdapterState]
-    updates: list[Update] = field(default_factory=list)
+    updates: list[Update] = field(default_factory=list)  # received and kept
+    refused: list[int] = field(default_factory=list)  # clients whose update a receive stage dropped
+    bytes_up: int = 0
     aggregate_seconds: float = 0.0
 
     def client_of(self) -> dict[int, int]:
@@ -88,11 +91,13 @@ def _message_strategy_base():
 
 
 class AlgorithmStrategy(_message_strategy_base()):  # type: ignore[misc]
-    """BaseServer as a Message-API Strategy (train only; evaluation is driven by the runner)."""
+    """The federation's aggregation as a Message-API Strategy (train only; evaluation is driven by
+    the FlowerDriver): replies pass the federation's receive stages, then its aggregation."""
 
-    def __init__(self, server: BaseServer, train_action: str = "", uniform_download: bool = False, equal_weights: bool = False):
+    def __init__(self, federation, train_action: str = "", uniform_download: bool = False, equal_weights: bool = False):
         super().__init__()
-        self.server = server
+        self.federation = federation
+        self.server: BaseServer = federation.server
         self.train_action = train_action  # "" -> message type "train"; "x" -> "train.x"
         self.uniform_download = uniform_download
         # DP: the algorithm averages the clipped updates 1/m each (every update counts one example)
@@ -126,15 +131,16 @@ class AlgorithmStrategy(_message_strategy_base()):  # type: ignore[misc]
         client_of = plan.client_of()
         updates = [update_from_reply(reply.content, client_of.get(reply.metadata.src_node_id)) for reply in replies]
         updates.sort(key=lambda u: u.client_id)  # the local engine's order: float sums match
-        for update in updates:
-            check_finite(update)
+        plan.bytes_up = sum(self.federation.upload_cost(u)[0] for u in updates)
+        kept = [u for u in updates if self.federation.receive(server_round, u) is not None]
+        plan.refused = sorted({u.client_id for u in updates} - {u.client_id for u in kept})
         started = time.perf_counter()
         if self.equal_weights:
-            self.server.aggregate(server_round, [dataclasses.replace(u, num_examples=1) for u in updates])
+            self.federation.aggregate(server_round, [dataclasses.replace(u, num_examples=1) for u in kept])
         else:
-            self.server.aggregate(server_round, updates)
+            self.federation.aggregate(server_round, kept)
         plan.aggregate_seconds = time.perf_counter() - started
-        plan.updates = updates
+        plan.updates = kept
         tensors, _ = split_state(self.server.global_state)
         return tensors_to_arrays(tensors), MetricRecord({"updates": len(updates)})
 
@@ -168,9 +174,10 @@ def _legacy_strategy_base():
 class SecAggStrategy(_legacy_strategy_base()):  # type: ignore[misc]
     """The legacy Strategy that Flower's SecAggPlusWorkflow calls for one round."""
 
-    def __init__(self, server: BaseServer):
+    def __init__(self, federation):
         super().__init__()
-        self.server = server
+        self.federation = federation
+        self.server: BaseServer = federation.server
         self.plan: RoundPlan | None = None
         self.grid = None
         self.run_id = 0
@@ -212,9 +219,10 @@ class SecAggStrategy(_legacy_strategy_base()):  # type: ignore[misc]
             self.client_metrics[client_id] = metrics
             examples += int(res.num_examples)
         update = Update(SECURE_AGGREGATE, examples, mean, {})
-        check_finite(update)
+        if self.federation.receive(server_round, update) is None:
+            raise UpdateError(f"round {server_round}: the securely summed update was refused ({self.federation.dropped[-1]['reason']})")
         started = time.perf_counter()
-        self.server.aggregate(server_round, [update])
+        self.federation.aggregate(server_round, [update])
         plan.aggregate_seconds = time.perf_counter() - started
         plan.updates = [
             Update(client_id, int(metrics.get("num-examples", 0)), mean, {k: v for k, v in metrics.items() if k != "num-examples"})

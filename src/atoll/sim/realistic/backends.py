@@ -3,7 +3,9 @@
 Both answer the same calls: ``sample``, ``configure`` (payload and its bytes), ``train`` (result
 and its bytes), the three aggregation entry points, ``evaluate``, ``tokens`` and
 ``flops_per_token`` for the cost model, and ``snapshot``/``restore`` of a client's private state
-for jobs the server cancels mid-training.
+for jobs the server cancels mid-training. :class:`ModelBackend` is a thin adapter from these calls
+to the steps of :class:`~atoll.fl.federation.Federation` (the same steps the synchronous loop and
+Flower drive); updates pass the federation's receive stages when they are aggregated.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from atoll.algorithms.baselines import POOLED_CLIENT
 from atoll.fl.base import local_steps
-from atoll.fl.state import AdapterState, Update, check_finite, example_weights
+from atoll.fl.federation import Federation, InProcessClients
+from atoll.fl.state import AdapterState, Update
 from atoll.seeding import numpy_rng
 from atoll.sim.realistic.cost import ModelCost, local_tokens
 from atoll.sim.realistic.draws import Draws
@@ -23,16 +25,17 @@ from atoll.sim.realistic.system import Geometry, dtype_bytes
 
 
 class ModelBackend:
-    """The BaseServer and BaseClient objects built by :func:`atoll.experiment.build`."""
+    """The federation built by :func:`atoll.experiment.build`, its clients in this process."""
 
     dry = False
 
-    def __init__(self, experiment, evaluation_helper):
+    def __init__(self, federation: Federation):
+        self.federation = federation
+        experiment = federation.experiment
         self.experiment = experiment
         self.config = experiment.config
-        self.server = experiment.server
         self.clients = experiment.clients
-        self.helper = evaluation_helper  # a PrototypeRunner, for local and personal evaluation
+        self.access = InProcessClients(federation)
         self.sample_rate = self.config.federation.sample_rate
         workbench = experiment.workbench
         self.base_parameters = int(workbench.base_parameter_count())
@@ -61,46 +64,50 @@ class ModelBackend:
             plan.steps, plan.grad_accum, self.config.train.batch_size, client.context.num_examples, self.mean_tokens[client_id]
         )
 
-    # -- the protocol ---------------------------------------------------------------------------------
+    # -- the protocol: the federation's steps -----------------------------------------------------------
     def sample(self, round: int, available: np.ndarray) -> list[int]:
-        return self.server.sample(round, [int(c) for c in available])
+        return self.federation.sample(round, available)
 
     def configure(self, round: int, client_id: int) -> tuple[AdapterState, int]:
-        state = self.server.configure(round, client_id)
-        return state, 0 if client_id == POOLED_CLIENT else state.nbytes()
+        state = self.federation.configure(round, client_id)
+        return state, self.federation.message_bytes(client_id, state)
 
     def train(self, round: int, client_id: int, download: AdapterState) -> tuple[Update, int]:
-        update = self.clients[client_id].run(round, download)
-        check_finite(update)
-        return update, 0 if client_id == POOLED_CLIENT else update.state.nbytes()
+        update = self.federation.train(round, client_id, download)
+        return update, self.federation.upload_cost(update)[0]
+
+    def upload_trips(self, update: Update) -> int:
+        """Extra message round trips the protections add to this upload (0 by default)."""
+        return self.federation.upload_cost(update)[1]
+
+    def _received(self, round: int, updates: list[Update]) -> list[Update]:
+        return [u for u in (self.federation.receive(round, update) for update in updates) if u is not None]
 
     def aggregate(self, round: int, updates: list[Update]) -> None:
-        self.server.aggregate(round, updates)
+        self.federation.aggregate(round, self._received(round, updates))
 
     def aggregate_async(self, version: int, update: Update, staleness: int, rule) -> None:
-        self.server.aggregate_async(version, update, staleness, rule)
+        if self._received(version, [update]):
+            self.federation.aggregate_async(version, update, staleness, rule)
 
     def aggregate_buffered(self, version: int, updates: list[Update], staleness: list[int], starts: list[AdapterState], rule) -> None:
-        self.server.aggregate_buffered(version, updates, staleness, starts, rule)
+        kept = set(map(id, self._received(version, updates)))
+        chosen = [i for i, update in enumerate(updates) if id(update) in kept]
+        self.federation.aggregate_buffered(
+            version, [updates[i] for i in chosen], [staleness[i] for i in chosen], [starts[i] for i in chosen], rule
+        )
 
     def evaluate(self, round: int, final: bool) -> dict[str, Any]:
-        result: dict[str, Any] = {"global": self.server.evaluate(round)}
-        if not result["global"] and final and not self.server.has_global_model:
-            result["global"] = self.helper.personal_global_evaluation()
-        local = self.config.eval.local
-        if round > 0 and (local == "always" or (local == "final" and final)):
-            result["local"] = self.helper.local_evaluation(round)
-        return result
+        return self.federation.evaluate(round, final, self.access)
 
     def train_summary(self, results: list[Update]) -> dict[str, float]:
-        if not results:
-            return {}
-        weights = example_weights(results)
-        return {
-            "loss": float(sum(w * u.metrics.get("loss", 0.0) for w, u in zip(weights, results))),
-            "steps": float(sum(u.metrics.get("steps", 0.0) for u in results)),
-            "examples": float(sum(u.metrics.get("examples", 0.0) for u in results)),
-        }
+        return self.federation.train_summary(results) if results else {}
+
+    def round_extras(self, round: int) -> dict[str, Any]:
+        return self.federation.round_extras(round)
+
+    def stop_reason(self) -> str | None:
+        return self.federation.stop_reason()
 
     def snapshot(self, client_id: int):
         return self.experiment.store.get(client_id)
@@ -144,8 +151,10 @@ class DryBackend:
         self._width = dtype_bytes(config)
 
     def adapter_bytes(self, rank: int) -> int:
+        """Payload bytes of a rank-``rank`` adapter: LoRA factors in float32 (PEFT keeps adapters in
+        float32 on a bfloat16 base), other trained tensors (heads) in the model's dtype."""
         if rank not in self._bytes:
-            self._bytes[rank] = self._width * (self.geometry.lora_parameters_per_rank * rank + self.geometry.extra_parameters)
+            self._bytes[rank] = 4 * self.geometry.lora_parameters_per_rank * rank + self._width * self.geometry.extra_parameters
         return self._bytes[rank]
 
     def flops_per_token(self, rank: int) -> float:
@@ -182,6 +191,15 @@ class DryBackend:
 
     def train_summary(self, results) -> dict[str, float]:
         return {}
+
+    def upload_trips(self, result) -> int:
+        return 0
+
+    def round_extras(self, round: int) -> dict[str, Any]:
+        return {}
+
+    def stop_reason(self) -> str | None:
+        return None
 
     def snapshot(self, client_id: int):
         return None

@@ -35,6 +35,7 @@ from atoll.sim.realistic.availability import Availability
 from atoll.sim.realistic.cost import training_seconds, transfer_seconds
 from atoll.sim.realistic.draws import Draws, gaussian, unit
 from atoll.sim.realistic.events import ClientState, EventKind, EventQueue
+from atoll.sim.realistic.presence import AvailabilityProcess
 
 INF = math.inf
 IDLE, AVAILABLE, DOWNLOADING, TRAINING, UPLOADING = (int(s) for s in ClientState)
@@ -140,6 +141,7 @@ class Job:
         "trained",
         "snapshot",
         "token",
+        "trips",
     )
 
     def __init__(self, client: SimClient, round: int, version: int, started: float):
@@ -159,44 +161,10 @@ class Job:
         self.trained = False
         self.snapshot: Any = _NO_SNAPSHOT
         self.token = client.token
+        self.trips = 0
 
 
 _NO_SNAPSHOT = object()
-
-
-class AvailablePool:
-    """Clients that are online and idle: O(1) add, remove and uniform pick; sorted ids on demand."""
-
-    def __init__(self, size: int):
-        self.items: list[int] = []
-        self.position = [-1] * size
-        self.mask = bytearray(size)  # 1 = available; a bytearray store is far cheaper than numpy's
-
-    def add(self, index: int) -> None:
-        if self.position[index] < 0:
-            self.position[index] = len(self.items)
-            self.items.append(index)
-            self.mask[index] = 1
-
-    def remove(self, index: int) -> None:
-        where = self.position[index]
-        if where < 0:
-            return
-        last = self.items.pop()
-        if last != index:
-            self.items[where] = last
-            self.position[last] = where
-        self.position[index] = -1
-        self.mask[index] = 0
-
-    def pick(self, u: float) -> int:
-        return self.items[int(u * len(self.items))]
-
-    def sorted(self) -> np.ndarray:
-        return np.flatnonzero(np.frombuffer(self.mask, dtype=np.bool_))  # bool: ~7x faster than uint8
-
-    def __len__(self) -> int:
-        return len(self.items)
 
 
 @dataclass
@@ -249,9 +217,6 @@ class Simulation:
         self.draws = Draws(seed)
         self.queue = EventQueue()
         self.push = self.queue.push  # handlers push straight into the queue (no wrapper call)
-        self.next_window = self.availability.next
-        self.inline_windows = True  # False: window events go through their handler methods (tests)
-        self.pool = AvailablePool(len(clients))
         self.index_by_id = {c.id: c.index for c in clients}
         self.totals = Totals()
         self.now = 0.0
@@ -265,6 +230,9 @@ class Simulation:
         self.records: list[dict[str, Any]] = []
         self.timeline_limit = record_timeline
         self.timeline: list[tuple[int, str, float, float, str]] = []
+        # presence (windows, pool, dropout and rejoin) is its own process feeding this loop
+        self.presence = AvailabilityProcess(clients, availability, self.queue, rejoin_seconds, self.timeline, record_timeline)
+        self.pool = self.presence.pool
         self.event_log: list[tuple[float, str, int]] | None = [] if record_events else None
         self.timing = not getattr(backend, "dry", False)  # dry backends do nothing worth timing
         self._base_down = self.draws.base("bandwidth-down")
@@ -292,13 +260,6 @@ class Simulation:
             self.wake_pending = True
             self.push(self.now, SERVER_WAKE, -1, 0)
 
-    def available_ids(self) -> np.ndarray:
-        """Sorted ids of online idle clients (pooled server-side clients are never listed)."""
-        return self.pool.sorted()
-
-    def is_available(self, index: int) -> bool:
-        return self.clients[index].state == AVAILABLE
-
     def _segment(self, client: SimClient, phase: str, start: float, end: float, outcome: str = "ok") -> None:
         if client.index < self.timeline_limit:
             self.timeline.append((client.id, phase, start, end, outcome))
@@ -322,7 +283,7 @@ class Simulation:
         """Assign work to an available client: it downloads now what the server configures now."""
         client = self.clients[index]
         now = self.now
-        self.pool.remove(index)
+        self.presence.busy(index)
         client.state = DOWNLOADING
         client.token = token = client.token + 1
         client.jobs = jobs = client.jobs + 1
@@ -352,9 +313,7 @@ class Simulation:
         if client.job is not job:
             return
         self._lose(client, cause, notify=False)
-        client.state = AVAILABLE
-        if not client.pooled:
-            self.pool.add(client.index)
+        self.presence.idle(client)
         self.request_wake()
 
     def _lose(self, client: SimClient, cause: str, notify: bool = True) -> None:
@@ -393,58 +352,6 @@ class Simulation:
             self.request_wake()
 
     # -- event handlers (return False for a stale event) -----------------------------------------------
-    def _on_window_open(self, index: int, token: int) -> bool:
-        client = self.clients[index]
-        if token != client.window_id:
-            return False
-        client.state = AVAILABLE
-        client.window_start = self.now
-        client.window_end = client.pending_end
-        self.pool.add(index)
-        if client.window_end < INF:
-            self.push(client.window_end, WINDOW_CLOSE, index, client.window_id)
-        self.request_wake()
-        return True
-
-    def _schedule_next_window(self, client: SimClient) -> None:
-        window = self.availability.next(client.id, client.window_cursor)
-        if window is None:
-            return
-        start, end, client.window_cursor = window
-        client.window_id += 1
-        client.pending_end = end
-        self.push(start if start > self.now else self.now, WINDOW_OPEN, client.index, client.window_id)
-
-    def _on_window_close(self, index: int, token: int) -> bool:
-        client = self.clients[index]
-        if token != client.window_id:
-            return False
-        if client.state in BUSY:
-            self._lose(client, "window_close")
-        now = self.now
-        if client.window_start >= 0.0:
-            client.available_seconds += now - client.window_start
-            if index < self.timeline_limit:
-                self.timeline.append((client.id, "online", client.window_start, now, "ok"))
-        client.window_start = -1.0
-        client.state = IDLE
-        pool = self.pool  # AvailablePool.remove, inlined (the second-hottest event)
-        where = pool.position[index]
-        if where >= 0:
-            last = pool.items.pop()
-            if last != index:
-                pool.items[where] = last
-                pool.position[last] = where
-            pool.position[index] = -1
-            pool.mask[index] = 0
-        window = self.next_window(client.id, client.window_cursor)  # _schedule_next_window, inlined
-        if window is not None:
-            start, end, client.window_cursor = window
-            client.window_id = window_id = client.window_id + 1
-            client.pending_end = end
-            self.push(start if start > now else now, WINDOW_OPEN, index, window_id)
-        return True
-
     def _on_download_done(self, index: int, token: int) -> bool:
         client = self.clients[index]
         if token != client.token:
@@ -475,6 +382,7 @@ class Simulation:
             job.result, job.bytes_up = self._timed("train", self.backend.train, job.round, job.client.id, job.payload)
         else:
             job.result, job.bytes_up = self.backend.train(job.round, job.client.id, job.payload)
+        job.trips = self.backend.upload_trips(job.result)  # extra message round trips of protections
         job.trained = True
 
     def _on_training_done(self, index: int, token: int) -> bool:
@@ -494,6 +402,8 @@ class Simulation:
         link = client.link
         if link is not None:
             job.upload_seconds = self._transfer(client, job.bytes_up, link.up_median, link.up_sigma, self._base_up)
+            if job.trips:
+                job.upload_seconds += 2.0 * job.trips * link.latency
         self.push(now + job.upload_seconds, UPLOAD_DONE, index, token)
         return True
 
@@ -507,12 +417,10 @@ class Simulation:
         client.transfer_seconds += job.upload_seconds
         if index < self.timeline_limit:
             self._segment(client, "upload", job.phase_start, self.now)
-        client.state = AVAILABLE
         client.completed += 1
         client.token += 1
         client.job = None
-        if not client.pooled:
-            self.pool.add(index)
+        self.presence.idle(client)
         self.paradigm.delivered(job)
         self.request_wake()
         return True
@@ -523,24 +431,14 @@ class Simulation:
             return False
         self.totals.dropouts += 1
         client.dropouts += 1
-        if client.window_start >= 0.0:
-            client.available_seconds += self.now - client.window_start
-            self._segment(client, "online", client.window_start, self.now)
-        client.window_start = -1.0
+        self.presence.going_offline(client, self.now)
         self._lose(client, "dropout")
-        client.state = IDLE
-        self.pool.remove(index)
-        if self.now + self.rejoin < client.window_end:
-            self.push(self.now + self.rejoin, REJOIN, index, client.window_id)
+        self.presence.offline(client, self.now)
         return True
 
     def _on_rejoin(self, index: int, token: int) -> bool:
-        client = self.clients[index]
-        if token != client.window_id or client.state != IDLE or self.now >= client.window_end:
+        if not self.presence.rejoin(index, token, self.now):
             return False
-        client.state = AVAILABLE
-        client.window_start = self.now
-        self.pool.add(index)
         self.request_wake()
         return True
 
@@ -575,6 +473,7 @@ class Simulation:
         train = self._timed("summary", self.backend.train_summary, [job.result for job in delivered])
         if train:
             record["train"] = train
+        record.update(self.backend.round_extras(round))
         if staleness:
             record["staleness"] = staleness if len(staleness) <= 100 else {"mean": float(np.mean(staleness)), "max": int(max(staleness))}
         if round % self.eval_every == 0 or round >= self.rounds:
@@ -582,6 +481,8 @@ class Simulation:
         self._emit(record)
         if round >= self.rounds:
             self.stop("rounds")
+        elif (reason := self.backend.stop_reason()) is not None:
+            self.stop(reason)
 
     def _evaluate(self, record: dict[str, Any], final: bool) -> None:
         result = self._timed("evaluate", self.backend.evaluate, record["round"], final)
@@ -611,19 +512,13 @@ class Simulation:
 
     # -- the loop -------------------------------------------------------------------------------------
     def _initial_schedule(self) -> None:
-        always = self.availability.always_on
-        for client in self.clients:
-            if client.pooled:
-                client.state = AVAILABLE
-                continue
-            if always:
-                client.state = AVAILABLE
-                client.window_start = 0.0
-                client.window_end = INF
-                self.pool.add(client.index)
-            else:
-                self._schedule_next_window(client)
+        self.presence.start()
         self.request_wake()
+
+    def _lose_at(self, client: SimClient, time: float) -> None:
+        """A closing window cuts the job of a busy client (called by the presence process)."""
+        self.now = time
+        self._lose(client, "window_close")
 
     def run(self) -> "Simulation":
         self._wall_started = wallclock.perf_counter()
@@ -632,8 +527,8 @@ class Simulation:
         self._emit(initial)
         self._initial_schedule()
         handlers = [
-            self._on_window_open,
-            self._on_window_close,
+            None,  # WINDOW_OPEN and WINDOW_CLOSE: the presence process's handlers, below
+            None,
             self._on_download_done,
             self._on_training_done,
             self._on_upload_done,
@@ -643,20 +538,14 @@ class Simulation:
             self._on_server_wake,
         ]
         names = [kind.name for kind in EventKind]
-        # Window openings and closings are nearly all the events of a long run (one of each per
-        # device per day, against a handful per job), so the loop handles them itself: the bodies
-        # of _on_window_open and _on_window_close, and EventQueue.pop and .push, inlined over
-        # local names. Every other kind goes to its handler. The methods stay the reference (the
-        # tests check that both paths give the same timeline).
+        # Window openings and closings are nearly all the events of a long run; the presence
+        # process hands its two handlers over as closures, and EventQueue.pop runs inlined over
+        # local names. Every other kind goes to its handler method.
+        open_window, close_window = self.presence.window_handlers(self._lose_at)
         clients = self.clients
-        pool = self.pool
-        in_pool, pool_items, pool_mask = pool.position, pool.items, pool.mask
-        next_window = self.next_window
         wants_wake = self.paradigm.wants_wake
-        timeline = self.timeline
-        timeline_limit = self.timeline_limit
         queue = self.queue
-        heap, buckets, keys, width = queue.heap, queue.buckets, queue.keys, queue.width
+        heap, keys = queue.heap, queue.keys
         next_sequence = queue.next_sequence
         pop, heappush = heapq.heappop, heapq.heappush
         queue_pop = queue.pop
@@ -673,13 +562,11 @@ class Simulation:
         time_of, key_of = times.append, keys_of.append
         events = self.events
         stale = 0
-        # the window kinds as locals; -1 (matches nothing) sends them to their handlers instead
-        opens, closes = (WINDOW_OPEN, WINDOW_CLOSE) if self.inline_windows else (-1, -1)
-        infinity, wake = INF, SERVER_WAKE
+        opens, closes, wake = WINDOW_OPEN, WINDOW_CLOSE, SERVER_WAKE
         loop_started = wallclock.perf_counter()
         cpu_started = wallclock.process_time()
         backend_before = sum(self.wall.values())
-        run, position, front = queue.run, queue.position, queue.front  # EventQueue.pop's state, held locally
+        run, position = queue.run, queue.position  # EventQueue.pop state, held locally
         time = last = self.now
         while not self.done:
             if events >= limit:
@@ -702,7 +589,7 @@ class Simulation:
                 del times[:], keys_of[:]
                 queue.position = position
                 item = queue_pop()  # opens the next bucket
-                run, position, front = queue.run, queue.position, queue.front
+                run, position = queue.run, queue.position
             else:
                 self.stop("no_events")
                 break
@@ -712,71 +599,15 @@ class Simulation:
                 self.stop("session")
                 break
             events += 1
-            # self.now is kept for handlers: the inline paths set it only before calling out
+            # self.now is kept for handlers: the window handlers set it only before calling out
             if kind == closes:
-                client = clients[index]
-                if token != client.window_id:
+                if not close_window(index, token, time):
                     stale += 1
                     continue
-                if client.state >= DOWNLOADING:  # busy: the job in progress is lost
-                    self.now = time
-                    self._lose(client, "window_close")
-                start = client.window_start
-                if start >= 0.0:
-                    client.available_seconds += time - start
-                    if index < timeline_limit:
-                        timeline.append((client.id, "online", start, time, "ok"))
-                client.window_start = -1.0
-                client.state = IDLE
-                where = in_pool[index]
-                if where >= 0:  # AvailablePool.remove
-                    last = pool_items.pop()
-                    if last != index:
-                        pool_items[where] = last
-                        in_pool[last] = where
-                    in_pool[index] = -1
-                    pool_mask[index] = 0
-                window = next_window(client.id, client.window_cursor)
-                if window is not None:
-                    start, client.pending_end, client.window_cursor = window
-                    client.window_id = window_id = token + 1
-                    if start < time:
-                        start = time
-                    new = (start, next_sequence(), opens, index, window_id)
-                    bucket = start // width
-                    if bucket <= front:
-                        heappush(heap, new)
-                    else:
-                        waiting = buckets.get(bucket)
-                        if waiting is None:
-                            buckets[bucket] = [new]
-                            heappush(keys, bucket)
-                        else:
-                            waiting.append(new)
             elif kind == opens:
-                client = clients[index]
-                if token != client.window_id:
+                if not open_window(index, token, time):
                     stale += 1
                     continue
-                client.state = AVAILABLE
-                client.window_start = time
-                client.window_end = close = client.pending_end
-                if in_pool[index] < 0:  # AvailablePool.add
-                    in_pool[index] = len(pool_items)
-                    pool_items.append(index)
-                    pool_mask[index] = 1
-                if close < infinity:
-                    new = (close, next_sequence(), closes, index, token)
-                    bucket = close // width
-                    if bucket <= front:
-                        heappush(heap, new)
-                    else:
-                        waiting = buckets.get(bucket)
-                        if waiting is None:
-                            buckets[bucket] = [new]
-                            heappush(keys, bucket)
-                        else:
-                            waiting.append(new)
                 if not self.wake_pending:
                     self.now = time
                     if wants_wake():
@@ -811,10 +642,9 @@ class Simulation:
 
     def _finish(self) -> None:
         now = self.now
+        presence = self.presence
         for client in self.clients:
-            if client.window_start >= 0.0 and not client.pooled:
-                client.available_seconds += now - client.window_start
-                self._segment(client, "online", client.window_start, now)
+            presence.finish(client, now)
             if client.state in BUSY and client.job is not None:
                 job = client.job
                 self._segment(client, PHASE_NAMES[client.state], job.phase_start, now, "in_flight")
@@ -852,11 +682,77 @@ def round_half(value: float) -> float:
 # paradigms
 
 
+class ServerPort:
+    """All a paradigm may do with the simulation: see who is available, start and cancel jobs,
+    schedule its deadline, end a server update, and call the server (timed). Paradigms see
+    nothing else of the loop, the queue or the presence process."""
+
+    __slots__ = ("_sim", "_presence", "seed", "backend", "draws")
+
+    def __init__(self, sim: "Simulation"):
+        self._sim = sim
+        self._presence = sim.presence
+        self.seed = sim.seed
+        self.backend = sim.backend
+        self.draws = sim.draws
+
+    @property
+    def now(self) -> float:
+        return self._sim.now
+
+    @property
+    def done(self) -> bool:
+        return self._sim.done
+
+    def available_count(self) -> int:
+        return len(self._presence.pool)
+
+    def available_ids(self) -> np.ndarray:
+        """Sorted ids of online idle clients."""
+        return self._presence.available_ids()
+
+    def available_indices(self) -> list[int]:
+        """Indices of online idle clients in the pool's (unsorted) order."""
+        return self._presence.pool.items
+
+    def pick_available(self, u: float) -> int:
+        """The available client at uniform position ``u`` in [0, 1) of the pool."""
+        return self._presence.pool.pick(u)
+
+    def index_of(self, client_id: int) -> int | None:
+        return self._sim.index_by_id.get(client_id)
+
+    def is_available(self, index: int) -> bool:
+        return self._presence.is_available(index)
+
+    def start_job(self, index: int, round: int, version: int) -> Job:
+        return self._sim.start_job(index, round, version)
+
+    def cancel(self, job: Job, cause: str) -> None:
+        self._sim.cancel(job, cause)
+
+    def skip(self) -> None:
+        """A chosen client could not be asked (busy, offline or unknown)."""
+        self._sim.totals.skipped += 1
+
+    def schedule_deadline(self, time: float, token: int) -> None:
+        self._sim.push(time, DEADLINE, -1, token)
+
+    def complete_round(self, round: int, selected: list[int], delivered: list[Job], lost: int, staleness: list[int]) -> None:
+        self._sim.complete_round(round, selected, delivered, lost, staleness)
+
+    def request_wake(self) -> None:
+        self._sim.request_wake()
+
+    def server_call(self, what: str, fn, *args):
+        return self._sim._timed(what, fn, *args)
+
+
 class Paradigm:
     may_cancel = False
     has_cutoff = False
 
-    def __init__(self, sim: Simulation, settings):
+    def __init__(self, sim: ServerPort, settings):
         self.sim = sim
         self.settings = settings
         self.backend = sim.backend
@@ -877,14 +773,14 @@ class Paradigm:
         return False
 
     def server_call(self, what: str, fn, *args):
-        return self.sim._timed(what, fn, *args)
+        return self.sim.server_call(what, fn, *args)
 
 
 class SyncRounds(Paradigm):
     """Rounds: sample from the available clients, wait for all of them, for the first K (with
     over-selection), or until a deadline; aggregate what arrived; cancel the rest."""
 
-    def __init__(self, sim: Simulation, settings):
+    def __init__(self, sim: ServerPort, settings):
         super().__init__(sim, settings)
         self.sync = settings.sync
         self.may_cancel = self.sync.wait == "k_of_n"
@@ -906,7 +802,7 @@ class SyncRounds(Paradigm):
 
     def wake(self) -> None:
         sim = self.sim
-        if self.in_round or sim.done or len(sim.pool) < self.sync.min_clients:
+        if self.in_round or sim.done or sim.available_count() < self.sync.min_clients:
             return  # (the O(1) count first: every window opening wakes an idle server)
         available = sim.available_ids()
         chosen = [int(c) for c in self.server_call("sample", self.backend.sample, self.round, available)]
@@ -928,11 +824,11 @@ class SyncRounds(Paradigm):
         self.lost_count = 0
         if self.sync.deadline_seconds is not None:
             self.deadline_at = sim.now + self.sync.deadline_seconds
-            sim.push(self.deadline_at, DEADLINE, -1, self.round)
+            sim.schedule_deadline(self.deadline_at, self.round)
         for client_id in chosen:
-            index = sim.index_by_id.get(client_id)
+            index = sim.index_of(client_id)
             if index is None or not sim.is_available(index):  # a sampler returning a busy or unknown id
-                sim.totals.skipped += 1
+                sim.skip()
                 continue
             job = sim.start_job(index, self.round, self.round - 1)
             self.active[job.client.index] = job
@@ -978,7 +874,7 @@ class AsyncUpdates(Paradigm):
     once; a free slot goes to a uniformly drawn available client, which downloads the current
     version. Staleness = server updates since that download."""
 
-    def __init__(self, sim: Simulation, settings, clients: int, sample_rate: float):
+    def __init__(self, sim: ServerPort, settings, clients: int, sample_rate: float):
         super().__init__(sim, settings)
         self.buffered = settings.paradigm == "fedbuff"
         self.rule = AsyncRule(
@@ -1002,15 +898,14 @@ class AsyncUpdates(Paradigm):
 
     def wake(self) -> None:
         sim = self.sim
-        pool = sim.pool
-        while self.active < self.concurrency and len(pool) and not sim.done:
+        while self.active < self.concurrency and sim.available_count() and not sim.done:
             u = unit(self._pick_base, 0, self.picks)
             self.picks += 1
-            index = pool.pick(u)
+            index = sim.pick_available(u)
             if self.buffered and self.delivered_from.get(index) == self.version:
                 # FedBuff: one update per client per server version (a second job from the same
                 # version and seed would repeat the first); draw among the others
-                others = [i for i in pool.items if self.delivered_from.get(i) != self.version]
+                others = [i for i in sim.available_indices() if self.delivered_from.get(i) != self.version]
                 if not others:
                     break
                 index = others[int(u * len(others))]
@@ -1058,7 +953,7 @@ class SequentialPasses(Paradigm):
     update becomes the global adapter (``aggregate`` of one update). Members offline at their turn
     are skipped; lost work leaves the adapter as it was."""
 
-    def __init__(self, sim: Simulation, settings):
+    def __init__(self, sim: ServerPort, settings):
         super().__init__(sim, settings)
         self.round = 1
         self.in_pass = False
@@ -1095,11 +990,11 @@ class SequentialPasses(Paradigm):
         sim = self.sim
         while self.order:
             client_id = self.order.pop(0)
-            index = sim.index_by_id[client_id]
+            index = sim.index_of(client_id)
             if sim.is_available(index):
                 self.current = sim.start_job(index, self.round, self.hops)
                 return
-            sim.totals.skipped += 1
+            sim.skip()
         self._finish()
 
     def delivered(self, job: Job) -> None:
@@ -1123,9 +1018,11 @@ class SequentialPasses(Paradigm):
 
 
 def make_paradigm(sim: Simulation, settings) -> Paradigm:
+    """The paradigm of ``settings``, talking to ``sim`` through a :class:`ServerPort` only."""
+    port = ServerPort(sim)
     if settings.paradigm == "sync":
-        return SyncRounds(sim, settings)
+        return SyncRounds(port, settings)
     if settings.paradigm in ("fedasync", "fedbuff"):
         real = [c for c in sim.clients if not c.pooled]
-        return AsyncUpdates(sim, settings, len(real), sim.backend.sample_rate)
-    return SequentialPasses(sim, settings)
+        return AsyncUpdates(port, settings, len(real), sim.backend.sample_rate)
+    return SequentialPasses(port, settings)

@@ -6,15 +6,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from atoll.algorithms.baselines import POOLED_CLIENT
+from atoll.fl.capabilities import POOLED_CLIENT
 from atoll.config import Config
 from atoll.report.progress import Progress
+from atoll.report.recorder import Recorder
 from atoll.report.rundir import RunDir, write_atomic
 from atoll.sim.realistic import plots
 from atoll.sim.realistic.availability import build_availability
@@ -28,7 +28,6 @@ from atoll.sim.realistic.system import (
     describe_spec,
     device_profiles,
     geometry_for,
-    load_for_run,
     network_profiles,
     system_source,
     trace_path,
@@ -267,43 +266,10 @@ def realistic_summary(sim: Simulation, report: dict[str, Any], config: Config, w
 # the entry point
 
 
-class MetricsWriter:
-    """metrics.jsonl lines as records happen. Runs with training sync every line (as the prototype
-    does); dry runs, with thousands of cheap rounds, buffer lines and report progress at most every
-    two seconds."""
-
-    def __init__(self, run_dir: RunDir, progress: Progress, synced: bool):
-        self.run_dir = run_dir
-        self.progress = progress
-        self.synced = synced
-        self.handle = None if synced else open(run_dir.path / "metrics.jsonl", "a")
-        self.last_report = 0.0
-        self.seconds = 0.0
-
-    def __call__(self, record: dict[str, Any]) -> None:
-        started = time.perf_counter()
-        if self.synced:
-            self.run_dir.append_metrics(record)
-        else:
-            self.handle.write(json.dumps(record, sort_keys=True) + "\n")
-        if record["round"] > 0 and not record.get("final_evaluation"):
-            if self.synced or started - self.last_report > 2.0:
-                self.last_report = started
-                self.progress.round_end(record["round"], record)
-        self.seconds += time.perf_counter() - started
-
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.flush()
-            os.fsync(self.handle.fileno())
-            self.handle.close()
-            self.handle = None
-
-
-def start_realistic_run(config: Config, progress: Progress) -> tuple[RunDir, dict[str, Any]]:
+def start_realistic_run(run, progress: Progress) -> tuple[RunDir, dict[str, Any]]:
     """Everything that can fail on user input fails before the run directory exists."""
     started = time.perf_counter()
-    spec, fleet = load_for_run(config)
+    config, spec, fleet = run.config, run.system, run.fleet
     path = RunDir.choose_path(config)
     RunDir.check_new(path)
     experiment = None
@@ -312,34 +278,28 @@ def start_realistic_run(config: Config, progress: Progress) -> tuple[RunDir, dic
     else:
         from atoll.experiment import build
 
-        experiment = build(config)
+        experiment = build(run)
     try:
-        run_dir = RunDir.create(path, config)
+        run_dir = RunDir.create(path, config, run.to_json())
         write_atomic(path / "system.yaml", f"# resolved from {config.system}\n" + describe_spec(spec))
         progress.message(f"run directory {path}")
-        helper = None
+        federation = None
         if experiment is not None:
-            from atoll.sim.prototype import PrototypeRunner
+            from atoll.fl.federation import Federation
 
-            helper = PrototypeRunner(experiment, run_dir, progress)
-            backend = ModelBackend(experiment, helper)
-
-        writer = MetricsWriter(run_dir, progress, synced=experiment is not None)
-        sim = build_simulation(config, spec, fleet, backend, writer)
-        progress.start(config.federation.rounds, 1)
+            federation = Federation(experiment)
+            backend = ModelBackend(federation)
+        recorder = Recorder(run_dir, progress, synced=federation is not None)
+        sim = build_simulation(config, spec, fleet, backend, recorder.record)
+        recorder.start(config.federation.rounds, 1)
         try:
             sim.run()
         finally:
-            writer.close()
-            progress.close()
-        metric = helper.main_metric() if helper is not None else None
+            recorder.close()
+        metric = federation.metric if federation is not None else None
         title = f"{config.algorithm.name} {config.realistic.paradigm} on {Path(config.system).stem}"
         report = write_outputs(run_dir, sim, spec, config, title, metric)
-        if helper is not None:
-            helper.records = sim.records
-            summary = helper.finish()
-        else:
-            summary = dry_summary(config, run_dir)
+        summary = federation.finish(recorder) if federation is not None else dry_summary(config, run_dir)
         summary.update(realistic_summary(sim, report, config, time.perf_counter() - started))
         summary["wall_seconds_rounds"] = float(sum(r.get("wall_seconds", 0.0) for r in sim.records))
         run_dir.write_summary(summary)

@@ -6,12 +6,12 @@ One file describes the composite heterogeneity of a federation:
   given proportions, optionally pinned per client, with a per-client speed spread;
 - ``networks``: up/down bandwidth distributions and latency, drawn the same way;
 - ``availability``: always on, daily windows or a recorded trace, plus Bernoulli dropout;
-- ``ranks``: LoRA rank by device tier or by a memory budget (written into
-  ``model.lora.client_ranks`` when the config is loaded, so servers and clients see them);
+- ``ranks``: LoRA rank by device tier or by a memory budget (the resolved run's client ranks,
+  so servers and clients see them);
 - ``workload``: model size and data sizes for dry runs, which load neither model nor data.
 
-:func:`check_realistic_config` runs when a config is loaded (from :func:`atoll.config.build_config`):
-every problem is a one-line :class:`ConfigError` or :class:`DataError` before anything is written.
+:func:`atoll.resolve.resolve` reads the file and resolves the fleet when a run is resolved: every
+problem is a one-line :class:`ConfigError` or :class:`DataError` before anything is written.
 """
 
 from __future__ import annotations
@@ -413,98 +413,6 @@ def resolve_fleet(config, spec: SystemSpec, source: str = "sys.yaml") -> Fleet:
     return Fleet(device_names, network_names, device, network, speed, ranks)
 
 
-# ---------------------------------------------------------------------------------------------
-# config-load checks
-
-
-def _overrides_async(server_cls) -> bool:
-    from atoll.fl.base import BaseServer
-
-    return getattr(server_cls, "aggregate_async", None) is not getattr(BaseServer, "aggregate_async", None) or getattr(
-        server_cls, "aggregate_buffered", None
-    ) is not getattr(BaseServer, "aggregate_buffered", None)
-
-
-def check_realistic_config(config) -> None:
-    """Validate realistic-mode settings when a config is loaded; writes the ranks the sys.yaml
-    assigns into ``config.model.lora.client_ranks`` and makes ``config.system`` absolute."""
-    from atoll.algorithms import get_algorithm, validate_params
-
-    settings = config.realistic
-    if config.mode != "realistic":
-        if settings.dry_run:
-            raise ConfigError("realistic.dry_run needs mode: realistic", "add --set mode=realistic (or use `atoll run --dry-run`)")
-        return
-    if not config.system:
-        raise ConfigError("mode: realistic needs a system file describing the devices", "add --set system=configs/sys/phones.yaml")
-    path = Path(config.system).expanduser()
-    spec = read_system(path)
-    absolute = str(path.resolve())
-    if config.system != absolute:
-        config.system = absolute
-    trace = trace_path(spec, path)
-    if trace is not None:
-        from atoll.sim.realistic.availability import read_trace
-
-        read_trace(trace)  # a DataError names the bad row
-    server_cls = get_algorithm(config.algorithm.name)
-    if settings.asynchronous and not getattr(server_cls, "supports_async", True):
-        raise ConfigError(
-            f"algorithm '{server_cls.name}' cannot run asynchronously (realistic.paradigm {settings.paradigm})",
-            "use realistic.paradigm sync or sequential, or an algorithm that supports async",
-        )
-    if settings.paradigm == "fedbuff" and settings.fedbuff.buffer > config.federation.clients:
-        raise ConfigError(
-            f"realistic.fedbuff.buffer={settings.fedbuff.buffer} exceeds the {config.federation.clients} clients "
-            "(each client sends at most one update per server version)",
-            "lower realistic.fedbuff.buffer",
-        )
-    if settings.dry_run and geometry_for(config, spec) is None:
-        raise ConfigError(
-            f"a dry run of model '{config.model.name}' needs its size",
-            f"set workload.model_parameters and workload.lora_parameters_per_rank in {path}",
-        )
-    fleet = resolve_fleet(config, spec, str(path))
-    if fleet.ranks is not None:
-        if getattr(config.model.lora, "rank_cycle", None):
-            raise ConfigError(
-                f"model.lora.rank_cycle conflicts with the ranks {path} assigns (ranks.by: {spec.ranks.by})",
-                "remove model.lora.rank_cycle or set ranks.by: none in the sys.yaml",
-            )
-        given = config.model.lora.client_ranks
-        if settings.dry_run:
-            # a dry run builds no server: the ranks stay in the fleet (a 100,000-entry
-            # client_ranks would dominate the run), but the algorithm's rank rule still applies
-            if given:
-                raise ConfigError("model.lora.client_ranks conflicts with the ranks the sys.yaml assigns", "remove one of them")
-            ranks = sorted({int(rank) for rank in fleet.ranks})
-            if len(ranks) > 1 and server_cls.rank_support == "refuse":
-                raise ConfigError(
-                    f"algorithm '{server_cls.name}' cannot aggregate different LoRA ranks {ranks}",
-                    "use ranks.by: none in the sys.yaml or an algorithm with heterogeneous-rank support",
-                )
-        else:
-            derived = {client_id: int(rank) for client_id, rank in enumerate(fleet.ranks) if int(rank) != config.model.lora.rank}
-            if given is not None and {c: r for c, r in given.items() if r != config.model.lora.rank} != derived:
-                raise ConfigError(
-                    f"model.lora.client_ranks conflicts with the ranks {path} assigns (ranks.by: {spec.ranks.by})",
-                    "remove model.lora.client_ranks or set ranks.by: none in the sys.yaml",
-                )
-            distinct = {int(rank) for rank in fleet.ranks}
-            if given is None and len(distinct) == 1:
-                # every device gets the same rank: that is the federation's rank
-                config.model.lora.rank = distinct.pop()
-                derived = {}
-            config.model.lora.client_ranks = derived or None
-            validate_params(config)
-    ranks = set(int(r) for r in fleet.ranks) if fleet.ranks is not None else {config.rank_of(c) for c in range(config.federation.clients)}
-    if settings.asynchronous and len(ranks) > 1 and not _overrides_async(server_cls):
-        raise ConfigError(
-            f"algorithm '{server_cls.name}' has no asynchronous rule for different LoRA ranks {sorted(ranks)}",
-            "use realistic.paradigm sync or sequential, or one rank for every client",
-        )
-
-
 def system_source(config) -> Path:
     return Path(config.system).expanduser()
 
@@ -529,7 +437,6 @@ __all__ = [
     "Fleet",
     "read_system",
     "resolve_fleet",
-    "check_realistic_config",
     "geometry_for",
     "memory_rank",
     "load_for_run",
