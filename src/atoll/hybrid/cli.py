@@ -9,16 +9,12 @@ from typing import Optional
 
 import typer
 
+from atoll.console import fail, quiet_libraries
 from atoll.errors import AtollError
 
 hybrid_app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Hybrid edge–cloud inference: a personal edge model fused with a cloud LLM."
 )
-
-
-def _fail(error: AtollError) -> None:
-    typer.echo(f"atoll: {error}", err=True)
-    raise typer.Exit(2)
 
 
 def _config(config: Optional[Path], set_: list[str], extra: list[str]):
@@ -40,11 +36,9 @@ def serve_cloud(
     seed: int = typer.Option(0, help="seed of the delay jitter and of sampling without a request seed"),
 ) -> None:
     """Serve a causal LM behind an OpenAI-compatible /v1/completions that returns top-k log-probabilities."""
-    from atoll.cli import quiet_libraries
-
     quiet_libraries()
     if max_logprobs < 1 or delay_ms < 0 or jitter_ms < 0 or threads < 1 or not 0 <= port < 65536:
-        _fail(AtollError("--max-logprobs and --threads must be >= 1, delays >= 0, port 0..65535"))
+        fail(AtollError("--max-logprobs and --threads must be >= 1, delays >= 0, port 0..65535"))
     try:
         import torch
         import uvicorn
@@ -55,7 +49,7 @@ def serve_cloud(
         torch.set_num_threads(threads)
         loaded, tokenizer = load_causal_lm(model)
     except AtollError as error:
-        _fail(error)
+        fail(error)
     app = build_app(
         CloudModel(loaded, tokenizer, model), max_logprobs, delay_ms, jitter_ms, seed, str(log_requests) if log_requests else None
     )
@@ -84,8 +78,6 @@ def eval_(
     set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set cloud.deadline_ms=50"),
 ) -> None:
     """Compare edge-only, cloud-only and the fusion methods on a task: metric, latency, traffic, privacy."""
-    from atoll.cli import quiet_libraries
-
     try:
         resolved = _config(config, set_, [])  # config errors come before any heavy import
         quiet_libraries()
@@ -93,7 +85,7 @@ def eval_(
 
         _, summary = run_eval(resolved, echo=lambda line: typer.echo(line, err=True))
     except AtollError as error:
-        _fail(error)
+        fail(error)
     typer.echo(summary_text(summary, resolved))
 
 
@@ -106,8 +98,6 @@ def chat(
     edge: Optional[str] = typer.Option(None, help="edge model (same as --set edge.model=...)"),
 ) -> None:
     """Interactive, streaming chat with the fused model."""
-    from atoll.cli import quiet_libraries
-
     extra = [f"cloud.url={cloud}"] * bool(cloud) + [f"fusion.methods=[{method}]"] * bool(method) + [f"edge.model={edge}"] * bool(edge)
     try:
         resolved = _config(config, set_, extra)
@@ -120,6 +110,6 @@ def chat(
 
         run_chat(resolved, input, write)
     except AtollError as error:
-        _fail(error)
+        fail(error)
     except KeyboardInterrupt:
         typer.echo("")
