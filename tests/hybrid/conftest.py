@@ -15,7 +15,7 @@ def _corpora() -> tuple[list[str], list[str]]:
 
     sft = load_source("synthetic-sft").columns
     cls = load_source("synthetic-cls").columns
-    edge = [f"{p} {r}" for p, r in zip(sft["instruction"], sft["output"])]
+    edge = [f"{p} {r}" for p, r in zip(sft["instruction"], sft["output"], strict=True)]
     cloud = list(cls["text"]) + [r for r in sft["output"][::3]] + ["Contact me at someone@example.org or call (415) 555-0100."] * 5
     return edge, cloud
 

@@ -27,7 +27,7 @@ def _expected(scores: dict[int, float]) -> dict[int, float]:
 
 
 def _as_dict(fused) -> dict[int, float]:
-    return {int(i): float(p) for i, p in zip(fused.support, fused.logprobs.exp())}
+    return {int(i): float(p) for i, p in zip(fused.support, fused.logprobs.exp(), strict=True)}
 
 
 def test_cloud_only_renormalises_the_top_k():

@@ -32,7 +32,7 @@ def test_completions_return_exactly_the_models_top_k(cloud_server, cloud_model):
         expected = torch.log_softmax(cloud_model.model(torch.tensor([ids])).logits[0, -1], dim=-1)
     values, indices = torch.topk(expected, 4)
     served = logprobs["top_logprobs"][0]
-    want = {cloud_model.surface[int(i)] or cloud_model.wire[int(i)].encode(): float(v) for v, i in zip(values, indices)}
+    want = {cloud_model.surface[int(i)] or cloud_model.wire[int(i)].encode(): float(v) for v, i in zip(values, indices, strict=True)}
     got = {from_wire(k) or k.encode(): v for k, v in served.items()}
     assert got.keys() == want.keys()
     for key in want:

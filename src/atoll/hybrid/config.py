@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from atoll.errors import ConfigError
 
 FUSION_METHODS = ("edge", "cloud", "weighted", "proxy", "router")
+CLIENT_TEST = "client-test"  # task.source: the held-out examples of edge.client in edge.run
 PII_KINDS = ("person", "email", "phone", "address", "id_number", "card_number")
 
 
@@ -28,6 +29,13 @@ class EdgeConfig(Section):
         None, description="a PEFT LoRA adapter directory for the edge model (e.g. a run's personal/client_K); proxy-tuning needs one"
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the edge model")
+    run: str | None = Field(
+        None,
+        description="a federated run directory (atoll run): the edge uses edge.client's adapter from it and the run's model",
+    )
+    client: int | None = Field(
+        None, ge=0, description="with edge.run: the client whose adapter the edge loads (personal/client_K, else the global adapter/)"
+    )
 
 
 class CloudConfig(Section):
@@ -90,7 +98,10 @@ class PrivacyConfig(Section):
 
 
 class TaskConfig(Section):
-    source: str = Field("synthetic-sft", description="data source (built-in name or local .json/.jsonl/.csv/.parquet file)")
+    source: str = Field(
+        "synthetic-sft",
+        description="data source (built-in name or local .json/.jsonl/.csv/.parquet file), or client-test: edge.client's held-out examples in edge.run",
+    )
     prompt_column: str | None = Field(None, description="column with the prompt (default: the source's)")
     reference_column: str | None = Field(None, description="column with the reference continuation (default: the source's)")
     template: str = Field("{prompt}", description="how a prompt is shown to both models; {prompt} is replaced")
@@ -126,8 +137,16 @@ class HybridConfig(Section):
         needs_cloud = any(method != "edge" for method in self.fusion.methods)
         if needs_cloud and self.cloud.url is None and not self.cloud.serve:
             raise ValueError("fusion needs a cloud: set cloud.url (an OpenAI-compatible /v1 endpoint) or cloud.serve: true")
-        if "proxy" in self.fusion.methods and self.edge.adapter is None:
-            raise ValueError("proxy-tuning needs a tuned edge: set edge.adapter to a PEFT adapter directory, or drop 'proxy'")
+        if self.edge.run is not None and self.edge.adapter is not None:
+            raise ValueError("edge.run brings its client's adapter: leave edge.adapter null, or drop edge.run")
+        if self.edge.run is not None and self.edge.client is None:
+            raise ValueError("edge.run needs edge.client: the client whose adapter the edge loads")
+        if self.edge.client is not None and self.edge.run is None:
+            raise ValueError("edge.client needs edge.run: the federated run directory it belongs to")
+        if self.task.source == CLIENT_TEST and self.edge.run is None:
+            raise ValueError(f"task.source {CLIENT_TEST} needs edge.run and edge.client (whose held-out examples to use)")
+        if "proxy" in self.fusion.methods and self.edge.adapter is None and self.edge.run is None:
+            raise ValueError("proxy-tuning needs a tuned edge: set edge.adapter to a PEFT adapter directory (or edge.run), or drop 'proxy'")
         return self
 
     def to_yaml(self) -> str:

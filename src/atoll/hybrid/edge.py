@@ -1,12 +1,16 @@
-"""The on-device model: next-token log-probabilities of the tuned edge (with its LoRA adapter) and,
-for proxy-tuning, of the same model with the adapter disabled, each with its own KV cache.
+"""The on-device model: next-token log-probabilities of the tuned edge (with its LoRA adapter and
+any dense base delta) and, for proxy-tuning, of the same model with both disabled (the pristine
+pretrained model), each with its own KV cache.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+
+from atoll.hybrid.loading import base_delta_of
 
 
 @dataclass
@@ -25,6 +29,7 @@ class EdgeModel:
         self.model = model
         self.tokenizer = tokenizer
         self.has_adapter = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+        self.base_delta = base_delta_of(model) if self.has_adapter else None
         config = getattr(model, "config", None)
         self.max_positions = int(getattr(config, "max_position_embeddings", 1024) or 1024)
         self._ids: list[int] = []
@@ -59,7 +64,7 @@ class EdgeModel:
         base = None
         if self._with_base:
             if self.has_adapter:
-                with self.model.disable_adapter():
+                with self.model.disable_adapter(), self.base_delta.disabled() if self.base_delta else nullcontext():
                     base = self._run("base", inputs)
             else:
                 base = tuned

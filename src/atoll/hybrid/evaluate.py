@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from atoll.errors import ConfigError, DataError
-from atoll.hybrid.config import HybridConfig, TaskConfig
+from atoll.hybrid.config import CLIENT_TEST, EdgeConfig, HybridConfig, TaskConfig
 from atoll.hybrid.privacy import CloudView
 from atoll.hybrid.session import Session, open_session
 
@@ -28,12 +28,16 @@ class Example:
     reference: str
 
 
-def load_examples(task: TaskConfig, seed: int) -> list[Example]:
+def load_examples(task: TaskConfig, seed: int, edge: EdgeConfig | None = None) -> list[Example]:
     """The task's examples: the first ``max_examples`` of a seeded shuffle."""
     from atoll.data.sources import load_source
 
     if "{prompt}" not in task.template:
         raise ConfigError(f"task.template must contain {{prompt}}, got {task.template!r}")
+    if task.source == CLIENT_TEST:
+        held_out = client_test_examples(edge.run, edge.client)
+        order = np.random.default_rng(task_seed(seed)).permutation(len(held_out))[: task.max_examples]
+        return [Example(task.template.format(prompt=held_out[i].prompt), held_out[i].reference) for i in order.tolist()]
     raw = load_source(task.source)
     columns = {}
     for option, default_key in (("prompt_column", "prompt_column"), ("reference_column", "response_column")):
@@ -47,6 +51,24 @@ def load_examples(task: TaskConfig, seed: int) -> list[Example]:
     order = np.random.default_rng(task_seed(seed)).permutation(len(raw))[: task.max_examples]
     return [
         Example(task.template.format(prompt=str(columns["prompt_column"][i])), str(columns["reference_column"][i])) for i in order.tolist()
+    ]
+
+
+def client_test_examples(run_dir: str, client: int) -> list[Example]:
+    """Client ``client``'s held-out examples in federated run ``run_dir``: the split the run made
+    (same data, partition and seed), with the run's task formatting of prompt and response."""
+    from atoll.experiment import load_data
+    from atoll.hybrid.loading import run_config
+
+    config = run_config(run_dir)
+    raw, spec, _, _, splits = load_data(config)
+    if not spec.is_generative:
+        raise DataError(f"run '{run_dir}' trained a {spec.kind} task", "task.source client-test needs a text-generation run")
+    if client >= len(splits.client_test) or len(splits.client_test[client]) == 0:
+        raise DataError(f"client {client} of run '{run_dir}' has no held-out examples", "choose another edge.client")
+    prompts, responses = raw.columns[spec.prompt_column], raw.columns[spec.response_column]
+    return [
+        Example(spec.prompt_text(str(prompts[i] or "")), spec.response_text(str(responses[i] or ""))) for i in splits.client_test[client]
     ]
 
 
@@ -174,7 +196,10 @@ def run_eval(config: HybridConfig, echo: Callable[[str], None] = print) -> tuple
     """Evaluate every configured method; returns (run directory, summary)."""
     from atoll.report.rundir import RunDir, write_atomic
 
-    examples = load_examples(config.task, config.seed)
+    from atoll.hybrid.loading import edge_source
+
+    edge_model, adapter = edge_source(config.edge)  # a bad edge.run fails here, before anything is written
+    examples = load_examples(config.task, config.seed, config.edge)
     path = RunDir.choose_path(config)
     RunDir.check_new(path)
 
@@ -189,8 +214,10 @@ def run_eval(config: HybridConfig, echo: Callable[[str], None] = print) -> tuple
             summary = {
                 "name": config.name,
                 "metric": config.task.metric,
-                "edge": config.edge.model,
-                "adapter": config.edge.adapter,
+                "edge": edge_model,
+                "adapter": adapter,
+                "edge_run": config.edge.run,
+                "edge_client": config.edge.client,
                 "cloud": session.cloud_url and config.cloud.model,
                 "cloud_url": session.cloud_url,
                 "deadline_ms": config.cloud.deadline_ms,

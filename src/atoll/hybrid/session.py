@@ -77,11 +77,12 @@ async def open_session(config: HybridConfig):
     """Load the edge, reach (or launch) the cloud and check it answers with log-probabilities."""
     import torch
 
-    from atoll.hybrid.loading import load_causal_lm
+    from atoll.hybrid.loading import edge_source, load_causal_lm
 
     torch.set_num_threads(config.run.threads)
     detector = PrivacyDetector(config.privacy)
-    model, tokenizer = load_causal_lm(config.edge.model, config.edge.dtype, config.edge.adapter)
+    edge_model, adapter = edge_source(config.edge)
+    model, tokenizer = load_causal_lm(edge_model, config.edge.dtype, adapter)
     edge = EdgeModel(model, tokenizer)
     vocab = EdgeVocabulary(tokenizer, config.cloud.eos_strings, config.fusion.unshared)
     needs_cloud = any(method != "edge" for method in config.fusion.methods)
