@@ -70,3 +70,14 @@ def test_without_logprobs_no_logprobs_are_returned_and_models_lists_the_model(cl
     assert reply["choices"][0]["logprobs"] is None
     assert httpx.get(f"{server.url}/models", timeout=30).json()["data"][0]["id"] == "tiny-cloud"
     assert server.app.state.received == ["rain"]
+
+
+def test_a_request_past_its_budget_is_skipped_without_model_work(cloud_server):
+    """The edge's X-Atoll-Budget-Ms: an answer that would arrive after the deadline is not computed."""
+    server = cloud_server(delay_ms=100)
+    body = {"prompt": "a", "max_tokens": 1, "logprobs": 2}
+    late = httpx.post(f"{server.url}/completions", json=body, headers={"X-Atoll-Budget-Ms": "20"}, timeout=30)
+    in_time = httpx.post(f"{server.url}/completions", json=body, headers={"X-Atoll-Budget-Ms": "5000"}, timeout=30)
+    unbudgeted = httpx.post(f"{server.url}/completions", json=body, timeout=30)
+    assert late.status_code == 499 and server.app.state.skipped == 1
+    assert in_time.status_code == 200 and unbudgeted.status_code == 200

@@ -15,6 +15,8 @@ import httpx
 
 from atoll.errors import AtollError
 
+BUDGET_HEADER = "X-Atoll-Budget-Ms"  # the same name as atoll.hybrid.server's (kept apart: the client imports no server code)
+
 
 class CloudError(AtollError):
     """The cloud cannot be reached or answers something that is not a completions response."""
@@ -44,7 +46,7 @@ class CloudClient:
             base_url=self.url,
             headers=headers,
             timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=4, max_keepalive_connections=2),
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),  # room for abandoned late requests
             event_hooks={"request": [self._count_request], "response": [self._count_response]},
         )
 
@@ -59,11 +61,14 @@ class CloudClient:
         headers = sum(len(k) + len(v) + 4 for k, v in response.headers.raw)
         self.bytes_received += len(f"HTTP/1.1 {response.status_code}\r\n") + headers + 2 + len(response.content)
 
-    async def next_token(self, text: str) -> list[tuple[str, float]]:
-        """The cloud's top-k (token string, log-probability) for the position after ``text``."""
+    async def next_token(self, text: str, budget_ms: float | None = None) -> list[tuple[str, float]]:
+        """The cloud's top-k (token string, log-probability) for the position after ``text``; with
+        ``budget_ms``, the server is told when the answer stops being useful (atoll's server then
+        skips the work; other servers ignore the header)."""
         body = {"model": self.model, "prompt": text, "max_tokens": 1, "temperature": 0, "logprobs": self.top_k}
+        headers = {BUDGET_HEADER: f"{budget_ms:.1f}"} if budget_ms is not None else None
         try:
-            response = await self.http.post("/completions", json=body)
+            response = await self.http.post("/completions", json=body, headers=headers)
         except httpx.HTTPError as exc:
             raise CloudError(
                 f"cannot reach the cloud at {self.url} ({type(exc).__name__})", "start it with `atoll hybrid serve-cloud`"

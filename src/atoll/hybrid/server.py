@@ -7,7 +7,10 @@ and nothing else of the model (no logits over the vocabulary, no hidden states, 
 ``GET /v1/models`` lists the model, ``GET /health`` says it is up.
 
 ``delay_ms`` / ``jitter_ms`` slow every response on purpose (before any work, so a client that
-gave up is noticed and its request skipped); requests run one at a time on the model.
+gave up is noticed and its request skipped); requests run one at a time on the model. A request
+is skipped (HTTP 499, no model work) when its client has gone, or when it carries the header
+``X-Atoll-Budget-Ms`` (atoll's edge sends its deadline's remaining milliseconds; other clients
+need not) and that much time has passed since it arrived: an answer after the deadline is unused.
 """
 
 from __future__ import annotations
@@ -25,6 +28,16 @@ from fastapi import Request
 from atoll.hybrid.tokens import to_wire, token_bytes
 
 DEFAULT_MAX_LOGPROBS = 20
+BUDGET_HEADER = "X-Atoll-Budget-Ms"
+
+
+def _budget_s(value: str | None) -> float | None:
+    """Seconds from an ``X-Atoll-Budget-Ms`` header; absent or unreadable means no budget."""
+    try:
+        budget = float(value) / 1000.0 if value is not None else None
+    except ValueError:
+        return None
+    return budget if budget is not None and budget >= 0 else None
 
 
 @dataclass
@@ -153,13 +166,16 @@ def build_app(
             prompts, max_tokens, logprobs, temperature, stop, request_seed = _parse(body, max_logprobs)
         except RequestError as error:
             return _error(str(error), error.param)
+        arrived = time.perf_counter()
+        budget_s = _budget_s(request.headers.get(BUDGET_HEADER))
         for prompt in prompts:
             record(prompt)
         delay = (delay_ms + delays.uniform(0, jitter_ms)) / 1000.0
         if delay > 0:
             await asyncio.sleep(delay)
         async with model_lock:
-            if await request.is_disconnected():  # the client gave up (deadline): skip the work
+            too_late = budget_s is not None and time.perf_counter() - arrived > budget_s
+            if too_late or await request.is_disconnected():  # the client gave up (deadline): skip the work
                 app.state.skipped += 1
                 return _error("client disconnected", status=499)
             try:
