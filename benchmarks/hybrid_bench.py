@@ -156,9 +156,20 @@ def main() -> None:
         "max_examples": args.examples,
         "max_new_tokens": 24,
     }
+    union = {**common["fusion"], "support": "union"}  # the edge's own top-k may be chosen too (see Fusion)
     results = {
         "shakespeare": hybrid_eval(root, "shakespeare", {**common, "task": shakespeare_task}),
         "general": hybrid_eval(root, "general", {**common, "task": general_task_keys}),
+        "shakespeare, support union": hybrid_eval(
+            root,
+            "shakespeare-union",
+            {**common, "fusion": {**union, "methods": ["weighted", "proxy", "router"]}, "task": shakespeare_task},
+        ),
+        "general, support union": hybrid_eval(
+            root,
+            "general-union",
+            {**common, "fusion": {**union, "methods": ["weighted", "proxy", "router"]}, "task": general_task_keys},
+        ),
         "shakespeare, cloud +0..300 ms": hybrid_eval(
             root,
             "shakespeare-jitter-250",
