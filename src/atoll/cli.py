@@ -11,6 +11,7 @@ import typer
 
 from atoll.console import fail, quiet_libraries
 from atoll.errors import AtollError
+from atoll.hybrid.cli import hybrid_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated LoRA fine-tuning across data islands.")
 
@@ -208,6 +209,7 @@ def _add_flower_commands() -> None:
 
 
 _add_flower_commands()
+app.add_typer(hybrid_app, name="hybrid")  # atoll hybrid serve-cloud / chat / eval (torch only when a command runs)
 
 
 def _add_pretrain_command() -> None:
