@@ -142,6 +142,10 @@ class FlowerConfig(Section):
         description="wait for this many online clients before a round, and fail a round that gets fewer replies (null: all clients)",
     )
     wait_timeout: float = Field(300.0, gt=0, description="seconds to wait for min_available_clients before the run fails")
+    node_data: bool = Field(
+        False,
+        description="deployment: each SuperNode reads only its own file (data-file in its node config); the server reads at most data.test_source",
+    )
     round_timeout: float = Field(
         600.0, gt=0, description="seconds to wait for a round's replies; clients that have not answered by then count as dropped"
     )
@@ -218,6 +222,12 @@ class DataConfig(Section):
     test_size: float = Field(0.1, gt=0, description="held-out global test set: a fraction (< 1) or a number of examples (>= 1)")
     local_test_fraction: float = Field(0.2, ge=0, lt=1, description="fraction of each client's partition kept as its local test split")
     cache_dir: str | None = Field(None, description="where tokenised data is cached (default ~/.cache/atoll)")
+    labels: list[str | int] | None = Field(
+        None, description="classification: the label set in class-id order (default: the sorted values found in the data)"
+    )
+    test_source: str | None = Field(
+        None, description="the global test set from its own source or file, used whole (data.test_size is then unused)"
+    )
 
 
 class PartitionConfig(Section):
