@@ -374,6 +374,9 @@ class FlowerDriver:
             "dp": self.flower.dp.mode,
             "dropped_updates": int(sum(len(r.get("flower", {}).get("dropped", [])) for r in recorder.records)),
         }
+        counts = getattr(federation, "counts", None)
+        if counts is not None:  # a node-data run: what the nodes reported of their own files
+            summary["engine"]["client_examples"] = {str(c): {"train": t, "test": s} for c, (t, s) in sorted(counts.items())}
         recorder.write_summary(summary)
         return summary
 
