@@ -27,6 +27,22 @@ def _private_cache(tmp_path_factory):
         yield cache
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_temp_dir(tmp_path_factory):
+    """Temporary files of the code under test (client-store spills, Flower's scratch directories,
+    Ray's session files) under this session's pytest temp root, not the machine's /tmp; kept short
+    (``<basetemp>/tmp``) so Ray's socket paths stay under the 107-character limit."""
+    import tempfile
+
+    from helpers import shared_temp_dir
+
+    scratch = shared_temp_dir(tmp_path_factory, "tmp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(scratch))
+        patch.setattr(tempfile, "tempdir", str(scratch))
+        yield scratch
+
+
 def tiny_overrides(root, **extra) -> list[str]:
     """A federation of 4 clients on the synthetic topic task with a random-init tiny BERT."""
     values = {

@@ -1,11 +1,12 @@
-"""What tests need from a run, read from outside: metrics records, run directories, reference runs
-shared across tests, and the one module that reaches inside atoll for what a run directory does
-not hold (the registry of algorithms, the global and local test splits).
+"""What tests need beyond the public entry points, in one place.
 
 The federation is being reshaped (one federation object, three drivers). Tests that compare
 engines or reproduce a run from its directory go through the CLI, ``start_run``, ``load_config``
-and the run directory; where they need an internal, they call a function here, so a reshaping
-adapts this file and nothing else.
+and the run directory; where they need an internal (the algorithm registry and its declared
+capabilities, the seeded test splits, a client's learning rate, the adapter a round should produce,
+the Flower ClientApp's process cache, the math task's evaluation), they call a function here, so a
+reshaping adapts this file and nothing else. Also here: reading run directories, reference runs
+shared across tests and xdist workers, and killed-run copies for resume tests.
 """
 
 from __future__ import annotations
@@ -162,15 +163,16 @@ def mixes_ranks(name: str) -> bool:
 
 
 def algorithm_case(name: str, model_dir: Path) -> dict[str, Any]:
-    """The per-algorithm run the engine comparisons and the run-directory tests share: 2 rounds,
-    3 of 4 clients sampled, final local evaluation, client 1 at rank 4 where ranks may mix, on a
-    plain Hugging Face model directory."""
+    """The per-algorithm run the engine comparisons and the run-directory tests share: 2 rounds of
+    2 local steps, 3 of 4 clients sampled, final local evaluation, client 1 at rank 4 where ranks
+    may mix, on a plain Hugging Face model directory."""
     case = {
         "model.name": str(model_dir),
         "algorithm.name": name,
         "eval.local": "final",
         "federation.rounds": 2,
         "federation.sample_rate": 0.75,
+        "train.local_steps": 2,
     }
     if mixes_ranks(name):
         case["model.lora.client_ranks"] = "{1: 4}"

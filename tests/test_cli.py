@@ -175,12 +175,13 @@ def test_real_process_bad_input_exit_code(tmp_path):
 
 def test_an_interrupted_realistic_run_says_it_cannot_be_resumed(tmp_path):
     """Ctrl-C in a realistic run: exit 130 and a line that does not point to --resume (which
-    refuses realistic runs)."""
+    refuses realistic runs). The signal is sent once the event loop reports its first rounds (a
+    10,000-hour session of 10,000 devices takes far longer than that)."""
     root = Path(__file__).resolve().parent.parent
     command = [sys.executable, "-m", "atoll", "run", "--quiet", "--dry-run", str(root / "configs" / "quickstart.yaml")]
     for item in (
         f"system={root / 'configs' / 'sys' / 'scale-week.yaml'}",
-        "federation.clients=100000",
+        "federation.clients=10000",
         "federation.sample_rate=0.001",
         "algorithm.name=flexlora",
         "federation.rounds=1000000",
@@ -189,14 +190,25 @@ def test_an_interrupted_realistic_run_says_it_cannot_be_resumed(tmp_path):
         f"run.dir={tmp_path / 'run'}",
     ):
         command += ["--set", item]
-    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    started = tmp_path / "run" / "config.yaml"
-    deadline = time.time() + 120
-    while not started.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(1.0)  # inside the event loop (a 10,000-hour session of 100,000 devices takes minutes)
+    # an xdist worker ignores SIGINT and a child would inherit that (Python keeps an ignored SIGINT
+    # ignored): the child gets the default disposition, as from a terminal
+    process = subprocess.Popen(
+        command,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    seen = []
+    for line in process.stderr:  # blocks until the loop logs a round (or the process ends)
+        seen.append(line)
+        if " round " in line:
+            break
+    assert process.poll() is None, "".join(seen)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    _, rest = process.communicate(timeout=300)
+    stderr = "".join(seen) + rest
     assert process.returncode == 130, stderr
     last = stderr.strip().splitlines()[-1]
     assert "realistic-mode runs cannot be resumed" in last and "--resume" not in last, last

@@ -4,37 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
+from atoll.console import fail, quiet_libraries
 from atoll.errors import AtollError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated LoRA fine-tuning across data islands.")
-
-
-def quiet_libraries() -> None:
-    """No transformers/peft warning noise in the CLI (tests keep the warnings)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    for name in ("peft", "datasets", "torch"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def fail(error: AtollError) -> None:
-    typer.echo(f"atoll: {error}", err=True)
-    raise typer.Exit(2)
 
 
 def _format_summary(summary: dict[str, Any]) -> str:
@@ -225,7 +204,16 @@ def _add_flower_commands() -> None:
 
 
 _add_flower_commands()
-__import__("atoll.lm.cli", fromlist=["register"]).register(app)  # `atoll pretrain` (torch is imported only when it runs)
+
+
+def _add_pretrain_command() -> None:
+    """``atoll pretrain`` (torch is imported only when it runs)."""
+    from atoll.lm.cli import register
+
+    register(app)
+
+
+_add_pretrain_command()
 
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Comparisons and benchmarks.")

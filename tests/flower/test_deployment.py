@@ -208,7 +208,7 @@ def assert_close(flower, local, where=""):
 
 
 def test_two_rounds_of_a_personalized_algorithm_on_a_deployment_match_the_local_engine(tmp_path, federation, reference_runs):
-    extra = {"algorithm.name": "fedsa-lora", "federation.clients": CLIENTS, "eval.local": "final"}
+    extra = {"algorithm.name": "fedsa-lora", "federation.clients": CLIENTS, "eval.local": "never"}
     local_dir = reference_runs.get(**extra)
     flower_config = config_with(deployment_overrides(tmp_path / "flower", federation, **{**extra, "run.plots": "false"}))
     flower_dir, summary = start_run(flower_config, Progress())
@@ -272,7 +272,7 @@ def test_nodes_that_read_only_their_own_files_match_the_local_engine_and_the_ser
 
 
 def test_a_supernode_killed_mid_run_leaves_the_others_to_finish(tmp_path, federation):
-    rounds = 3
+    rounds = 2
     config = config_with(
         deployment_overrides(
             tmp_path,
@@ -304,14 +304,12 @@ def test_a_supernode_killed_mid_run_leaves_the_others_to_finish(tmp_path, federa
     history = records(tmp_path / "run")
     assert [r["round"] for r in history] == list(range(rounds + 1))
     assert history[1]["clients"] == [0, 1, 2] and history[1]["flower"]["dropped"] == []
-    after = history[2:]
-    for record in after:
-        lost = set(record["flower"]["offline"]) | set(record["flower"]["dropped"])
-        assert lost == {2}, record["flower"]
-        assert record["train"]["steps"] == 2 * config.train.local_steps  # two clients trained
-        if 2 in record["flower"]["dropped"]:
-            assert record["flower"]["failures"]["2"]
-    assert history[-1]["flower"]["offline"] == [2]
+    after = history[2]  # the node went down as round 2 started: offline before it was asked, or dropped while training
+    lost = set(after["flower"]["offline"]) | set(after["flower"]["dropped"])
+    assert lost == {2}, after["flower"]
+    assert after["train"]["steps"] == 2 * config.train.local_steps  # two clients trained
+    if 2 in after["flower"]["dropped"]:
+        assert after["flower"]["failures"]["2"]
     assert "accuracy" in summary["final_global"]
     assert summary["rounds"] == rounds
 

@@ -181,7 +181,7 @@ CASES += [("fedit", "dp-server-adaptive"), ("fedit", "dp-client-adaptive")]
 @pytest.mark.parametrize("name, privacy", CASES)
 def test_mean_algorithms_under_secagg_and_inactive_dp_match_the_local_engine(tmp_path, reference_runs, name, privacy):
     settings, tolerance = PRIVACY[privacy]
-    extra = {"algorithm.name": name, "eval.local": "never", "federation.rounds": 2}
+    extra = {"algorithm.name": name, "eval.local": "never", "federation.rounds": 2, "train.local_steps": 2}
     local = task_records(reference_runs.get(**extra))  # one local run per algorithm for every privacy setting
     flower_config = config_with(tiny_overrides(tmp_path / "flower", **extra, **settings, **{"engine": "flower", "run.plots": "false"}))
     forget_flower_client_experiments()

@@ -40,6 +40,9 @@ def overrides(tmp_path, name: str, paradigm: str) -> list[str]:
             "eval.local": "final",
             "run.dir": str(tmp_path / paradigm),
             "run.plots": "false",
+            # what these runs check is the protocol (rounds, jobs, refusals), not learning
+            "train.local_steps": 1,
+            "data.max_examples": 300,
         },
     )
 

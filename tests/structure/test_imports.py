@@ -132,6 +132,9 @@ LAYER_RULES = [
     ("atoll.sim", ["atoll.engines", "atoll.dispatch", "atoll.cli"]),
     ("atoll.engines", ["atoll.sim", "atoll.dispatch", "atoll.cli"]),
     ("atoll.resolve", ["atoll.experiment", "atoll.sim.realistic.engine", "atoll.fl.federation", "atoll.fl.base"]),
+    # pretraining knows no federation; the shared console helpers know no command
+    ("atoll.lm", ["atoll.fl", "atoll.sim", "atoll.engines", "atoll.algorithms", "atoll.dispatch", "atoll.cli", "atoll.experiment"]),
+    ("atoll.console", ["atoll.cli", "atoll.lm", "atoll.fl", "atoll.sim", "atoll.engines", "atoll.algorithms", "atoll.dispatch"]),
 ]
 
 

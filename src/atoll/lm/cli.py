@@ -17,7 +17,7 @@ def pretrain_command(
 ) -> None:
     """Pretrain a Llama causal LM and its byte-level BPE on the open corpus; running the same
     command again after a kill resumes from the last checkpoint."""
-    from atoll.cli import fail, quiet_libraries
+    from atoll.console import fail, quiet_libraries
 
     quiet_libraries()
     from atoll.lm.config import load_pretrain_config
