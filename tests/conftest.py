@@ -43,6 +43,40 @@ def _private_temp_dir(tmp_path_factory):
         yield scratch
 
 
+def _outside_entries() -> set[str]:
+    """What a test could leave outside pytest's temp root: the top level of the repository and of
+    the working directory, and everything under their runs/ (where a run without run.root goes)."""
+    from pathlib import Path
+
+    entries = set()
+    for base in {Path(__file__).resolve().parent.parent, Path.cwd().resolve()}:
+        entries |= {str(path) for path in base.iterdir()}
+        if (base / "runs").is_dir():
+            entries |= {str(path) for path in (base / "runs").rglob("*")}
+    return entries
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_left_behind():
+    """Isolation (issue 15, point 7), checked when each session (each xdist worker) ends: no new
+    file in the repository or the working directory, and torch still on one thread (a test that
+    changed it must have set it back)."""
+    before = _outside_entries()
+    yield
+    left = sorted(_outside_entries() - before - _ignored_entries())
+    assert not left, f"tests wrote outside pytest's temp directories: {left[:5]}"
+    assert torch.get_num_threads() == 1, f"a test left torch on {torch.get_num_threads()} threads"
+
+
+def _ignored_entries() -> set[str]:
+    """Tool caches that appear at the top level without any test's doing (pytest's, and ruff's when
+    the linter runs at the same time)."""
+    from pathlib import Path
+
+    bases = {Path(__file__).resolve().parent.parent, Path.cwd().resolve()}
+    return {str(base / name) for base in bases for name in (".pytest_cache", ".ruff_cache")}
+
+
 def tiny_overrides(root, **extra) -> list[str]:
     """A federation of 4 clients on the synthetic topic task with a random-init tiny BERT."""
     values = {

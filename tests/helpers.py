@@ -101,6 +101,11 @@ def _examples(config, pick) -> Examples:
     return Examples(texts, labels, list(spec.label_names))
 
 
+def task_kind(config) -> str:
+    """The task the run's data is read as (classification, sft, math or completion)."""
+    return _data_of(config.to_yaml())[1].kind
+
+
 def global_test_examples(config) -> Examples:
     """The run's global test split (the seeded split the run evaluated ``final_global`` on)."""
     return _examples(config, lambda splits: splits.global_test)
@@ -289,6 +294,23 @@ def forget_flower_client_experiments() -> None:
     client._EXPERIMENTS.clear()
 
 
+def flower_dp_strategy(experiment):
+    """What the Flower ServerApp trains with for the config of ``experiment``: (its strategy, wrapped
+    in Flower's DP wrapper when flower.dp is on; the algorithm strategy inside it)."""
+    from atoll.engines.flower.server import FlowerDriver
+    from atoll.fl.federation import Federation
+
+    driver = FlowerDriver(Federation(experiment), None, None, None)
+    return driver.strategy, driver.algorithm_strategy
+
+
+def flower_secagg_workflow(config, max_weight: float = 100.0):
+    """The SecAgg+ workflow the Flower ServerApp runs a round with, for ``config``."""
+    from atoll.engines.flower.strategy import secagg_workflow
+
+    return secagg_workflow(config.flower.secagg, max_weight, config.flower.round_timeout)
+
+
 def aggregates_by_weighted_mean(name: str) -> bool:
     """Whether the algorithm's aggregate is the example-weighted mean of the uploads (what SecAgg+
     and central DP can stand in for)."""
@@ -342,6 +364,16 @@ def client_split_sizes(config) -> list[tuple[int, int]]:
     return [(len(train), len(test)) for train, test in zip(splits.client_train, splits.client_test, strict=True)]
 
 
+def client_labels(config) -> list[set[str]]:
+    """The classes in each client's data (its train and local test examples together)."""
+    raw, spec, splits = _data_of(config.to_yaml())
+    column = raw.columns[spec.label_column]
+    return [
+        {str(column[int(i)]) for part in (train, test) for i in part}
+        for train, test in zip(splits.client_train, splits.client_test, strict=True)
+    ]
+
+
 def client_learning_rate(config, client_id: int, round: int) -> float:
     """The peak learning rate client ``client_id`` trains with in ``round``."""
     from atoll.experiment import build
@@ -351,6 +383,21 @@ def client_learning_rate(config, client_id: int, round: int) -> float:
         return float(experiment.clients[client_id].plan(round).lr)
     finally:
         experiment.close()
+
+
+def threads_while_building(config) -> int:
+    """torch's CPU thread count right after building the run of ``config`` (then set back)."""
+    import torch
+
+    from atoll.experiment import build
+
+    before = torch.get_num_threads()
+    experiment = build(config)
+    try:
+        return torch.get_num_threads()
+    finally:
+        experiment.close()
+        torch.set_num_threads(before)
 
 
 def lora_scales(config) -> dict[int, float]:

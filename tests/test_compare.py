@@ -1,11 +1,45 @@
-"""`atoll bench algorithms`: the comparison table, its majority-class reference and re-rendering."""
+"""`atoll bench sweep` and `atoll bench algorithms` through the CLI on a tiny suite: the learning
+rate chosen on the validation split, every cell's interval and paired difference computed from
+its runs, a killed bench continuing where it stopped, --render-only and --rerun."""
+
+from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
+import yaml
 
 from atoll.experiment import Splits, majority_rates
+
+T_975_1 = math.tan(math.pi * 0.475)  # Student t, 1 degree of freedom (two seeds): 12.706
+
+BASE = {
+    "model": {"name": "tiny-bert", "max_length": 32},
+    "data": {"source": "synthetic-cls", "max_examples": 300, "test_size": 60, "validation_size": 40, "split_seed": 0},
+    "federation": {"clients": 3, "rounds": 2},
+    "train": {"local_steps": 2, "batch_size": 16, "schedule": "cosine", "round_decay": 0.8},
+    "eval": {"every": 1, "local": "final"},
+}
+SUITE = {
+    "seeds": 2,
+    "families": {"averaging": {"representative": "fedit", "members": ["fedit", "local-only"]}},
+    "sweep": {"learning_rates": [0.0001, 0.05]},
+    "tasks": {
+        "topics": {
+            "title": "tiny-bert on synthetic topics",
+            "config": "base.yaml",
+            "metric": "accuracy",
+            "partitions": {"iid": ["partition.name=iid"]},
+            "algorithms": ["local-only", "fedit"],  # local-only first: its overrides must not make the budget paragraph
+            "target": 0.0,
+            "overrides": {"local-only": ["eval.max_examples=30"]},  # its global column: one pass per client
+        }
+    },
+}
 
 
 def test_majority_rates_by_hand():
@@ -24,98 +58,138 @@ def test_majority_rates_by_hand():
 
 
 def bench(*args):
-    """`atoll bench algorithms ...` through the CLI."""
+    """`atoll bench ...` through the CLI."""
     from typer.testing import CliRunner
 
     from atoll.cli import app
 
-    return CliRunner().invoke(app, ["bench", "algorithms", *map(str, args)])
+    return CliRunner().invoke(app, ["bench", *map(str, args)])
 
 
-def test_comparison_table_runs_every_cell_and_rerenders_identically(tmp_path):
-    extra = [
-        "model.name=tiny-bert",
-        "data.source=synthetic-cls",
-        "data.max_examples=400",
-        "data.test_size=80",
-        "federation.clients=4",
-        "federation.rounds=2",
-        "train.local_steps=2",
-        "train.batch_size=16",
-        "eval.every=1",
-    ]
-    runs, out = tmp_path / "runs", tmp_path / "docs"
-    config = tmp_path / "defaults.yaml"
-    config.write_text("{}\n")
-    sets = [item for value in extra for item in ("--set", value)]
-    result = bench(
-        config,
-        "--algorithms",
-        "fedit,local-only",
-        "--partitions",
-        "iid",
-        "--seeds",
-        2,
-        "--workers",
-        1,
-        "--target",
-        0.0,
-        "--out",
-        out,
-        "--runs",
-        runs,
-        *sets,
-    )
-    assert result.exit_code == 0, result.output
-    path = out / "algorithms.md"
-    table = path.read_text()
-    results = json.loads((out / "algorithms.json").read_text())
-    assert set(results) == {f"iid/{a}/{s}" for a in ("fedit", "local-only") for s in (0, 1)}
-    summaries = {
-        key: json.loads((runs / "iid" / f"{key.split('/')[1]}-seed{key.split('/')[2]}" / "summary.json").read_text()) for key in results
+def table_rows(text: str) -> dict[str, list[str]]:
+    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines() if line.startswith("| ")}
+
+
+def figure(values: list[float], errors: list[float]) -> str:
+    """The table's cell, recomputed in closed form: mean ± t(0.975, 1) s / sqrt(2) (mean se)."""
+    return f"{np.mean(values):.3f} ± {T_975_1 * np.std(values, ddof=1) / math.sqrt(2):.3f} ({np.mean(errors):.3f})"
+
+
+@pytest.fixture
+def suite(tmp_path) -> Path:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(SUITE))
+    return path
+
+
+def test_sweep_then_bench_with_intervals_resume_render_only_and_rerun(suite, tmp_path, monkeypatch):
+    sweep_runs, runs, out = tmp_path / "sweep", tmp_path / "runs", tmp_path / "docs"
+    # 1. the sweep: one run of the family's representative per learning rate, scored on the
+    # validation split; the better one is written to the suite's learning-rate file
+    swept = bench("sweep", suite, "--runs", sweep_runs, "--workers", 1)
+    assert swept.exit_code == 0, swept.output
+    chosen = yaml.safe_load((tmp_path / "learning-rates.yaml").read_text())
+    scores = {lr: chosen["scores"]["topics"]["averaging"][lr]["iid"] for lr in ("0.0001", "0.05")}
+    for lr, score in scores.items():
+        run = json.loads((sweep_runs / "topics" / "iid" / f"fedit-lr{lr}" / "summary.json").read_text())
+        assert run["global_test_examples"] == 40 and score == round(run["final_global"]["accuracy"], 5)  # the validation set
+    assert scores["0.05"] > scores["0.0001"], scores  # 0.0001 barely moves the adapter in 4 steps
+    assert chosen["chosen"] == {"topics": {"averaging": 0.05}}
+
+    # 2. the bench, killed (Ctrl-C) in the second round of fedit's seed-1 run
+    from atoll.sim.prototype import SynchronousLoop
+
+    play_round = SynchronousLoop.play_round
+
+    def interrupted(self, round):
+        if round == 2 and self.recorder.run_dir.path.name == "fedit-seed1":
+            raise KeyboardInterrupt
+        return play_round(self, round)
+
+    monkeypatch.setattr(SynchronousLoop, "play_round", interrupted)
+    command = ["algorithms", suite, "--runs", runs, "--out", out, "--workers", 1]
+    killed = bench(*command)
+    assert killed.exit_code != 0 and not (out / "algorithms.md").exists()
+    assert (runs / "topics" / "iid" / "local-only-seed1" / "summary.json").is_file()
+    assert not (runs / "topics" / "iid" / "fedit-seed1" / "summary.json").is_file()
+    monkeypatch.setattr(SynchronousLoop, "play_round", play_round)
+    moved = bench("algorithms", suite, "--runs", runs, "--out", out, "--workers", 1, "--seeds", 3)
+    assert moved.exit_code == 2 and "holds another bench" in moved.output and moved.output.count("\n") == 1, moved.output
+    resumed = bench(*command)  # the same command continues: the finished runs are kept, the killed one resumes
+    assert resumed.exit_code == 0, resumed.output
+    assert "continuing the bench" in resumed.output and "3 of 4 runs already finished; running 1" in resumed.output
+    assert json.loads((runs / "topics" / "iid" / "fedit-seed1" / "bench-cell.json").read_text())["resumed"] is True
+    killed_sitting, sitting = json.loads((runs / "bench.json").read_text())["sittings"]
+    assert (
+        killed_sitting["runs"] == 4 and killed_sitting["minutes"] > 0 and sitting["runs"] == 1
+    )  # the killed one's time up to its last run
+
+    # 3. every cell: mean ± 95 % t-interval (test-set standard error), and the paired difference
+    table = (out / "algorithms.md").read_text()
+    rows = table_rows(table)
+    finals = {
+        (a, s): json.loads((runs / "topics" / "iid" / f"{a}-seed{s}" / "summary.json").read_text())
+        for a in ("fedit", "local-only")
+        for s in (0, 1)
     }
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines() if line.startswith("| ")}
-    # target 0 is reached at the first evaluated round: 1 for fedit; local-only has no global model,
-    # so its global metric (the mean of the clients' own models) exists at the final round only
-    for algorithm, first in (("fedit", "1.0"), ("local-only", "2.0")):
-        finals = [summaries[f"iid/{algorithm}/{s}"]["final_global"]["accuracy"] for s in (0, 1)]
-        mean, std = np.mean(finals), np.std(finals, ddof=1)
-        assert rows[algorithm][0] == f"{mean:.3f} ± {std:.3f}"
-        assert rows[algorithm][2] == f"{first} (2/2)"
-    assert rows["local-only"][3] == rows["local-only"][4] == "0.00"
-    assert float(rows["fedit"][3]) > 0 and rows["fedit"][3] == rows["fedit"][4]
-    majority = [summaries[f"iid/fedit/{s}"]["majority_class_rate"] for s in (0, 1)]
-    local = [summaries[f"iid/fedit/{s}"]["local_majority_rate"] for s in (0, 1)]
-    reference = rows["*majority class (constant predictor)*"]
-    assert reference[0] == f"{np.mean(majority):.3f} ± {np.std(majority, ddof=1):.3f}"
-    assert reference[1] == f"{np.mean(local):.3f} ± {np.std(local, ddof=1):.3f}"
-    assert (out / "algorithms.png").stat().st_size > 0
-    before = table
-    (out / "algorithms.md").unlink()
-    rendered = bench("--render-only", "--runs", runs, "--out", out)
-    assert rendered.exit_code == 0, rendered.output
-    assert (out / "algorithms.md").read_text() == before
+    for algorithm in ("fedit", "local-only"):
+        for column, scope in ((0, "final_global"), (2, "final_local")):
+            values = [finals[(algorithm, s)][scope]["accuracy"] for s in (0, 1)]
+            errors = [finals[(algorithm, s)][scope]["accuracy_se"] for s in (0, 1)]
+            assert rows[algorithm][column] == figure(values, errors)
+        config = yaml.safe_load((runs / "topics" / "iid" / f"{algorithm}-seed0" / "config.yaml").read_text())
+        assert config["train"]["lr"] == 0.05  # the family's swept rate
+    differences = [finals[("local-only", s)]["final_global"]["accuracy"] - finals[("fedit", s)]["final_global"]["accuracy"] for s in (0, 1)]
+    half = T_975_1 * np.std(differences, ddof=1) / math.sqrt(2)
+    assert rows["local-only"][1].strip("*") == f"{np.mean(differences):+.3f} ± {half:.3f}"
+    assert rows["fedit"][1] == ""  # the reference has no difference with itself
+    assert finals[("local-only", 0)]["global_test_examples"] == 30 and finals[("fedit", 0)]["global_test_examples"] == 60
+    assert "local-only's runs also set `eval.max_examples=30`." in table and "global test set 60 examples" in table
+    assert rows["fedit"][4] == "1.0 (2/2)"  # target 0: reached at the first evaluated round
+    assert " in 2 sittings, " in table and "Chosen at an edge of the grid (a wider grid may do better): averaging." in table
+    assert "lr 0.05" in table and "**" in table.split("### topics")[0]  # the sweep table marks the chosen rate
+    assert (out / "algorithms.png").stat().st_size > 0 and (out / "algorithms-curves-topics.png").stat().st_size > 0
+    statistics = json.loads((out / "algorithms.json").read_text())["topics/iid/local-only"]
+    assert statistics["global_accuracy_minus_fedit"]["mean"] == pytest.approx(np.mean(differences))
 
-    # --rerun: the fedit cells run again (fresh directories, same seeds: same numbers), local-only
-    # is left alone, and the table says what was re-run and why
-    stale, kept = runs / "iid" / "fedit-seed0" / "old-marker", runs / "iid" / "local-only-seed0" / "old-marker"
+    # 4. --render-only rewrites the same page from the finished runs, running nothing
+    (out / "algorithms.md").unlink()
+    rendered = bench("algorithms", "--render-only", "--runs", runs, "--out", out)
+    assert rendered.exit_code == 0, rendered.output
+    assert (out / "algorithms.md").read_text() == table
+
+    # 5. --rerun: fedit's cells run again from scratch (the same seeds give the same numbers, so the
+    # resumed run ended where an uninterrupted one does); local-only is left alone
+    stale, kept = runs / "topics" / "iid" / "fedit-seed1" / "old-marker", runs / "topics" / "iid" / "local-only-seed0" / "old-marker"
     stale.write_text("x"), kept.write_text("x")
     for args, fragment in (
         (("--rerun", "fedit"), "--rerun needs --why"),
         (("--rerun", "fedavgm", "--why", "x"), "'fedavgm' is not an algorithm of the bench"),
     ):
-        refused = bench(*args, "--runs", runs, "--out", out)
+        refused = bench("algorithms", *args, "--runs", runs, "--out", out)
         assert refused.exit_code == 2 and refused.output.count("\n") == 1 and fragment in refused.output, refused.output
     assert stale.exists(), "a refused --rerun ran nothing"
-    rerun = bench("--rerun", "fedit", "--why", "checking the re-run path", "--runs", runs, "--out", out)
+    rerun = bench("algorithms", "--rerun", "fedit", "--why", "checking the re-run path", "--runs", runs, "--out", out, "--workers", 1)
     assert rerun.exit_code == 0, rerun.output
-    assert not stale.exists() and kept.exists() and (runs / "iid" / "fedit-seed0" / "summary.json").is_file()
+    assert not stale.exists() and kept.exists()
+    assert json.loads((runs / "topics" / "iid" / "fedit-seed1" / "bench-cell.json").read_text())["resumed"] is False
     again = (out / "algorithms.md").read_text()
     assert "the fedit rows were re-run (2 runs," in again and "checking the re-run path" in again
-    assert [line for line in again.splitlines() if line.startswith("| ")] == [line for line in before.splitlines() if line.startswith("| ")]
+    assert {k: v[:-1] for k, v in table_rows(again).items()} == {k: v[:-1] for k, v in rows.items()}  # all but s / round
 
 
-def test_render_only_without_a_finished_bench_is_one_line(tmp_path):
-    result = bench("--render-only", "--runs", tmp_path / "nothing", "--out", tmp_path / "docs")
-    assert result.exit_code == 2 and result.output.count("\n") == 1 and "holds no finished bench" in result.output
-    assert not (tmp_path / "docs").exists()
+def test_bench_input_errors_are_one_line(suite, tmp_path):
+    for args, fragment in (
+        (("algorithms", "--render-only", "--runs", tmp_path / "nothing", "--out", tmp_path / "docs"), "holds no finished bench"),
+        (("algorithms", suite, "--runs", tmp_path / "r"), "run `atoll bench sweep` first"),  # no learning-rate file yet
+        (("algorithms", tmp_path / "missing.yaml"), "does not exist"),
+        (("sweep", suite, "--tasks", "poems", "--runs", tmp_path / "s"), "unknown task 'poems'"),
+    ):
+        result = bench(*args)
+        assert result.exit_code == 2 and result.output.count("\n") == 1 and fragment in result.output, result.output
+    broken = dict(SUITE, families={"averaging": {"representative": "fedavgm", "members": ["fedit", "local-only"]}})
+    suite.write_text(yaml.safe_dump(broken))
+    result = bench("sweep", suite, "--runs", tmp_path / "s")
+    assert result.exit_code == 2 and "representative 'fedavgm' is not one of its members" in result.output, result.output
+    assert not (tmp_path / "docs").exists() and not (tmp_path / "r").exists() and not (tmp_path / "s").exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -216,79 +215,14 @@ def _add_pretrain_command() -> None:
 _add_pretrain_command()
 
 
-bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Comparisons and benchmarks.")
-app.add_typer(bench_app, name="bench")
+def _add_bench_commands() -> None:
+    """``atoll bench ...`` (atoll.report.bench.cli; torch is imported only when runs start)."""
+    from atoll.report.bench.cli import bench_app
+
+    app.add_typer(bench_app, name="bench")
 
 
-@bench_app.command("algorithms")
-def bench_algorithms(
-    config: Optional[Path] = typer.Argument(None, help="base config (default: the quickstart task)"),
-    algorithms: Optional[str] = typer.Option(None, help="comma-separated names (default: every registered algorithm)"),
-    partitions: str = typer.Option("iid,dirichlet-0.1", help="comma-separated: iid, dirichlet-0.1"),
-    seeds: int = typer.Option(3, help="seeds 0..N-1 per cell"),
-    workers: int = typer.Option(2, help="runs in parallel (one torch thread each)"),
-    target: float = typer.Option(0.55, help="report the first round whose global metric reaches this"),
-    out: Path = typer.Option(Path("docs"), help="where algorithms.md, .png and .json go"),
-    runs: Path = typer.Option(Path("runs/bench"), help="where the individual run directories go"),
-    set_: list[str] = typer.Option([], "--set", help="override a key in every run"),
-    render_only: bool = typer.Option(False, "--render-only", help="rewrite the table, plot and json from the finished runs in --runs"),
-    rerun: Optional[str] = typer.Option(
-        None,
-        "--rerun",
-        help="comma-separated algorithms of the finished bench in --runs to run again (their rows are replaced; needs --why)",
-    ),
-    why: Optional[str] = typer.Option(None, "--why", help="with --rerun: the reason, recorded under the table"),
-) -> None:
-    """Every algorithm x partition x seed on one task: a markdown table and a plot."""
-    quiet_libraries()
-    from atoll import algorithms as registry
-    from atoll.report.compare import BENCH_RECORD, PARTITIONS, render, rerun_algorithms, run_comparison
-
-    if render_only or rerun:
-        if not (runs / BENCH_RECORD).is_file():
-            fail(
-                AtollError(
-                    f"'{runs}' holds no finished bench ({BENCH_RECORD} is missing)", "run `atoll bench algorithms` first or pass --runs"
-                )
-            )
-        if rerun:
-            names = [a.strip() for a in rerun.split(",") if a.strip()]
-            benched = json.loads((runs / BENCH_RECORD).read_text())["algorithms"]
-            missing = [n for n in names if n not in benched]
-            if missing or not names:
-                fail(
-                    AtollError(
-                        f"--rerun: '{(missing or [rerun])[0]}' is not an algorithm of the bench in '{runs}'",
-                        f"choose from: {', '.join(benched)}",
-                    )
-                )
-            if not why or not why.strip():
-                fail(
-                    AtollError(
-                        "--rerun needs --why",
-                        "say why the rows change, e.g. --why 'default changed to option I'; it is printed under the table",
-                    )
-                )
-            path = rerun_algorithms(names, why.strip(), runs, out)
-        else:
-            path = render(runs, out)
-        typer.echo(f"wrote {path} and {path.with_suffix('.png')}")
-        return
-
-    names = [a.strip() for a in algorithms.split(",")] if algorithms else list(registry.specs())
-    chosen = [p.strip() for p in partitions.split(",")]
-    try:
-        for name in names:
-            registry.spec_of(name)
-        unknown = [p for p in chosen if p not in PARTITIONS]
-        if unknown:
-            raise AtollError(f"unknown partition setting '{unknown[0]}'", f"choose from: {', '.join(PARTITIONS)}")
-        if runs.exists() and any(runs.iterdir()):
-            raise AtollError(f"'{runs}' already holds runs", "remove it or pass --runs elsewhere")
-    except AtollError as error:
-        fail(error)
-    path = run_comparison(names, chosen, list(range(seeds)), out, runs, workers, target, str(config) if config else None, list(set_))
-    typer.echo(f"wrote {path} and {path.with_suffix('.png')}")
+_add_bench_commands()
 
 
 def main() -> None:

@@ -221,6 +221,12 @@ class DataConfig(Section):
     max_examples: int | None = Field(None, gt=0, description="use at most this many examples of the source (random subset)")
     test_size: float = Field(0.1, gt=0, description="held-out global test set: a fraction (< 1) or a number of examples (>= 1)")
     local_test_fraction: float = Field(0.2, ge=0, lt=1, description="fraction of each client's partition kept as its local test split")
+    validation_size: float = Field(
+        0.0, ge=0, description="held-out validation set for tuning (fraction < 1 or count >= 1), drawn after the global test set; 0: none"
+    )
+    split_seed: int | None = Field(
+        None, description="seed of the data subset and the test/validation draw (default: seed); fix it to keep one test set across seeds"
+    )
     cache_dir: str | None = Field(None, description="where tokenised data is cached (default ~/.cache/atoll)")
     labels: list[str | int] | None = Field(
         None, description="classification: the label set in class-id order (default: the sorted values found in the data)"
@@ -287,6 +293,9 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(96, gt=0, description="math: tokens generated per answer")
     max_generate: int = Field(64, gt=0, description="math: at most this many test questions are answered by generation")
     initial: bool = Field(True, description="evaluate the untrained global model as round 0")
+    on: Literal["test", "validation"] = Field(
+        "test", description="the held-out set global evaluation uses: the global test set, or the validation set (tuning)"
+    )
 
 
 class RunConfig(Section):
@@ -324,6 +333,12 @@ class Config(Section):
     )
     system: str | None = Field(None, description="realistic mode: the sys.yaml describing devices, networks, availability and ranks")
     realistic: RealisticConfig = Field(default_factory=RealisticConfig, description="realistic mode: paradigm, session and stopping")
+
+    @model_validator(mode="after")
+    def _validation_set_exists(self) -> "Config":
+        if self.eval.on == "validation" and not self.data.validation_size:
+            raise ValueError("eval.on is validation but data.validation_size is 0; set data.validation_size (e.g. 1000)")
+        return self
 
     @model_validator(mode="after")
     def _ranks_refer_to_clients(self) -> "Config":

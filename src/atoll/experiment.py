@@ -92,7 +92,7 @@ def load_data(config: Config) -> tuple[RawData, TaskSpec, object, Tokenized, Spl
     raw = load_source(config.data.source)
     spec = resolve_task(config.data, raw)
     check_model_for_task(config.model.name, spec.is_generative)
-    raw, subset_key = _subset(raw, config.data.max_examples, config.seed)
+    raw, subset_key = _subset(raw, config.data.max_examples, split_seed(config))
     cache_dir = Path(config.data.cache_dir).expanduser() if config.data.cache_dir else default_cache_dir()
     tokenizer = load_tokenizer(config.model.name, lambda: spec.corpus(raw), cache_dir)
     data = tokenize(spec, raw, tokenizer, config.model.max_length, cache_dir, subset_key)
@@ -113,26 +113,37 @@ def _subset(raw: RawData, max_examples: int | None, seed: int) -> tuple[RawData,
     return RawData(columns, raw.task, raw.defaults, raw.fingerprint, raw.description), f"subset:{seed}:{max_examples}"
 
 
+def split_seed(config: Config) -> int:
+    """The seed of the data subset and the test/validation draw: ``data.split_seed``, else ``seed``."""
+    return config.seed if config.data.split_seed is None else config.data.split_seed
+
+
+def _held_out_count(size: float, n: int) -> int:
+    return int(size) if size >= 1 else int(round(size * n))
+
+
 def make_splits(config: Config, data: Tokenized, raw: RawData, spec: TaskSpec, test_rows: int = 0) -> Splits:
     """The global test set (the last ``test_rows`` examples when data.test_source gave them, else
-    data.test_size of the pool at random) and each client's partition, split into train and test."""
-    if test_rows:
-        n = len(data) - test_rows
-        global_test, pool = np.arange(n, len(data)), np.arange(n)
-    else:
-        n = len(data)
-        test_size = config.data.test_size
-        test_count = int(test_size) if test_size >= 1 else int(round(test_size * n))
-        if test_count < 1 or test_count >= n:
-            raise DataError(
-                f"data.test_size={test_size} leaves {n - test_count} of {n} examples for training",
-                "use a fraction in (0, 1) or a smaller count",
-            )
-        order = numpy_rng(config.seed, "global-test").permutation(n)
-        global_test = np.sort(order[:test_count])
-        pool = np.sort(order[test_count:])
-    if config.eval.max_examples is not None:
-        global_test = global_test[: config.eval.max_examples]
+    data.test_size of the pool at random), then the validation set (``data.validation_size``), then
+    each client's train/test split of the rest. Global evaluation uses the test set, or with
+    ``eval.on: validation`` the validation set, which no client trains on and no reported number uses."""
+    n = len(data) - test_rows
+    test_size, validation_size = config.data.test_size, config.data.validation_size
+    test_count = 0 if test_rows else _held_out_count(test_size, n)
+    validation_count = _held_out_count(validation_size, n)
+    if (test_count < 1 and not test_rows) or test_count + validation_count >= n:
+        raise DataError(
+            f"data.test_size={test_size} and data.validation_size={validation_size} leave {n - test_count - validation_count} of {n} examples for training",
+            "use fractions in (0, 1) or smaller counts",
+        )
+    order = numpy_rng(split_seed(config), "global-test").permutation(n)
+    test = np.arange(n, len(data)) if test_rows else order[:test_count]
+    held_out = order[test_count : test_count + validation_count] if config.eval.on == "validation" else test
+    # eval.max_examples keeps a random subset (the first of a random order), not the lowest indices:
+    # a source stored in order (Shakespeare, play by play) would otherwise be scored on one part of it;
+    # a separate data.test_source is used in its own order
+    global_test = np.sort(held_out[: config.eval.max_examples])
+    pool = np.sort(order[test_count + validation_count :])
     column = config.partition.column
     column_values = None
     if column is not None:

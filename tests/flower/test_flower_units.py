@@ -31,7 +31,7 @@ from atoll.fl.federation import Federation
 from atoll.fl.base import average_states
 from atoll.fl.state import AdapterState, LoRAFactors, example_weights
 from conftest import tiny_overrides
-from helpers import forget_flower_client_experiments
+from helpers import flower_dp_strategy, flower_secagg_workflow, forget_flower_client_experiments
 
 pytestmark = pytest.mark.usefixtures("flower_isolation")  # a run id for building Messages, restored after each test
 
@@ -187,6 +187,13 @@ def test_node_directory_maps_partitions_and_ignores_nodes_of_another_federation(
         ({"flower.mode": "deployment", "flower.superlink": "no-port"}, "is not host:port"),
         ({"flower.secagg.enabled": "true", "federation.sample_rate": 0.25}, "at least 2 clients"),
         ({"flower.min_available_clients": 9}, "exceeds federation.clients"),
+        ({"flower.secagg.enabled": "true", "flower.secagg.num_shares": 2}, "num_shares must be an integer > 2"),
+        ({"flower.secagg.enabled": "true", "flower.secagg.num_shares": 1.5}, "num_shares as a fraction"),
+        ({"flower.secagg.enabled": "true", "flower.secagg.reconstruction_threshold": 1.5}, "reconstruction_threshold as a fraction"),
+        (
+            {"flower.secagg.enabled": "true", "flower.secagg.num_shares": 4, "flower.secagg.reconstruction_threshold": 4},
+            "must be smaller than num_shares",
+        ),
     ],
 )
 def test_impossible_flower_settings_are_one_line_config_errors(tmp_path, overrides, message):
@@ -451,3 +458,36 @@ def test_secagg_strategy_hands_the_unmasked_mean_to_the_algorithm_as_one_update(
     assert_same_state(server.global_state, mean)
     assert [u.client_id for u in strategy.plan.updates] == [0, 1, 2]
     assert math.isclose(sum(u.metrics["loss"] for u in strategy.plan.updates), 1.5)
+
+
+def test_adaptive_clipping_moves_its_bound_by_the_configured_rate_toward_the_configured_quantile(tiny_run):
+    """Andrew et al., "Differentially Private Learning with Adaptive Clipping" (NeurIPS 2021): after
+    a round the bound C becomes C * exp(-lr * (b - q)), b the fraction of updates within C, q
+    flower.dp.target_clipped_quantile, lr flower.dp.clip_norm_lr. Built from the config as the
+    ServerApp builds it, no noise: one update far beyond C = 0.5, one within it, so b = 1/2."""
+    settings = {"flower.dp.mode": "server-adaptive", "flower.dp.clipping_norm": 0.5, "flower.dp.noise_multiplier": 0.0}
+    settings.update({"flower.dp.target_clipped_quantile": 0.2, "flower.dp.clip_norm_lr": 0.3, "federation.sample_rate": 0.5})
+    config, _ = tiny_run(**settings)
+    experiment = build(config)
+    try:
+        strategy, inner = flower_dp_strategy(experiment)
+        assert strategy.clipping_norm == 0.5
+        server = experiment.server
+        start = server.global_state.clone()
+        inner.plan = RoundPlan(1, {0: 10, 1: 11}, {0: server.configure(1, 0), 1: server.configure(1, 1)})
+        tensors, _ = split_state(start)
+        messages = list(strategy.configure_train(1, tensors_to_arrays(tensors), ConfigRecord(), None))
+        uploads = {0: start.map_tensors(lambda t: t + 3.0), 1: start.map_tensors(lambda t: t + 1e-4)}
+        strategy.aggregate_train(1, [reply_with(m, uploads[c], c, 10) for m, c in zip(messages, (0, 1), strict=True)])
+        assert strategy.clipping_norm == pytest.approx(0.5 * math.exp(-0.3 * (0.5 - 0.2)), rel=1e-9)
+    finally:
+        experiment.close()
+
+
+def test_secagg_settings_reach_flowers_workflow(tiny_run):
+    settings = {"flower.secagg.enabled": "true", "flower.secagg.num_shares": 3, "flower.secagg.reconstruction_threshold": 2}
+    settings.update({"flower.secagg.clipping_range": 4.0, "flower.secagg.quantization_range": 1024})
+    config, _ = tiny_run(**settings)
+    workflow = flower_secagg_workflow(config)
+    assert (workflow.num_shares, workflow.reconstruction_threshold) == (3, 2)
+    assert (workflow.clipping_range, workflow.quantization_range) == (4.0, 1024)

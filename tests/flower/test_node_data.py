@@ -116,6 +116,7 @@ def query_info(context) -> dict:
         ({"data.task": "auto"}, "set data.task"),
         ({"data.labels": "null"}, "label set must be fixed"),
         ({"data.max_examples": 100}, "each node uses its whole file"),
+        ({"data.validation_size": 10}, "no one holds the pool"),
     ],
 )
 def test_what_a_server_without_data_must_be_told_is_a_one_line_config_error(tmp_path, files, overrides, message):

@@ -9,17 +9,15 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("flwr")
-
-from atoll.config import config_with  # noqa: E402
-from atoll.dispatch import start_run  # noqa: E402
-from atoll.errors import ConfigError  # noqa: E402
-from atoll.fl import stages as stage_registry  # noqa: E402
-from atoll.fl.stages import ClientBehaviour, Stage  # noqa: E402
-from atoll.report.progress import Progress  # noqa: E402
-from atoll.resolve import check  # noqa: E402
-from conftest import tiny_overrides  # noqa: E402
-from test_every_algorithm import run_on_flower  # noqa: E402
+from atoll.config import config_with
+from atoll.dispatch import start_run
+from atoll.errors import ConfigError
+from atoll.fl import stages as stage_registry
+from atoll.fl.stages import ClientBehaviour, Stage
+from atoll.report.progress import Progress
+from atoll.resolve import check
+from conftest import tiny_overrides
+from test_every_algorithm import run_on_flower
 
 CALLS: list[tuple[str, int, int]] = []
 

@@ -34,15 +34,22 @@ def config_digest(config) -> str:
     return hashlib.sha256(config.to_yaml().encode()).hexdigest()[:16]
 
 
-def weighted_mean(rows: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
-    """Mean of each metric over rows of (weight, metrics)."""
+def weighted_mean(rows: list[tuple[float, dict[str, float]]], independent: bool = True) -> dict[str, float]:
+    """Mean of each metric over rows of (weight, metrics). A standard error (``*_se``) of the mean
+    of ``independent`` estimates is sqrt(sum w^2 se^2) / sum w (clients on their own test splits);
+    of estimates on one shared test set, the mean of the standard errors (an upper bound)."""
     total = sum(w for w, _ in rows)
     keys = sorted({k for _, m in rows for k in m if k != "examples"})
     result = {}
     for key in keys:
         present = [(w, m[key]) for w, m in rows if key in m]
         weight = sum(w for w, _ in present) or 1.0
-        result[key] = float(sum(w * v for w, v in present) / weight)
+        if key == "tokens" and independent:  # disjoint test splits: the tokens they hold together
+            result[key] = float(sum(v for _, v in present))
+        elif key.endswith("_se") and independent:
+            result[key] = float(np.sqrt(sum((w * v) ** 2 for w, v in present)) / weight)
+        else:
+            result[key] = float(sum(w * v for w, v in present) / weight)
     if total:
         result["examples"] = float(total)
     return result
@@ -207,7 +214,7 @@ class Federation:
         """For algorithms without a global model: the mean over clients of their own model on the
         global test set."""
         results = clients.evaluate(self.config.federation.rounds, list(self.real_client_ids), "global")
-        result = weighted_mean([(1.0, metrics) for metrics in results.values()])
+        result = weighted_mean([(1.0, metrics) for metrics in results.values()], independent=False)
         result.pop("examples", None)
         return result
 

@@ -145,8 +145,10 @@ def _evaluate_classifier(model, spec, data, indices, pad_id, batch_size) -> dict
     recall = np.divide(true_positive, confusion.sum(1), out=np.zeros(num_labels), where=confusion.sum(1) > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(num_labels), where=(precision + recall) > 0)
     present = confusion.sum(1) > 0
+    accuracy = float(true_positive.sum() / count)
     return {
-        "accuracy": float(true_positive.sum() / count),
+        "accuracy": accuracy,
+        "accuracy_se": math.sqrt(accuracy * (1 - accuracy) / count),  # binomial standard error of the test-set accuracy
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
         "loss": loss_sum / count,
         "examples": float(count),
@@ -154,24 +156,39 @@ def _evaluate_classifier(model, spec, data, indices, pad_id, batch_size) -> dict
 
 
 def _evaluate_answer_loss(model, data, indices, pad_id, batch_size, kind) -> dict[str, float]:
-    loss_sum = 0.0
-    token_count = 0
-    correct = 0
+    losses, hits, counts = [], [], []  # per example: summed token loss, correct tokens, tokens
     for batch in evaluation_batches(data, indices, batch_size, pad_id, kind):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
-        targets = batch["labels"][:, 1:].reshape(-1)
+        targets = batch["labels"][:, 1:]
         mask = targets != -100
-        loss_sum += float(torch.nn.functional.cross_entropy(shifted[mask], targets[mask], reduction="sum"))
-        correct += int((shifted[mask].argmax(-1) == targets[mask]).sum())
-        token_count += int(mask.sum())
-    loss = loss_sum / max(1, token_count)
+        token_loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets.clamp(min=0), reduction="none")
+        losses.append((token_loss * mask).sum(1).double().numpy())
+        hits.append(((logits[:, :-1].argmax(-1) == targets) & mask).sum(1).numpy())
+        counts.append(mask.sum(1).numpy())
+    loss_sums, correct, tokens = (np.concatenate(x).astype(np.float64) for x in (losses, hits, counts))
+    loss = float(loss_sums.sum() / max(1.0, tokens.sum()))
+    accuracy = float(correct.sum() / max(1.0, tokens.sum()))
     return {
         "loss": loss,
         "perplexity": float(math.exp(min(loss, 50.0))),
-        "token_accuracy": correct / max(1, token_count),
+        "token_accuracy": accuracy,
+        # tokens of one example are not independent: standard errors of the two token means
+        # treat each example as one cluster (the ratio estimator's linearised variance)
+        "loss_se": ratio_standard_error(loss_sums, tokens),
+        "token_accuracy_se": ratio_standard_error(correct, tokens),
+        "tokens": float(tokens.sum()),
         "examples": float(len(indices)),
     }
+
+
+def ratio_standard_error(numerators: np.ndarray, denominators: np.ndarray) -> float:
+    """Standard error of R = sum(y) / sum(n) over independent examples i with totals y_i over n_i
+    tokens: sqrt(n/(n-1) * sum((y_i - R n_i)^2)) / sum(n) (Cochran, Sampling Techniques, 6.9)."""
+    count, total = len(numerators), float(denominators.sum())
+    if count < 2 or total == 0:
+        return float("nan")
+    ratio = numerators.sum() / total
+    return float(math.sqrt(count / (count - 1) * float(((numerators - ratio * denominators) ** 2).sum())) / total)
 
 
 def _evaluate_generation(model, data, indices, pad_id, batch_size, tokenizer, max_new_tokens) -> dict[str, float]:

@@ -1,377 +1,220 @@
-"""`atoll bench algorithms`: every algorithm on one task, under several partitions and seeds, as a
-markdown table (final global and personalized metric mean ± std, rounds to a target, MB moved per
-round) and a plot. Runs go to worker processes (one torch thread each); each run is an ordinary
-run directory, so any cell of the table can be inspected or re-run."""
+"""`atoll bench algorithms`: every algorithm of a suite (``configs/bench/suite.yaml``) on each of
+its tasks and partitions, over several seeds, with the learning rate the sweep chose for its
+family; then docs/algorithms.md (means with 95 % intervals, paired differences against FedIT,
+test-set standard errors, rounds and megabytes to a target, time per round) and its plots.
+
+Each run is an ordinary run directory under ``--runs``; ``bench.json`` there records the plan,
+the command, versions, the machine's load and every sitting's time. Running the same command
+again continues a killed bench where it stopped (:mod:`atoll.report.bench.runner`).
+"""
 
 from __future__ import annotations
 
+import datetime
 import json
-import math
-import statistics
+import shlex
+import shutil
+import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Callable
 
-import numpy as np
+from atoll.errors import ConfigError
+from atoll.report.bench.runner import Job, LoadSampler, machine, run_jobs
+from atoll.report.bench.suite import Suite, learning_rate, read_learning_rates
 
-# The comparison's default small settings: the quickstart task (pretrained MiniLM, tweet sentiment,
-# 10 clients), shortened so 2 partitions x 3 seeds x every algorithm fit in an hour on 2 cores.
-BENCH_DEFAULTS = [
-    "model.max_length=32",
-    "data.max_examples=2000",
-    "data.test_size=200",
-    "data.local_test_fraction=0.15",
-    "federation.clients=10",
-    "federation.rounds=4",
-    "federation.sample_rate=1.0",
-    "train.local_steps=3",
-    "train.batch_size=12",
-    "train.lr=0.006",
-    "eval.every=2",
-    "eval.initial=false",
-    "eval.local=final",
-    "run.threads=1",
-    "run.plots=false",
-]
-
-PARTITIONS = {
-    "iid": ["partition.name=iid"],
-    "dirichlet-0.1": ["partition.name=dirichlet", "partition.alpha=0.1", "partition.min_examples=10"],
-}
+BENCH_RECORD = "bench.json"
+RUN_SETTINGS = ("run.threads=1", "run.plots=false", "run.keep_checkpoints=1")
 
 
 @dataclass(frozen=True)
 class Cell:
-    algorithm: str
+    task: str
     partition: str
+    algorithm: str
     seed: int
 
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.partition}/{self.algorithm}/{self.seed}"
 
-def _run_one(config_path: str | None, overrides: list[str], run_dir: str) -> dict[str, Any]:
-    """Worker: one ordinary run; returns its summary plus the per-round global metric."""
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    from atoll.config import load_config
-    from atoll.report.progress import Progress
-    from atoll.dispatch import start_run
-
-    config = load_config(config_path, overrides + [f"run.dir={run_dir}"])
-    started = time.perf_counter()
-    run, summary = start_run(config, Progress())
-    records = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
-    metric = summary["metric"]
-    summary["curve"] = [(r["round"], r["global"][metric]) for r in records if metric in (r.get("global") or {})]
-    summary["seconds"] = time.perf_counter() - started
-    return summary
+    def directory(self, runs: Path) -> Path:
+        return runs / self.task / self.partition / f"{self.algorithm}-seed{self.seed}"
 
 
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
-def _rounds_to(curve: list[tuple[int, float]], target: float, lower_is_better: bool) -> int | None:
-    for round, value in curve:
-        if round > 0 and (value <= target if lower_is_better else value >= target):
-            return round
-    return None
-
-
-def _run_cells(
-    cells: list[Cell], runs_dir: Path, workers: int, config_path: str | None, extra: list[str], log
-) -> tuple[dict[str, float], dict[str, str]]:
-    """Run ``cells`` in worker processes; (seconds, failures) by cell key."""
-    seconds: dict[str, float] = {}
-    failures: dict[str, str] = {}
-    context = get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {}
-        for cell in cells:
-            overrides = (
-                BENCH_DEFAULTS
-                + PARTITIONS[cell.partition]
-                + [f"algorithm.name={cell.algorithm}", f"seed={cell.seed}", f"name={cell.algorithm}"]
-                + extra
+def plan(suite: Suite, tasks: list[str], partitions: list[str] | None, algorithms: list[str] | None, seeds: int) -> dict:
+    """What a bench runs: per task its partitions and algorithms, the seeds, and each family's
+    learning rate (the sweep's choice). Checks every name against the suite."""
+    chosen_lrs = read_learning_rates(suite)
+    result: dict = {"seeds": list(range(seeds)), "tasks": {}, "sweep": chosen_lrs}
+    for task in tasks:
+        if task not in suite.tasks:
+            raise ConfigError(f"unknown task '{task}'", f"the suite's tasks are: {', '.join(suite.tasks)}")
+        spec = suite.tasks[task]
+        names = [p for p in spec.partitions if partitions is None or p in partitions]
+        if partitions is not None and not names:
+            raise ConfigError(
+                f"task '{task}' has none of the partitions {', '.join(partitions)}", f"its partitions: {', '.join(spec.partitions)}"
             )
-            futures[pool.submit(_run_one, config_path, overrides, str(_cell_dir(runs_dir, cell)))] = cell
-        for done, future in enumerate(as_completed(futures), 1):
-            cell = futures[future]
-            try:
-                result = future.result()
-                seconds[_key(cell)] = result["seconds"]
-                final = result["final_global"].get(result["metric"], float("nan"))
-                log(f"[{done}/{len(cells)}] {cell.partition} {cell.algorithm} seed {cell.seed}: {final:.4f} ({result['seconds']:.0f} s)")
-            except Exception as exc:  # a failing algorithm is reported in the table, not fatal
-                failures[_key(cell)] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
-                log(f"[{done}/{len(cells)}] {cell.partition} {cell.algorithm} seed {cell.seed}: FAILED {failures[_key(cell)]}")
-    return seconds, failures
+        everything = suite.algorithms(task)
+        chosen = [a for a in everything if algorithms is None or a in algorithms]
+        if algorithms is not None:
+            unknown = [a for a in algorithms if a not in everything and not any(a in suite.algorithms(t) for t in tasks)]
+            if unknown:
+                raise ConfigError(f"'{unknown[0]}' is not an algorithm of the suite's tasks", f"task '{task}' has: {', '.join(everything)}")
+        result["tasks"][task] = {
+            "config": str(suite.config_path(task)),
+            "partitions": {p: spec.partitions[p] for p in names},
+            "algorithms": chosen,
+            "learning_rates": {a: learning_rate(suite, chosen_lrs, task, a) for a in chosen},
+            "spec": spec.model_dump(),
+        }
+    return result
+
+
+def cells(record: dict, algorithms: list[str] | None = None) -> list[Cell]:
+    return [
+        Cell(task, partition, algorithm, seed)
+        for task, spec in record["tasks"].items()
+        for partition in spec["partitions"]
+        for algorithm in spec["algorithms"]
+        if algorithms is None or algorithm in algorithms
+        for seed in record["seeds"]
+    ]
+
+
+def job(record: dict, cell: Cell, runs: Path) -> Job:
+    spec = record["tasks"][cell.task]
+    overrides = [
+        *spec["partitions"][cell.partition],
+        *spec["spec"].get("overrides", {}).get(cell.algorithm, []),
+        f"algorithm.name={cell.algorithm}",
+        f"seed={cell.seed}",
+        f"name={cell.algorithm}",
+        f"train.lr={spec['learning_rates'][cell.algorithm]}",
+        *RUN_SETTINGS,
+        *record["extra"],
+    ]
+    return Job(cell.key, cell.directory(runs), spec["config"], tuple(overrides))
+
+
+def _same_plan(old: dict, new: dict) -> bool:
+    keys = ("seeds", "extra")
+
+    def tasks(r: dict) -> dict:  # what a task's runs are made of (its title, metric and target only render)
+        return {
+            t: {**{k: v for k, v in s.items() if k != "spec"}, "overrides": s["spec"].get("overrides", {})} for t, s in r["tasks"].items()
+        }
+
+    return all(old.get(k) == new.get(k) for k in keys) and tasks(old) == tasks(new)
 
 
 def run_comparison(
-    algorithms: list[str],
-    partitions: list[str],
-    seeds: list[int],
-    out_dir: Path,
-    runs_dir: Path,
+    suite: Suite,
+    record: dict,
+    runs: Path,
+    out: Path,
     workers: int,
-    target: float,
-    config_path: str | None,
-    extra: list[str],
-    log=print,
+    command: str,
+    log: Callable[[str], None] = print,
 ) -> Path:
-    """Run every cell in worker processes, record the bench in ``runs_dir/bench.json``, then
-    render the table and plot from the run directories (:func:`render`)."""
-    cells = [Cell(a, p, s) for p in partitions for a in algorithms for s in seeds]
-    started = time.perf_counter()
-    seconds, failures = _run_cells(cells, runs_dir, workers, config_path, extra, log)
-    record = {
-        "algorithms": algorithms,
-        "partitions": partitions,
-        "seeds": seeds,
-        "workers": workers,
-        "target": target,
-        "extra": extra,
-        "config": config_path,
-        "minutes": (time.perf_counter() - started) / 60,
-        "seconds": seconds,
-        "failures": failures,
-        "notes": [],
-    }
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    (runs_dir / BENCH_RECORD).write_text(json.dumps(record, indent=1))
-    return render(runs_dir, out_dir)
+    """Run (or continue) the bench ``record`` plans in ``runs``, then render it into ``out``."""
+    path = runs / BENCH_RECORD
+    record = {**record, "extra": list(record.get("extra", []))}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if not _same_plan(old, record):
+            raise ConfigError(
+                f"'{runs}' holds another bench (other tasks, algorithms, seeds, learning rates or --set)",
+                "pass --runs elsewhere, or remove it",
+            )
+        log(f"continuing the bench in {runs}")
+        record = {**old, "tasks": record["tasks"]}
+    elif runs.exists() and any(runs.iterdir()):
+        raise ConfigError(f"'{runs}' already holds files but no {BENCH_RECORD}", "pass --runs elsewhere, or remove it")
+    else:
+        record.update({"suite": str(suite.path), "sittings": [], "failures": {}, "notes": [], "command": command})
+    runs.mkdir(parents=True, exist_ok=True)
+    record["machine"] = machine()
+    record["workers"] = workers
+    jobs = [job(record, cell, runs) for cell in cells(record)]
+    _sitting(record, jobs, workers, path, log)
+    return render(runs, out)
 
 
-def rerun_algorithms(algorithms: list[str], why: str, runs_dir: Path, out_dir: Path, log=print) -> Path:
-    """Re-run every cell of ``algorithms`` in a finished bench (same partitions, seeds, config and
-    overrides), replace their run directories, and record a dated note in the table saying what
-    was re-run, how long it took and why."""
-    import datetime
-    import shutil
+def _sitting(record: dict, jobs: list[Job], workers: int, path: Path, log) -> None:
+    """Run the unfinished ``jobs``, recording this sitting's wall time, CPU time and load."""
+    started, sampler = time.perf_counter(), LoadSampler()
+    todo = [j for j in jobs if not j.finished()]
+    sitting = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "runs": len(todo), "workers": workers}
+    record["sittings"].append(sitting)
+    path.write_text(json.dumps(record, indent=1))  # a killed sitting is still on record
 
-    record = json.loads((runs_dir / BENCH_RECORD).read_text())
-    cells = [Cell(a, p, s) for p in record["partitions"] for a in algorithms for s in record["seeds"]]
-    for cell in cells:
-        if _cell_dir(runs_dir, cell).exists():
-            shutil.rmtree(_cell_dir(runs_dir, cell))
-    started = time.perf_counter()
-    seconds, failures = _run_cells(cells, runs_dir, record["workers"], record.get("config"), record["extra"], log)
-    minutes = (time.perf_counter() - started) / 60
-    for cell in cells:
-        record["failures"].pop(_key(cell), None)
-        record["seconds"].pop(_key(cell), None)
-    record["seconds"].update(seconds)
+    def progress(line: str) -> None:  # after every run: a killed sitting keeps its time up to there
+        log(line)
+        sitting.update(minutes=(time.perf_counter() - started) / 60, load=sampler.summary())
+        path.write_text(json.dumps(record, indent=1))
+
+    failures = run_jobs(jobs, workers, progress)
+    sitting["minutes"] = (time.perf_counter() - started) / 60
+    sitting["load"] = sampler.stop()
+    for j in jobs:
+        record["failures"].pop(j.key, None)
     record["failures"].update(failures)
-    names = ", ".join(algorithms)
-    record.setdefault("notes", []).append(
-        f"{datetime.date.today().isoformat()}: the {names} rows were re-run ({len(cells)} runs, {minutes:.1f} minutes, "
+    path.write_text(json.dumps(record, indent=1))
+
+
+def rerun_algorithms(algorithms: list[str], why: str, runs: Path, out: Path, workers: int | None = None, log=print) -> Path:
+    """Re-run every cell of ``algorithms`` in a finished bench (same tasks, partitions, seeds,
+    learning rates and overrides), replacing their run directories, and note under the table
+    what was re-run, how long it took and why."""
+    path = runs / BENCH_RECORD
+    record = json.loads(path.read_text())
+    chosen = cells(record, algorithms)
+    for cell in chosen:
+        shutil.rmtree(cell.directory(runs), ignore_errors=True)
+    started = time.perf_counter()
+    _sitting(record, [job(record, cell, runs) for cell in chosen], workers or record["workers"], path, log)
+    minutes = (time.perf_counter() - started) / 60
+    record["notes"].append(
+        f"{datetime.date.today().isoformat()}: the {', '.join(algorithms)} rows were re-run ({len(chosen)} runs, {minutes:.1f} minutes, "
         f"`atoll bench algorithms --rerun {','.join(algorithms)}`): {why}"
     )
-    (runs_dir / BENCH_RECORD).write_text(json.dumps(record, indent=1))
-    return render(runs_dir, out_dir)
+    path.write_text(json.dumps(record, indent=1))
+    return render(runs, out)
 
 
-BENCH_RECORD = "bench.json"
+def render(runs: Path, out: Path) -> Path:
+    """algorithms.md, its plots and algorithms.json from the run directories of a bench
+    (``--render-only`` re-renders without running anything)."""
+    from atoll.report.bench import figures, tables
+    from atoll.report.bench.results import CellResult, Row
+
+    record = json.loads((runs / BENCH_RECORD).read_text())
+    rows: dict[tuple[str, str], list[Row]] = {}
+    for task, spec in record["tasks"].items():
+        for partition in spec["partitions"]:
+            rows[(task, partition)] = []
+            for algorithm in spec["algorithms"]:
+                row = Row(algorithm, {})
+                for seed in record["seeds"]:
+                    cell = Cell(task, partition, algorithm, seed)
+                    loaded = CellResult.load(cell.directory(runs))
+                    if loaded is not None and cell.key not in record["failures"]:
+                        row.results[seed] = loaded
+                    else:
+                        row.failures[seed] = record["failures"].get(cell.key, "no finished run directory")
+                rows[(task, partition)].append(row)
+    out.mkdir(parents=True, exist_ok=True)
+    document = tables.document(record, rows, figures.names(record))
+    (out / "algorithms.md").write_text(document)
+    figures.draw(record, rows, out)
+    (out / "algorithms.json").write_text(json.dumps(tables.as_json(record, rows), indent=1, sort_keys=True))
+    return out / "algorithms.md"
 
 
-def _key(cell: Cell) -> str:
-    return f"{cell.partition}/{cell.algorithm}/{cell.seed}"
-
-
-def _cell_dir(runs_dir: Path, cell: Cell) -> Path:
-    return runs_dir / cell.partition / f"{cell.algorithm}-seed{cell.seed}"
-
-
-def _load_cell(runs_dir: Path, cell: Cell) -> dict[str, Any] | None:
-    """A finished run's summary plus its per-round global metric curve (None if it did not finish)."""
-    path = _cell_dir(runs_dir, cell)
-    if not (path / "summary.json").is_file():
-        return None
-    summary = json.loads((path / "summary.json").read_text())
-    metric = summary["metric"]
-    records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    summary["curve"] = [(r["round"], r["global"][metric]) for r in records if metric in (r.get("global") or {})]
-    return summary
-
-
-_LOCAL_MAJORITY: dict[tuple[str, int], float | None] = {}
-
-
-def _local_majority(runs_dir: Path, cell: Cell) -> float | None:
-    """The local majority-class rate of a run's splits, from its saved config (the splits depend
-    on the data, partition and seed only, so it is computed once per partition and seed)."""
-    key = (cell.partition, cell.seed)
-    if key not in _LOCAL_MAJORITY:
-        from atoll.config import load_config
-        from atoll.experiment import load_data, majority_rates
-
-        _, spec, _, data, splits = load_data(load_config(_cell_dir(runs_dir, cell) / "config.yaml"))
-        _LOCAL_MAJORITY[key] = majority_rates(spec, data, splits)[1]
-    return _LOCAL_MAJORITY[key]
-
-
-def render(runs_dir: Path, out_dir: Path) -> Path:
-    """algorithms.md, .png and .json from the run directories of a bench (``atoll bench
-    algorithms --render-only`` re-renders without re-running)."""
-    record = json.loads((runs_dir / BENCH_RECORD).read_text())
-    algorithms, partitions, seeds, target = record["algorithms"], record["partitions"], record["seeds"], record["target"]
-    results: dict[Cell, dict[str, Any]] = {}
-    failures: dict[Cell, str] = {}
-    for cell in (Cell(a, p, s) for p in partitions for a in algorithms for s in seeds):
-        loaded = _load_cell(runs_dir, cell)
-        if loaded is not None and _key(cell) not in record["failures"]:
-            loaded["seconds"] = record["seconds"].get(_key(cell))
-            results[cell] = loaded
-        else:
-            failures[cell] = record["failures"].get(_key(cell), "no finished run directory")
-    for cell, result in results.items():
-        if "local_majority_rate" not in result and "majority_class_rate" in result:
-            result["local_majority_rate"] = _local_majority(runs_dir, cell)  # runs made before summaries had it
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = _table(algorithms, partitions, seeds, results, failures, target)
-    metric = next(iter(results.values()))["metric"] if results else "accuracy"
-    header = [
-        "# Algorithm comparison",
-        "",
-        f"Every registered algorithm on the quickstart task (pretrained MiniLM + LoRA r=8, 3-class tweet sentiment, "
-        f"{_setting(BENCH_DEFAULTS + record['extra'])}), under {', '.join(partitions)}, seeds {', '.join(map(str, seeds))}.",
-        f"Global = the server's model on the held-out global test set (for algorithms without a global model: the mean of the clients' own models on it). "
-        f"Personalized = the mean over clients of the model each client would use, on its own local test split. "
-        f"Rounds to {target:.2f} = first round whose global {metric} reaches {target:.2f} (mean over the seeds that reach it; in brackets how many did). "
-        f"MB per round = bytes actually sent, per round, summed over clients. "
-        f"The first row of each table is the reference a constant predictor scores: the majority class of the global test set "
-        f"(global column) and of each client's local test split (personalized column).",
-        "",
-        f"Made by `{_command(algorithms, partitions, seeds, record['workers'], target)}` in {record['minutes']:.1f} minutes on this 2-core machine.",
-        *(f"\n{note}" for note in record.get("notes", [])),  # cells re-run later, and why
-        "",
-    ]
-    (out_dir / "algorithms.md").write_text("\n".join(header) + table + "\n")
-    _plot(algorithms, partitions, results, metric, out_dir / "algorithms.png")
-    keep = (
-        "final_global",
-        "final_local",
-        "bytes_up_total",
-        "bytes_down_total",
-        "curve",
-        "seconds",
-        "majority_class_rate",
-        "local_majority_rate",
-    )
-    (out_dir / "algorithms.json").write_text(
-        json.dumps(
-            {_key(c): {k: v for k, v in r.items() if k in keep} for c, r in results.items()}
-            | {_key(c): {"failed": f} for c, f in failures.items()},
-            indent=1,
-            sort_keys=True,
-        )
-    )
-    return out_dir / "algorithms.md"
-
-
-def _setting(overrides: list[str]) -> str:
-    values = dict(o.split("=", 1) for o in overrides)
-    return (
-        f"{values['federation.clients']} clients, {values['federation.rounds']} rounds, {values['train.local_steps']} local steps, "
-        f"batch {values['train.batch_size']}, lr {values['train.lr']}, {values['data.max_examples']} tweets, global test {values['data.test_size']}, evaluated every {values['eval.every']} rounds"
-    )
-
-
-def _command(algorithms, partitions, seeds, workers, target) -> str:
-    return f"atoll bench algorithms --seeds {len(seeds)} --workers {workers} --target {target}"
-
-
-def _table(algorithms, partitions, seeds, results, failures, target) -> str:
-    lines = []
-    for partition in partitions:
-        lines += [
-            f"## {partition}",
-            "",
-            f"| algorithm | global | personalized | rounds to {target:.2f} | MB up / round | MB down / round |",
-            "|---|---|---|---|---|---|",
-        ]
-        # the reference: one result per seed (every algorithm of a seed shares the data and splits)
-        by_seed = {c.seed: r for c, r in results.items() if c.partition == partition and "majority_class_rate" in r}
-        if by_seed:
-            global_rates = [r["majority_class_rate"] for r in by_seed.values()]
-            local_rates = [r["local_majority_rate"] for r in by_seed.values() if r.get("local_majority_rate") is not None]
-            lines.append(f"| *majority class (constant predictor)* | {_mean_std(global_rates)} | {_mean_std(local_rates)} | | | |")
-        for algorithm in algorithms:
-            cells = [Cell(algorithm, partition, s) for s in seeds]
-            done = [results[c] for c in cells if c in results]
-            failed = [failures[c] for c in cells if c in failures]
-            if not done:
-                lines.append(f"| {algorithm} | failed: {failed[0] if failed else 'not run'} | | | | |")
-                continue
-            metric = done[0]["metric"]
-            lower = metric == "loss"
-            global_values = [r["final_global"][metric] for r in done if metric in r["final_global"]]
-            local_values = [r["final_local"][metric] for r in done if metric in r["final_local"]]
-            reached = [x for x in (_rounds_to(r["curve"], target, lower) for r in done) if x is not None]
-            rounds_text = f"{statistics.mean(reached):.1f} ({len(reached)}/{len(done)})" if reached else f"— (0/{len(done)})"
-            up = statistics.mean(r["bytes_up_total"] / r["rounds"] / 1e6 for r in done)
-            down = statistics.mean(r["bytes_down_total"] / r["rounds"] / 1e6 for r in done)
-            note = f" ({len(failed)} failed)" if failed else ""
-            lines.append(
-                f"| {algorithm}{note} | {_mean_std(global_values)} | {_mean_std(local_values)} | {rounds_text} | {up:.2f} | {down:.2f} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _plot(algorithms, partitions, results, metric, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(partitions), figsize=(7 * len(partitions), 0.32 * len(algorithms) + 1.8), sharey=True, squeeze=False)
-    positions = np.arange(len(algorithms))
-    for axis, partition in zip(axes[0], partitions):
-        for offset, (scope, color) in enumerate((("final_global", "tab:blue"), ("final_local", "tab:orange"))):
-            means, stds = [], []
-            for algorithm in algorithms:
-                values = [
-                    r[scope][metric]
-                    for c, r in results.items()
-                    if c.algorithm == algorithm and c.partition == partition and metric in r[scope]
-                ]
-                means.append(statistics.mean(values) if values else math.nan)
-                stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
-            axis.barh(
-                positions + (offset - 0.5) * 0.38,
-                means,
-                height=0.38,
-                xerr=stds,
-                color=color,
-                label="global" if offset == 0 else "personalized",
-            )
-        by_seed = {c.seed: r for c, r in results.items() if c.partition == partition and "majority_class_rate" in r}
-        for key, color, label in (
-            ("majority_class_rate", "tab:blue", "majority class, global test"),
-            ("local_majority_rate", "tab:orange", "own majority class, local tests"),
-        ):
-            rates = [r[key] for r in by_seed.values() if r.get(key) is not None]
-            if rates:
-                axis.axvline(statistics.mean(rates), color=color, linestyle="--", linewidth=1, label=label)
-        axis.set_yticks(positions)
-        axis.set_yticklabels(algorithms, fontsize=8)
-        axis.set_xlabel(f"final {metric}")
-        axis.set_title(partition)
-        axis.grid(axis="x", alpha=0.3)
-    axes[0][0].invert_yaxis()  # once: the axes share y, and a second inversion would undo it
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
-    figure.tight_layout(rect=(0, 0, 1, 0.97))
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+def command_line() -> str:
+    """How this process was started, as a shell command (recorded with the table)."""
+    arguments = sys.argv[1:]
+    return "atoll " + shlex.join(arguments) if arguments else "atoll"

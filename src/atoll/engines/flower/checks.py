@@ -132,6 +132,11 @@ def check_node_data(config: "Config") -> None:
             "data.max_examples takes a subset of one pooled source; with flower.node_data each node uses its whole file",
             "drop data.max_examples",
         )
+    if data.validation_size:
+        raise ConfigError(
+            "data.validation_size draws a validation set from one pooled source; with flower.node_data no one holds the pool",
+            "drop data.validation_size (the server's own set is data.test_source)",
+        )
 
 
 def _sampled(config: "Config") -> int:

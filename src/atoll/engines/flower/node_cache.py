@@ -235,7 +235,7 @@ def _real_tokenizer(config):
     """The run's tokenizer, loaded as :func:`atoll.experiment.load_data` loads it."""
     from atoll.data.sources import load_source
     from atoll.data.tasks import default_cache_dir, resolve_task
-    from atoll.experiment import _subset
+    from atoll.experiment import _subset, split_seed
     from atoll.models.registry import load_tokenizer
 
     cache_dir = Path(config.data.cache_dir).expanduser() if config.data.cache_dir else default_cache_dir()
@@ -243,6 +243,6 @@ def _real_tokenizer(config):
     def corpus() -> list[str]:
         raw = load_source(config.data.source)
         spec = resolve_task(config.data, raw)
-        return spec.corpus(_subset(raw, config.data.max_examples, config.seed)[0])
+        return spec.corpus(_subset(raw, config.data.max_examples, split_seed(config))[0])
 
     return load_tokenizer(config.model.name, corpus, cache_dir)
