@@ -19,7 +19,7 @@ Atoll's first round fills the nodes' data cache and is reported apart.
 
 Wall time on a shared machine is noisy: the load average is printed before and after.
 
-    python benchmarks/flower_overhead.py [--clients 4] [--rounds 4] [--steps 4] [--model tiny-bert] [--deployment]
+    python benchmarks/flower_overhead.py [--clients 4] [--rounds 4] [--steps 4] [--model tiny-bert] [--deployment] [--keep]
 """
 
 from __future__ import annotations
@@ -185,6 +185,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--model", default="tiny-bert")
     parser.add_argument("--deployment", action="store_true", help="a loopback SuperLink + SuperNodes instead of the simulation engine")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory (run directories, process logs)")
     args = parser.parse_args()
 
     import torch
@@ -263,6 +264,10 @@ def main() -> None:
         print(f"    atoll round 1 (cold cache):  ClientApp {first_process:6.2f} s   exchange {first_exchange:6.2f} s")
         print(f"  ratio atoll / floor: ClientApp {process / floor_process:.2f}, exchange {exchange / floor_exchange:.2f} (target <= 1.5)")
     print(f"  load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (2 cores shared)")
+    if args.keep:
+        print(f"  run directories and logs kept in {scratch}")
+    else:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
