@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from atoll.errors import ConfigError
+from atoll.privacy.settings import AttackConfig, PrivacyConfig, RobustConfig
 
 
 class Section(BaseModel):
@@ -271,6 +272,9 @@ class AlgorithmConfig(BaseModel):
 
 class TrainConfig(Section):
     lr: float = Field(1e-3, gt=0, description="peak learning rate of AdamW")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="local optimizer: AdamW, or plain SGD (a FedSGD-style step whose update is -lr * the gradient)"
+    )
     batch_size: int = Field(16, gt=0, description="examples per optimizer micro-batch")
     grad_accum: int = Field(1, gt=0, description="micro-batches accumulated per optimizer step")
     local_steps: int | None = Field(None, gt=0, description="optimizer steps per client per round (overrides local_epochs)")
@@ -333,6 +337,11 @@ class Config(Section):
     )
     system: str | None = Field(None, description="realistic mode: the sys.yaml describing devices, networks, availability and ranks")
     realistic: RealisticConfig = Field(default_factory=RealisticConfig, description="realistic mode: paradigm, session and stopping")
+    privacy: PrivacyConfig = Field(
+        default_factory=PrivacyConfig, description="differential privacy and secure aggregation (docs/security.md)"
+    )
+    robust: RobustConfig = Field(default_factory=RobustConfig, description="robust aggregation and update validation (docs/security.md)")
+    attack: AttackConfig = Field(default_factory=AttackConfig, description="poisoning and privacy attacks (docs/security.md)")
 
     @model_validator(mode="after")
     def _validation_set_exists(self) -> "Config":

@@ -8,8 +8,9 @@ runs and what the run directory records (``config.yaml`` and ``resolved.json``, 
 Flower ServerApp and ClientApps receive it as it is and check nothing again.
 
 The user's config object is never changed: the run's effective config (the ranks a sys.yaml
-assigns, absolute paths) is a resolved copy. Nothing here imports torch, so a config error
-appears in a fraction of a second.
+assigns, absolute paths, a DP noise multiplier solved from a target epsilon) is a resolved copy.
+Nothing here imports torch (except that solving, through opacus), so a config error appears in a
+fraction of a second.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from atoll.config import Config, build_config
 from atoll.errors import ConfigError
 from atoll.fl.capabilities import AlgorithmSpec
 from atoll.fl.stages import check_behaviours
+from atoll.privacy.checks import check_protections, effective_settings
 
 
 @dataclass
@@ -94,6 +96,8 @@ def resolve(config: Config) -> ResolvedRun:
     elif config.realistic.dry_run:
         raise ConfigError("realistic.dry_run needs mode: realistic", "add --set mode=realistic (or use `atoll run --dry-run`)")
     compat.check_paradigm(effective, spec, set(ranks))
+    check_protections(effective, spec, set(ranks))
+    effective = effective_settings(effective)  # privacy.dp's noise multiplier, and Flower's DP / SecAgg+ settings
     from atoll.engines.flower.checks import check_flower_settings
 
     check_flower_settings(effective)

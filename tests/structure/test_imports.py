@@ -98,15 +98,17 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def test_a_config_error_appears_before_torch_is_imported(tmp_path):
-    """A bad algorithm parameter, mixed ranks the algorithm refuses, and an async paradigm for a
-    synchronous algorithm are refused by the resolve step without torch or any algorithm module."""
+    """A bad algorithm parameter, mixed ranks the algorithm refuses, Flower's SecAgg+ for SCAFFOLD
+    and DP for an algorithm without a weighted mean are refused by the resolve step without torch
+    or any algorithm module."""
     code = (
         "import sys\n"
         "from atoll.config import config_with\n"
         "from atoll.errors import ConfigError\n"
         "from atoll.resolve import resolve\n"
         "for overrides in (['algorithm.name=flora', 'algorithm.downlink=x'], ['model.lora.client_ranks={1: 4}'],\n"
-        "                  ['algorithm.name=scaffold', 'engine=flower', 'flower.secagg.enabled=true']):\n"
+        "                  ['algorithm.name=scaffold', 'engine=flower', 'flower.secagg.enabled=true'],\n"
+        "                  ['algorithm.name=flexlora', 'privacy.dp.mode=fixed']):\n"
         "    try:\n"
         "        resolve(config_with(overrides))\n"
         "    except ConfigError as error:\n"
@@ -120,7 +122,7 @@ def test_a_config_error_appears_before_torch_is_imported(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.strip().splitlines()
-    assert "downlink" in lines[0] and "different LoRA ranks" in lines[1] and "SecAgg+" in lines[2]
+    assert "downlink" in lines[0] and "different LoRA ranks" in lines[1] and "SecAgg+" in lines[2] and "weighted mean" in lines[3]
     assert lines[-1] == "imported: [] []", lines[-1]
 
 
@@ -131,10 +133,28 @@ LAYER_RULES = [
     ("atoll.algorithms", ["atoll.sim", "atoll.engines", "atoll.dispatch", "atoll.cli", "atoll.experiment"]),
     ("atoll.sim", ["atoll.engines", "atoll.dispatch", "atoll.cli"]),
     ("atoll.engines", ["atoll.sim", "atoll.dispatch", "atoll.cli"]),
+    # protections act through the federation's stages: they know no driver
+    ("atoll.privacy", ["atoll.sim", "atoll.engines", "atoll.dispatch", "atoll.cli", "atoll.experiment"]),
     ("atoll.resolve", ["atoll.experiment", "atoll.sim.realistic.engine", "atoll.fl.federation", "atoll.fl.base"]),
     # pretraining knows no federation; the shared console helpers know no command
     ("atoll.lm", ["atoll.fl", "atoll.sim", "atoll.engines", "atoll.algorithms", "atoll.dispatch", "atoll.cli", "atoll.experiment"]),
-    ("atoll.console", ["atoll.cli", "atoll.lm", "atoll.fl", "atoll.sim", "atoll.engines", "atoll.algorithms", "atoll.dispatch"]),
+    (
+        "atoll.console",
+        ["atoll.cli", "atoll.lm", "atoll.fl", "atoll.sim", "atoll.engines", "atoll.algorithms", "atoll.dispatch", "atoll.split"],
+    ),
+    # split learning reuses data, models, the training-loop helpers, the config helpers and the run
+    # directory; it knows no federation, no driver and no algorithm, and nothing below it knows it
+    ("atoll.split", ["atoll.fl.federation", "atoll.fl.base", "atoll.fl.stages", "atoll.sim", "atoll.engines", "atoll.algorithms"]),
+    ("atoll.split", ["atoll.dispatch", "atoll.cli", "atoll.experiment", "atoll.resolve", "atoll.lm", "atoll.privacy"]),
+    ("atoll.privacy", ["atoll.split"]),
+    ("atoll.fl", ["atoll.split"]),
+    ("atoll.algorithms", ["atoll.split"]),
+    ("atoll.sim", ["atoll.split"]),
+    ("atoll.engines", ["atoll.split"]),
+    ("atoll.models", ["atoll.split"]),
+    ("atoll.data", ["atoll.split"]),
+    ("atoll.report", ["atoll.split"]),
+    ("atoll.config", ["atoll.split"]),
 ]
 
 

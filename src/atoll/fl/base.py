@@ -228,6 +228,7 @@ class BaseClient:
             schedule=train.schedule,
             warmup_steps=train.warmup_steps,
             max_grad_norm=train.max_grad_norm,
+            optimizer=train.optimizer,
         )
 
     # -- the protocol --------------------------------------------------------------------------------

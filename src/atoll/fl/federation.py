@@ -80,7 +80,11 @@ class Federation:
         self.server = experiment.server
         self.clients = experiment.clients
         self.capabilities = self.server.capabilities
-        self.stages = stages if stages is not None else Stages.from_config(self.config, self.capabilities)
+        if stages is None:
+            from atoll.privacy.seams.wiring import protection_stages  # privacy:, robust: and attack: of the config
+
+            stages = protection_stages(experiment, Stages.from_config(self.config, self.capabilities))
+        self.stages = stages
         self.metric = MAIN_METRIC[experiment.spec.kind]
         self.dropped: list[dict[str, Any]] = []  # updates a receive stage refused since the last record
 
@@ -155,7 +159,9 @@ class Federation:
 
     # -- records -------------------------------------------------------------------------------------
     def should_evaluate(self, round: int) -> bool:
-        return round == self.config.federation.rounds or round % self.config.eval.every == 0
+        """Every ``eval.every`` rounds, the last round, and a round after which a stage ends the run
+        (a privacy budget): the model it leaves is evaluated."""
+        return round == self.config.federation.rounds or round % self.config.eval.every == 0 or self.stop_reason() is not None
 
     def train_summary(self, updates: list[Update]) -> dict[str, float]:
         """Example-weighted mean train loss, total steps and examples of a round's updates."""
@@ -224,7 +230,7 @@ class Federation:
             round,
             self.server.state_dict(),
             self.experiment.store.save,
-            {"config": config_digest(self.config)},
+            {"config": config_digest(self.config), "stages": self.stages.state()},
             self.config.run.keep_checkpoints,
         )
 
@@ -239,6 +245,7 @@ class Federation:
             raise CheckpointError(f"checkpoint of round {last} was written with another config", "start a new run")
         self.server.load_state_dict(tensors)
         self.experiment.store.load(clients_dir)
+        self.stages.load_state(meta.get("stages", {}))
         return last
 
     # -- the run's outputs ---------------------------------------------------------------------------
@@ -275,6 +282,14 @@ class Federation:
             summary["majority_class_rate"] = majority
             if metric in final_global:
                 summary["gain_over_majority"] = final_global[metric] - majority
+        protection: dict[str, Any] = {}
+        for record in records:  # each key's latest value: epsilon spent, attack success, ...
+            protection.update(record.get("protection") or {})
+        if protection:
+            summary["protection"] = protection
+        stopped = self.stop_reason()
+        if stopped and last["round"] < config.federation.rounds:
+            summary["stopped_early"] = stopped
         if evaluated and metric in evaluated[-1]["global"]:
             better = min if metric == "loss" else max
             summary["best_global"] = better(r["global"][metric] for r in evaluated if metric in r["global"])

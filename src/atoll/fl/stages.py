@@ -14,8 +14,9 @@ A :class:`Stage` may act at five points of a round (every method's default does 
 - server side, ``after_aggregate``: on the new global state (noise on the sum).
 
 Stages add numbers to the round record (``round_metrics``, e.g. the privacy spent so far), may end
-the run (``stop_reason``, e.g. a privacy budget reached), and in realistic mode may charge extra
-upload bytes and extra message round trips to the simulated timeline.
+the run (``stop_reason``, e.g. a privacy budget reached), in realistic mode may charge extra
+upload bytes and extra message round trips to the simulated timeline, and keep what must survive a
+resume in the checkpoint (``state``, e.g. the accountant's history).
 
 Client behaviours (:class:`ClientBehaviour`) replace or wrap one client's training and upload, per
 client id, from ``federation.behaviours`` in the config: how an attacking client is expressed.
@@ -72,6 +73,14 @@ class Stage:
     def upload_cost(self, update: Update) -> tuple[int, int]:
         """(extra bytes, extra message round trips) this stage adds to one upload."""
         return 0, 0
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """What the stage must carry across a resume (JSON-ready; e.g. an accountant's history)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        return None
 
 
 class FiniteUpdates(Stage):
@@ -179,6 +188,15 @@ class Stages:
 
     def stop_reason(self) -> str | None:
         return next((reason for stage in self.stages if (reason := stage.stop_reason())), None)
+
+    def state(self) -> dict:
+        """Every stage's checkpoint state, by position and name (stored in a checkpoint's meta.json)."""
+        return {f"{index}.{stage.name}": state for index, stage in enumerate(self.stages) if (state := stage.state())}
+
+    def load_state(self, state: dict) -> None:
+        for index, stage in enumerate(self.stages):
+            if f"{index}.{stage.name}" in state:
+                stage.load_state(state[f"{index}.{stage.name}"])
 
     def upload_cost(self, update: Update) -> tuple[int, int]:
         extra_bytes = extra_trips = 0

@@ -58,6 +58,7 @@ class TrainPlan:
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     hooks: TrainHooks = field(default_factory=TrainHooks)
+    optimizer: str = "adamw"  # or "sgd"
 
 
 def lr_factor(step: int, plan: TrainPlan) -> float:
@@ -74,9 +75,12 @@ def lr_factor(step: int, plan: TrainPlan) -> float:
 
 
 def train_steps(model: nn.Module, params: list[nn.Parameter], batches: Iterator[dict[str, Tensor]], plan: TrainPlan) -> dict[str, float]:
-    """Run ``plan.steps`` optimizer steps of AdamW on ``params``; return mean loss and counts."""
+    """Run ``plan.steps`` optimizer steps of AdamW (or SGD) on ``params``; return mean loss and counts."""
     model.train()
-    optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay)
+    if plan.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=plan.lr, weight_decay=plan.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay)
     total_loss = 0.0
     micro_batches = 0
     examples = 0

@@ -1,0 +1,2 @@
+"""Attacks that measure the protections: poisoning (label flipping, backdoors, Byzantine updates),
+free riding, membership inference and reconstruction of client text from updates."""

@@ -1,0 +1,1 @@
+"""Byzantine-robust aggregation rules on flat client updates (one row per client)."""
