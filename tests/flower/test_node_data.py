@@ -112,7 +112,7 @@ def query_info(context) -> dict:
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"flower.mode": "simulation"}, "needs flower.mode: deployment"),
+        ({"flower.mode": "simulation", "flower.superlink": "null", "flower.insecure": "false"}, "needs flower.mode: deployment"),
         ({"data.task": "auto"}, "set data.task"),
         ({"data.labels": "null"}, "label set must be fixed"),
         ({"data.max_examples": 100}, "each node uses its whole file"),
