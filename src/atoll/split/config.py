@@ -123,6 +123,11 @@ class SplitEvalConfig(Section):
 class RecordConfig(Section):
     every: int = Field(0, ge=0, description="record what the model party receives every N training steps (0: only when an attack needs it)")
     limit: int = Field(8, gt=0, description="record at most this many training steps per data party")
+    start: int = Field(
+        1,
+        gt=0,
+        description="first training step that may be recorded (e.g. the last steps, to attack what a trained defense sends)",
+    )
     phases: list[Literal["train", "eval", "generate"]] = Field(
         default_factory=lambda: ["train"], description="which exchanges are recorded: train, eval, generate"
     )
