@@ -25,7 +25,14 @@ from atoll.fl.base import BaseClient, BaseServer, ClientContext, ServerContext, 
 from atoll.fl.state import AdapterState
 from atoll.fl.store import ClientStore
 from atoll.fl.workbench import Workbench
-from atoll.models.registry import check_model_for_task, check_model_name, load_base_model, load_tokenizer, target_modules
+from atoll.models.registry import (
+    check_model_for_task,
+    check_model_name,
+    check_trainable_modules,
+    load_base_model,
+    load_tokenizer,
+    target_modules,
+)
 from atoll.resolve import ResolvedRun, resolve
 from atoll.seeding import numpy_rng
 
@@ -123,7 +130,8 @@ def make_splits(config: Config, data: Tokenized, raw: RawData, spec: TaskSpec) -
     test_count, validation_count = _held_out_count(test_size, n), _held_out_count(validation_size, n)
     if test_count < 1 or test_count + validation_count >= n:
         raise DataError(
-            f"data.test_size={test_size} and data.validation_size={validation_size} leave {n - test_count - validation_count} of {n} examples for training",
+            f"data.test_size={test_size:g} and data.validation_size={validation_size:g} leave {max(n - test_count - validation_count, 0)}"
+            f" of the {n} examples for training",
             "use fractions in (0, 1) or smaller counts",
         )
     order = numpy_rng(split_seed(config), "global-test").permutation(n)
@@ -167,6 +175,7 @@ def build(config: Config | ResolvedRun, store_dir: Path | None = None) -> Experi
         config.model.name, spec.is_generative, spec.num_labels, tokenizer, config.model.dtype, config.seed, config.model.random_init
     )
     targets = target_modules(model, config.model.lora.target_modules)
+    check_trainable_modules(model, config.model.lora.trainable_modules)
     workbench = Workbench(
         model,
         tokenizer,
