@@ -312,7 +312,8 @@ ATTACK_SHORT = {
 
 def render_table(bench: BenchConfig, records: list[dict[str, Any]], command: str, note: str) -> str:
     """The Markdown block written between the bench markers."""
-    scored = scores(records, bench.beta)
+    order = {cell["id"]: index for index, cell in enumerate(cells(bench))}  # the grid's order, not the order cells ran in
+    scored = sorted(scores(records, bench.beta), key=lambda r: order.get(r.get("id"), len(order)))
     attack_names = [a["name"] for a in bench.attacks]
     lines = [START, "", f"Made by `{command}`. {note}", ""]
     for cut_index, cut in enumerate(bench.cuts):
