@@ -168,6 +168,10 @@ class FlowerConfig(Section):
         description="wait for this many online clients before a round, and fail a round that gets fewer replies (null: all clients)",
     )
     wait_timeout: float = Field(300.0, gt=0, description="seconds to wait for min_available_clients before the run fails")
+    node_data: bool = Field(
+        False,
+        description="deployment: each SuperNode reads only its own file (data-file in its node config); the server reads at most data.test_source",
+    )
     round_timeout: float = Field(
         600.0, gt=0, description="seconds to wait for a round's replies; clients that have not answered by then count as dropped"
     )
@@ -257,6 +261,12 @@ class DataConfig(Section):
         None, description="seed of the data subset and the test/validation draw (default: seed); fix it to keep one test set across seeds"
     )
     cache_dir: str | None = Field(None, description="where tokenised data is cached (default ~/.cache/atoll)")
+    labels: list[str | int] | None = Field(
+        None, description="classification: the label set in class-id order (default: the sorted values found in the data)"
+    )
+    test_source: str | None = Field(
+        None, description="the global test set from its own source or file, used whole (data.test_size is then unused)"
+    )
 
     @field_validator("test_size")
     @classmethod

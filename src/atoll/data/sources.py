@@ -369,6 +369,16 @@ def _load_hub(name: str) -> RawData:
     )
 
 
+def load_local_file(path: Path) -> RawData:
+    """One local .json/.jsonl/.csv/.parquet file (never a built-in or hub name): a Flower node's own data."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() not in LOCAL_SUFFIXES:
+        raise DataError(f"'{path}' is not a .json, .jsonl, .csv or .parquet file", "convert it or point the node at such a file")
+    if not path.is_file():
+        raise DataError(f"data file '{path}' does not exist", "check the path given to the node")
+    return _load_local(path)
+
+
 def local_file(source: str) -> Path | None:
     """The local file ``data.source`` names (None for a built-in or hub name); a DataError when it
     names nothing that can be read. Reads nothing: the resolve step calls it before any data loads."""

@@ -113,7 +113,13 @@ def resolve_task(data: DataConfig, raw: RawData) -> TaskSpec:
         check_values(spec.text_column, blank_allowed=False)
         check_values(spec.label_column, blank_allowed=False)
         values = raw.columns[spec.label_column]
-        spec.label_names = sorted({str(v) for v in values}, key=_natural_key)
+        if data.labels:
+            spec.label_names = [str(v) for v in data.labels]
+            if len(set(spec.label_names)) != len(spec.label_names):
+                raise DataError("data.labels names a label twice", "list each label once, in class-id order")
+            check_labels(spec, raw, raw.description or data.source)
+        else:
+            spec.label_names = sorted({str(v) for v in values}, key=_natural_key)
         if spec.num_labels < 2:
             raise DataError(f"label column '{spec.label_column}' has a single class", "classification needs at least 2")
         if spec.num_labels > max(100, len(values) // 2):
@@ -126,6 +132,30 @@ def resolve_task(data: DataConfig, raw: RawData) -> TaskSpec:
     check_values(spec.prompt_column, blank_allowed=kind == "completion")
     check_values(spec.response_column, blank_allowed=False)
     return spec
+
+
+def check_labels(spec: TaskSpec, raw: RawData, where: str) -> None:
+    """Every label of ``raw`` is one of the spec's (a second source, or a label set fixed by data.labels)."""
+    unknown = sorted({str(v) for v in raw.columns[spec.label_column]} - set(spec.label_names), key=_natural_key)
+    if unknown:
+        shown = ", ".join(repr(v) for v in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise DataError(
+            f"label column '{spec.label_column}' of {where} has values outside the label set: {shown}",
+            "add them to data.labels (or drop those rows)",
+        )
+
+
+def check_source_fits(spec: TaskSpec, raw: RawData, where: str) -> None:
+    """``raw`` (a test set or a node's file) has the columns the task reads and, for
+    classification, only labels of the spec's label set."""
+    needed = [spec.text_column, spec.label_column] if spec.kind == "classification" else [spec.prompt_column, spec.response_column]
+    for name in needed:
+        if name not in raw.columns:
+            raise DataError(f"column '{name}' does not exist in {where}", f"columns are: {', '.join(raw.columns)}")
+    if spec.kind == "classification":
+        if any(v is None or (isinstance(v, str) and not v.strip()) for v in raw.columns[spec.label_column]):
+            raise DataError(f"label column '{spec.label_column}' of {where} has empty values", "drop or fill those rows")
+        check_labels(spec, raw, where)
 
 
 def _natural_key(text: str) -> tuple:
@@ -158,6 +188,20 @@ class Tokenized:
 
     def lengths(self) -> np.ndarray:
         return self.offsets[1:] - self.offsets[:-1]
+
+
+def concat_tokenized(first: Tokenized, second: Tokenized) -> Tokenized:
+    """``second``'s examples after ``first``'s (indices of ``second`` shift by ``len(first)``)."""
+    import numpy as np
+
+    offsets = np.concatenate([first.offsets, second.offsets[1:] + first.offsets[-1]])
+    return Tokenized(
+        np.concatenate([first.ids, second.ids]).astype(np.int32),
+        offsets.astype(np.int64),
+        np.concatenate([first.labels, second.labels]).astype(np.int64),
+        np.concatenate([first.prompt_len, second.prompt_len]).astype(np.int32),
+        list(first.answers) + list(second.answers) if (first.answers or second.answers) else [],
+    )
 
 
 def extract_answer(text: str, strict: bool = False) -> str | None:

@@ -118,6 +118,11 @@ def check_model_for_task(name: str, generative: bool) -> None:
         )
 
 
+def tokenizer_from_data(name: str) -> bool:
+    """Whether ``name``'s tokenizer is trained on the task's text (the random-init causal built-ins)."""
+    return name in _TINY_CAUSAL
+
+
 def load_tokenizer(name: str, corpus_fn: Callable[[], list[str]], cache_dir: Path):
     """The tokenizer for ``name``; built-in causal models train theirs on ``corpus_fn()``."""
     from transformers import AutoTokenizer
