@@ -178,3 +178,17 @@ def test_record_start_keeps_only_later_training_steps():
     assert (policy.every, policy.start, policy.limit) == (1, 37, 4)
     with pytest.raises(ConfigError, match="record.start"):
         split_config_with(split_overrides("runs", **{"record.start": 0}))
+
+
+def test_data_labels_fixes_the_class_ids(split_config):
+    """data.labels (atoll's data section) fixes the label set and its class-id order in split runs
+    too; a label outside it is a data error naming the fix."""
+    from atoll.data.sources import load_source
+    from atoll.errors import DataError
+    from atoll.split.setup import prepare
+
+    found = sorted({str(v) for v in load_source("synthetic-cls").columns["label"]})
+    setup = prepare(split_config(**{"data.labels": "[" + ", ".join(reversed(found)) + "]"}))
+    assert setup.label_names == list(reversed(found)) and setup.num_labels == len(found)
+    with pytest.raises(DataError, match="add them to data.labels"):
+        prepare(split_config(**{"data.labels": f"[{found[0]}, {found[1]}]"}))

@@ -48,6 +48,9 @@ class SplitDataConfig(Section):
     max_examples: int | None = Field(None, gt=0, description="use at most this many examples of the source (random subset)")
     test_size: float = Field(0.1, gt=0, description="held-out test set: a fraction (< 1) or a number of examples (>= 1)")
     cache_dir: str | None = Field(None, description="where tokenised data is cached (default ~/.cache/atoll)")
+    labels: list[str | int] | None = Field(
+        None, description="classification: the label set in class-id order (default: the sorted values found in the data)"
+    )
 
     @field_validator("task")
     @classmethod
