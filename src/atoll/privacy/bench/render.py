@@ -29,7 +29,7 @@ def _membership(row: dict, target: str) -> str:
 
 COLUMNS: list[tuple[str, str, callable]] = [
     ("metric", "final {metric}", lambda r: _number(r.get("value"))),
-    ("loss", "final loss", lambda r: _number(r.get("loss"))),
+    ("loss", "final loss", lambda r: _number(r.get("loss")) if r.get("metric") != "loss" else ""),
     ("asr", "attack success", lambda r: _number(r.get("attack_success_rate"), 2)),
     ("kept", "attackers kept (last round)", lambda r: _number(r.get("robust_attackers_kept"))),
     ("eps", "ε (δ = 1e-5)", lambda r: _number(r.get("epsilon")) + (" (example)" if r.get("epsilon_kind") == "example-level" else "")),
@@ -47,9 +47,9 @@ COLUMNS: list[tuple[str, str, callable]] = [
             else ""
         ),
     ),
-    ("bytes", "upload kB / round", lambda r: _number(r["upload_bytes_per_round"] / 1e3) if r.get("upload_bytes_per_round") else ""),
-    ("cpu", "CPU s", lambda r: _number(r.get("cpu_seconds"), 3) if r.get("cpu_seconds") is not None else ""),
-    ("wall", "wall s", lambda r: _number(r.get("seconds"), 3) if r.get("seconds") is not None else ""),
+    ("bytes", "upload MB / round", lambda r: f"{r['upload_bytes_per_round'] / 1e6:.3f}" if r.get("upload_bytes_per_round") else ""),
+    ("cpu", "CPU s", lambda r: f"{r['cpu_seconds']:.0f}" if r.get("cpu_seconds") is not None else ""),
+    ("wall", "wall s", lambda r: f"{r['seconds']:.0f}" if r.get("seconds") is not None else ""),
 ]
 
 
@@ -108,6 +108,7 @@ def draw(task: str, results: dict[str, dict], path: Path) -> bool:
                     ys.append(v)
             axis.bar(xs, ys, width=width, label=attack)
         axis.set_xticks(range(len(protections)), protections, rotation=30, ha="right", fontsize=8)
+        axis.set_xlim(-0.5, len(protections) - 0.5)
         axis.set_title(name, fontsize=9)
         axis.set_ylim(0, max(1.0, axis.get_ylim()[1]))
     axes[0][0].legend(title="attack", fontsize=7, title_fontsize=7)
