@@ -225,6 +225,16 @@ def _add_bench_commands() -> None:
 _add_bench_commands()
 
 
+def _add_split_commands() -> None:
+    """``atoll split ...`` (atoll.split.cli; torch is imported only when a command runs)."""
+    from atoll.split.cli import split_app
+
+    app.add_typer(split_app, name="split")
+
+
+_add_split_commands()
+
+
 def main() -> None:
     app()
 

@@ -138,7 +138,23 @@ LAYER_RULES = [
     ("atoll.resolve", ["atoll.experiment", "atoll.sim.realistic.engine", "atoll.fl.federation", "atoll.fl.base"]),
     # pretraining knows no federation; the shared console helpers know no command
     ("atoll.lm", ["atoll.fl", "atoll.sim", "atoll.engines", "atoll.algorithms", "atoll.dispatch", "atoll.cli", "atoll.experiment"]),
-    ("atoll.console", ["atoll.cli", "atoll.lm", "atoll.fl", "atoll.sim", "atoll.engines", "atoll.algorithms", "atoll.dispatch"]),
+    (
+        "atoll.console",
+        ["atoll.cli", "atoll.lm", "atoll.fl", "atoll.sim", "atoll.engines", "atoll.algorithms", "atoll.dispatch", "atoll.split"],
+    ),
+    # split learning reuses data, models, the training-loop helpers, the config helpers and the run
+    # directory; it knows no federation, no driver and no algorithm, and nothing below it knows it
+    ("atoll.split", ["atoll.fl.federation", "atoll.fl.base", "atoll.fl.stages", "atoll.sim", "atoll.engines", "atoll.algorithms"]),
+    ("atoll.split", ["atoll.dispatch", "atoll.cli", "atoll.experiment", "atoll.resolve", "atoll.lm", "atoll.privacy"]),
+    ("atoll.privacy", ["atoll.split"]),
+    ("atoll.fl", ["atoll.split"]),
+    ("atoll.algorithms", ["atoll.split"]),
+    ("atoll.sim", ["atoll.split"]),
+    ("atoll.engines", ["atoll.split"]),
+    ("atoll.models", ["atoll.split"]),
+    ("atoll.data", ["atoll.split"]),
+    ("atoll.report", ["atoll.split"]),
+    ("atoll.config", ["atoll.split"]),
 ]
 
 

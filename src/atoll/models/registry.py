@@ -140,7 +140,9 @@ def model_family(name: str) -> str:
             config = AutoConfig.from_pretrained(str(Path(name).expanduser()))
         except Exception as exc:
             raise ModelError(f"'{name}' is not a Hugging Face model directory ({type(exc).__name__})", "it needs a config.json") from None
-        return "causal" if getattr(config, "is_decoder", False) or any("CausalLM" in a for a in (config.architectures or [])) else "encoder"
+        # GPT-2-style checkpoints name their class ...LMHeadModel, not ...ForCausalLM
+        causal = any("CausalLM" in a or "LMHeadModel" in a for a in (config.architectures or []))
+        return "causal" if getattr(config, "is_decoder", False) or causal else "encoder"
     return "unknown"
 
 
@@ -193,18 +195,27 @@ def load_tokenizer(name: str, corpus_fn: Callable[[], list[str]], cache_dir: Pat
 
 
 def load_base_model(
-    name: str, generative: bool, num_labels: int, tokenizer, dtype: str, seed: int, random_init: bool = False
+    name: str,
+    generative: bool,
+    num_labels: int,
+    tokenizer,
+    dtype: str,
+    seed: int,
+    random_init: bool = False,
+    question_answering: bool = False,
 ) -> torch.nn.Module:
-    """The frozen base model with a task head (sequence classifier or LM head); ``random_init``
-    keeps the architecture of a pretrained model and draws its weights afresh (seeded)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    """The frozen base model with a task head (sequence classifier, LM head, or with
+    ``question_answering`` a span start/end head); ``random_init`` keeps the architecture of a
+    pretrained model and draws its weights afresh (seeded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
     from atoll.seeding import seed_everything
 
     check_model_for_task(name, generative)
     torch_dtype = getattr(torch, dtype)
     seed_everything(seed, "model-init")  # random heads and random-init bases are reproducible
-    head_kwargs = {} if generative else {"num_labels": num_labels}
+    head_kwargs = {} if generative or question_answering else {"num_labels": num_labels}
+    classifier = AutoModelForQuestionAnswering if question_answering else AutoModelForSequenceClassification
     if name in _TINY_CAUSAL:
         model_type, sizes, _ = _TINY_CAUSAL[name]
         config = AutoConfig.for_model(
@@ -218,7 +229,7 @@ def load_base_model(
             **sizes,
             **head_kwargs,
         )
-        auto = AutoModelForCausalLM if generative else AutoModelForSequenceClassification
+        auto = AutoModelForCausalLM if generative else classifier
         return auto.from_config(config, dtype=torch_dtype)
     if name == "tiny-bert":
         config = AutoConfig.for_model(
@@ -232,11 +243,11 @@ def load_base_model(
             pad_token_id=tokenizer.pad_token_id,
             **head_kwargs,
         )
-        return AutoModelForSequenceClassification.from_config(config, dtype=torch_dtype)
+        return classifier.from_config(config, dtype=torch_dtype)
     source = str(minilm_path()) if name == "minilm" else str(Path(name).expanduser()) if _is_local_dir(name) else name
     if name in SHIPPED_MODELS:
         source = str(shipped_model_path(name))
-    auto = AutoModelForCausalLM if generative else AutoModelForSequenceClassification
+    auto = AutoModelForCausalLM if generative else classifier
     try:
         if random_init:
             config = AutoConfig.from_pretrained(source, **head_kwargs)

@@ -1,0 +1,1 @@
+"""Defenses of the data party (see base.py for the seam)."""
