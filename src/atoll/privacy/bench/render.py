@@ -93,6 +93,8 @@ def draw(task: str, results: dict[str, dict], path: Path) -> bool:
         ("reconstruction ROUGE-L", lambda r: (r.get("reconstruction") or {}).get("rougeL")),
     ]
     panels = [p for p in panels if any(p[1](r["row"]) is not None for r in measured.values())]
+    if not panels:
+        return False
     protections = list(dict.fromkeys(r["protection"] for r in results.values()))
     attacks = list(dict.fromkeys(r["attack"] for r in results.values()))
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
