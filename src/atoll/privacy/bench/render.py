@@ -31,6 +31,7 @@ COLUMNS: list[tuple[str, str, callable]] = [
     ("metric", "final {metric}", lambda r: _number(r.get("value"))),
     ("loss", "final loss", lambda r: _number(r.get("loss")) if r.get("metric") != "loss" else ""),
     ("asr", "attack success", lambda r: _number(r.get("attack_success_rate"), 2)),
+    ("control", "target rate without trigger", lambda r: _number(r.get("attack_target_rate_untriggered"), 2)),
     ("kept", "attackers kept (last round)", lambda r: _number(r.get("robust_attackers_kept"))),
     ("eps", "ε (δ = 1e-5)", lambda r: _number(r.get("epsilon")) + (" (example)" if r.get("epsilon_kind") == "example-level" else "")),
     ("mia_g", "MIA global AUC loss / ref (TPR@1% ref)", lambda r: _membership(r, "global")),
