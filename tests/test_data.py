@@ -66,7 +66,7 @@ def test_local_files_in_every_format(tmp_path, suffix):
 def test_corrupt_local_file(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"text": "a"}\n{"text": ')
-    with pytest.raises(DataError, match="cannot parse"):
+    with pytest.raises(DataError, match="line 2 is not valid JSON"):
         load_source(str(path))
 
 

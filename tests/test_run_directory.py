@@ -27,11 +27,11 @@ from helpers import Examples, algorithm_case, algorithm_names, global_test_examp
 
 LOSS_TOLERANCE = 1e-6
 # algorithms whose global model is not one LoRA adapter: no adapter/ (their clients' own models are the result)
-NO_GLOBAL_ADAPTER = {"fedsa-lora", "local-only", "fedlease"}
+NO_GLOBAL_ADAPTER = {"fedsa-lora", "local-only", "fedlease", "clustered-lora"}
 # algorithms that merge updates into the base weights: adapter/base_delta.safetensors holds them (README)
 WRITES_BASE_DELTA = {"flora", "fedex-lora", "flexlora", "fedmomentum", "ilora"}
 # personalized algorithms whose personal model is one LoRA: run.export_personal writes personal/client_K
-EXPORTS_PERSONAL = ["fedsa-lora", "fedit-ft", "local-only"]
+EXPORTS_PERSONAL = ["fedsa-lora", "fedit-ft", "local-only", "clustered-lora"]
 
 
 def plain_base(model_dir: Path, base_delta: Path | None = None):

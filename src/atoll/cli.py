@@ -11,6 +11,7 @@ import typer
 
 from atoll.console import fail, quiet_libraries
 from atoll.errors import AtollError
+from atoll.hybrid.cli import hybrid_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated LoRA fine-tuning across data islands.")
 
@@ -50,23 +51,28 @@ def run(
     engine: Optional[str] = typer.Option(None, "--engine", help="local (default) or flower: same as --set engine=..."),
 ) -> None:
     """Run a federation (the quickstart when no CONFIG is given)."""
-    if dry_run:
-        set_ = list(set_) + ["mode=realistic", "realistic.dry_run=true"]
-    if engine is not None and resume is None:
-        set_ = list(set_) + [f"engine={engine}"]
     from atoll.config import load_config
+    from atoll.input_checks import check_run_location
     from atoll.resolve import resolve
 
     cfg = resolved = None
     try:  # config errors first, before torch or any model library is imported
         if resume is not None:
-            if config is not None:
-                raise AtollError("give either CONFIG or --resume, not both", "--resume reads the run's own config.yaml")
-            if set_:
-                raise AtollError("--set cannot change a run being resumed", "resume without --set, or start a new run")
+            given = [name for name, value in (("CONFIG", config), ("--set", set_), ("--engine", engine), ("--dry-run", dry_run)) if value]
+            if given:
+                raise AtollError(f"{given[0]} cannot be combined with --resume", "--resume continues the run as its own config.yaml says")
+            from atoll.report.rundir import RunDir
+
+            _, cfg = RunDir.open_existing(resume)
+            resolve(cfg)
         else:
+            if dry_run:
+                set_ = list(set_) + ["mode=realistic", "realistic.dry_run=true"]
+            if engine is not None:
+                set_ = list(set_) + [f"engine={engine}"]
             cfg = load_config(config, set_)
             resolved = resolve(cfg)
+            check_run_location(cfg)  # a new run only: a resumed one lives where it is
     except AtollError as error:
         fail(error)
     quiet_libraries()
@@ -203,6 +209,7 @@ def _add_flower_commands() -> None:
 
 
 _add_flower_commands()
+app.add_typer(hybrid_app, name="hybrid")  # atoll hybrid serve-cloud / chat / eval (torch only when a command runs)
 
 
 def _add_pretrain_command() -> None:

@@ -10,6 +10,11 @@ which turns a config into the resolved run written to the run directory.
 
 from __future__ import annotations
 
+import difflib
+import math
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,12 +23,32 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from atoll.errors import ConfigError
 from atoll.privacy.settings import AttackConfig, PrivacyConfig, RobustConfig
+from atoll.textfiles import parse_yaml, parse_yaml_value, read_text
+
+
+# what evaluation reports for each data.task (realistic.target_metric must be one of them); the
+# fractions lie in [0, 1]; loss and perplexity are better when lower
+TASK_METRICS = {
+    "classification": ["accuracy", "macro_f1", "loss"],
+    "sft": ["loss", "perplexity", "token_accuracy"],
+    "completion": ["loss", "perplexity", "token_accuracy"],
+    "math": ["exact_match", "exact_match_flexible", "loss", "perplexity", "token_accuracy"],
+}
+FRACTION_METRICS = {"accuracy", "macro_f1", "token_accuracy", "exact_match", "exact_match_flexible"}
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
+    """Base of every config section: unknown keys are errors, assignments are validated, numbers
+    are finite, and a boolean is not a number (:func:`check_scalars`: sections of other packages
+    built on this base inherit it; the outermost section names the full dotted key)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_coerced_scalars(cls, data: Any) -> Any:
+        check_scalars(cls, data)  # raises ConfigError, which pydantic lets through unwrapped
+        return data
 
 
 # -- realistic mode: the paradigm, session and stopping (devices live in the sys.yaml) -----------
@@ -143,6 +168,10 @@ class FlowerConfig(Section):
         description="wait for this many online clients before a round, and fail a round that gets fewer replies (null: all clients)",
     )
     wait_timeout: float = Field(300.0, gt=0, description="seconds to wait for min_available_clients before the run fails")
+    node_data: bool = Field(
+        False,
+        description="deployment: each SuperNode reads only its own file (data-file in its node config); the server reads at most data.test_source",
+    )
     round_timeout: float = Field(
         600.0, gt=0, description="seconds to wait for a round's replies; clients that have not answered by then count as dropped"
     )
@@ -179,6 +208,13 @@ class LoRAConfig(Section):
         for client_id, rank in (value or {}).items():
             if rank <= 0:
                 raise ValueError(f"rank of client {client_id} must be > 0, got {rank}")
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not value:
+            raise ValueError("names no module; list module names, e.g. [query, value], or write auto")
         return value
 
     @field_validator("rank_cycle")
@@ -225,6 +261,19 @@ class DataConfig(Section):
         None, description="seed of the data subset and the test/validation draw (default: seed); fix it to keep one test set across seeds"
     )
     cache_dir: str | None = Field(None, description="where tokenised data is cached (default ~/.cache/atoll)")
+    labels: list[str | int] | None = Field(
+        None, description="classification: the label set in class-id order (default: the sorted values found in the data)"
+    )
+    test_source: str | None = Field(
+        None, description="the global test set from its own source or file, used whole (data.test_size is then unused)"
+    )
+
+    @field_validator("test_size")
+    @classmethod
+    def _fraction_or_count(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError("a number of examples must be whole; write a fraction below 1 or a whole count")
+        return value
 
 
 class PartitionConfig(Section):
@@ -238,7 +287,7 @@ class PartitionConfig(Section):
 
 
 class FederationConfig(Section):
-    clients: int = Field(10, gt=0, description="number of clients")
+    clients: int = Field(10, gt=0, le=1_000_000, description="number of clients (each is an object in this process: at most a million)")
     rounds: int = Field(5, gt=0, description="number of federated rounds")
     sample_rate: float = Field(1.0, gt=0, le=1, description="fraction of clients sampled each round, in (0, 1]")
     behaviours: dict[int, str] = Field(
@@ -306,7 +355,7 @@ class RunConfig(Section):
 
 
 class Config(Section):
-    name: str = Field("quickstart", description="run name, used in the run directory name")
+    name: str = Field("quickstart", description="run name, used in the run directory name (a plain name, not a path)")
     seed: int = Field(0, description="seed of every random stream")
     engine: Literal["local", "flower"] = Field(
         "local", description="where the federation runs: local (in this process) or flower (Flower's simulation or deployment engine)"
@@ -332,6 +381,13 @@ class Config(Section):
     )
     robust: RobustConfig = Field(default_factory=RobustConfig, description="robust aggregation and update validation (docs/security.md)")
     attack: AttackConfig = Field(default_factory=AttackConfig, description="poisoning and privacy attacks (docs/security.md)")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value.strip() or not value.strip(".") or any(c in value for c in ("/", "\\", "\0")):
+            raise ValueError("must be a plain name, not empty and not a path; set run.root or run.dir to write the run elsewhere")
+        return value
 
     @model_validator(mode="after")
     def _validation_set_exists(self) -> "Config":
@@ -384,24 +440,72 @@ def _section_at(path: tuple[str | int, ...]) -> type[BaseModel] | None:
     return cls
 
 
+# pydantic names the branch of a union in an error's location ('list[str]', "literal['auto']", 'int')
+_UNION_BRANCH = re.compile(r"^(int|float|str|bool|none|(list|dict|set|tuple|literal)\[.*\]|function-.*|[A-Z][A-Za-z]*)$")
+
+
+def _key_path(loc: tuple) -> tuple:
+    return tuple(p for p in loc if not (isinstance(p, str) and _UNION_BRANCH.match(p)))
+
+
+def _all_keys(cls: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in cls.model_fields.items():
+        keys.append(prefix + name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys.extend(_all_keys(field.annotation, f"{prefix}{name}."))
+    return keys
+
+
+def _did_you_mean(loc: tuple, names: list[str]) -> str:
+    """The same name in another section, or else a close name in this one ('' when neither)."""
+    elsewhere = [key for key in _all_keys() if key.rsplit(".", 1)[-1] == str(loc[-1])]
+    if elsewhere:
+        return "' or '".join(elsewhere[:3])
+    prefix = ".".join(str(p) for p in loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    return (f"{prefix}.{close[0]}" if prefix else close[0]) if close else ""
+
+
 def _describe(error: ValidationError) -> str:
     """One line for the first validation error: the dotted key, the problem and what is allowed."""
-    first = error.errors()[0]
-    loc = tuple(p for p in first["loc"])
+    errors = error.errors()
+    first = errors[0]
+    loc = _key_path(first["loc"])
     key = ".".join(str(p) for p in loc) or "config"
     if first["type"] == "extra_forbidden":
         owner = _section_at(loc[:-1])
-        allowed = ", ".join(_field_names(owner)) if owner else "see `atoll config`"
-        return f"unknown key '{key}'; allowed here: {allowed}"
-    message = first["msg"]
-    if message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
+        names = _field_names(owner) if owner else []
+        guess = _did_you_mean(loc, names)
+        allowed = ", ".join(names) if owner else "see `atoll config`"
+        return (
+            f"unknown key '{key}'; did you mean '{guess}'? allowed here: {allowed}"
+            if guess
+            else f"unknown key '{key}'; allowed here: {allowed}"
+        )
+    message = first["msg"].removeprefix("Value error, ")
+    alternatives = [e["msg"].removeprefix("Input should be ") for e in errors[1:] if _key_path(e["loc"]) == loc]
+    if alternatives and message.startswith("Input should be "):
+        message = " or ".join([message.split(",")[0], *(a.split(",")[0] for a in alternatives)])
     if first["type"] == "missing":
         return f"'{key}' is required"
     got = first.get("input")
+    section = _section_at(loc)
+    if section is not None and not isinstance(got, dict):
+        example = f"{{name: {got}}}" if isinstance(got, str) and "name" in section.model_fields else "{key: value, ...}"
+        what = "empty" if got is None else f"{got!r}, not a section"
+        return f"{key} is {what}; write its keys under it, e.g. {key}: {example} (see `atoll config`), or remove it"
+    if got is None and first["type"].endswith("_type"):
+        return f"{key} has no value; write one (see `atoll config` for what it takes)"
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    message, _, fix = message.partition("; ")
     bounds = _bounds(loc) if first["type"] in _BOUND_ERRORS else ""
-    fix = f"; set a value {bounds}" if bounds else ""
+    fix = f"; {fix}" if fix else f"; set a value {bounds}" if bounds else ""
+    if not fix and isinstance(got, str) and "valid list" in message:
+        items = ", ".join(item.strip() for item in got.split(",") if item.strip())
+        fix = f"; write a list in brackets, e.g. [{items}]"
+    elif not fix and isinstance(got, list) and "valid dictionary" in message:
+        fix = "; write a mapping in braces, e.g. {0: 4, 1: 8}"
     return f"{key}: {message}{shown}{fix}" if loc else f"{message}"
 
 
@@ -424,13 +528,6 @@ def _bounds(loc: tuple) -> str:
     return " and ".join(parts)
 
 
-def _parse_scalar(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
     """Apply one ``a.b.c=value`` override to a nested dict (value parsed as YAML)."""
     if "=" not in assignment:
@@ -448,31 +545,88 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
             dotted = ".".join(parts[: index + 1])
             raise ConfigError(f"--set {key}: '{dotted}' is a value, not a section")
         node = child
-    node[parts[-1]] = _parse_scalar(raw)
+    node[parts[-1]] = parse_yaml_value(raw.strip())
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file of keys (UTF-8, YAML 1.2 scalars, no key given twice; see atoll.textfiles)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file '{path}' does not exist", "check the path, or run `atoll run` for the quickstart")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"'{path}' is not valid YAML{where}", "fix the syntax") from None
+    data = parse_yaml(read_text(path, ConfigError, "config file"), path) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"'{path}' must hold a mapping of keys, not {type(data).__name__}")
+        raise ConfigError(f"'{path}' must hold a mapping of keys, not {type(data).__name__}", "write one `key: value` per line")
     return data
 
 
 def build_config(tree: dict[str, Any]) -> Config:
     """Validate a config tree against the schema (types, bounds, unknown keys). What depends on the
     algorithm, the system file or the engine is checked by :func:`atoll.resolve.resolve`."""
+    check_scalars(Config, tree)
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+
+
+def check_scalars(model: type[BaseModel], tree: Any, prefix: str = "", where: str = "", error: type = ConfigError) -> None:
+    """Refuse what validation would silently coerce, for any schema: a boolean where a number is
+    expected (YAML's ``clients: true`` would be one client) and a number that is not finite.
+    ``prefix`` is the dotted path of ``tree``; ``where`` starts the message (e.g. the file)."""
+    if not isinstance(tree, dict):
+        return
+    for name, value in tree.items():
+        field = model.model_fields.get(str(name))
+        if field is not None:
+            _check_scalar(field.annotation, value, f"{prefix}{name}", where, error)
+
+
+def _leaf_types(annotation: Any) -> list[Any]:
+    """The alternatives of a type annotation: unions and Optional flattened, a Literal's value types."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return [leaf for arg in typing.get_args(annotation) for leaf in _leaf_types(arg)]
+    if origin is typing.Annotated:
+        return _leaf_types(typing.get_args(annotation)[0])
+    if origin is Literal:
+        return [type(value) for value in typing.get_args(annotation)]
+    return [annotation]
+
+
+def _check_scalar(annotation: Any, value: Any, key: str, where: str, error: type) -> None:
+    leaves = _leaf_types(annotation)
+    numeric = [leaf for leaf in leaves if leaf in (int, float)]
+    if Any in leaves:
+        return
+    if isinstance(value, bool):
+        if numeric and bool not in leaves:
+            kind = "an integer" if float not in numeric else "a number"
+            raise error(
+                f"{where}{key}: expected {kind}, got the boolean {str(value).lower()}",
+                f"write {kind}; YAML reads true/false as booleans, not as 1/0",
+            )
+        return
+    if numeric and str not in leaves and isinstance(value, (int, float, str)):
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            return  # not a number at all: validation names the expected type
+        if not math.isfinite(number):
+            raise error(f"{where}{key}: {value!r} is not a finite number", "write a finite number")
+        return
+    for leaf in leaves:
+        origin = typing.get_origin(leaf)
+        if isinstance(value, dict) and isinstance(leaf, type) and issubclass(leaf, BaseModel):
+            check_scalars(leaf, value, key + ".", where, error)
+        elif isinstance(value, dict) and origin is dict:
+            key_type, value_type = typing.get_args(leaf)
+            for item_key, item in value.items():
+                _check_scalar(key_type, item_key, f"{key}.{item_key}", where, error)
+                _check_scalar(value_type, item, f"{key}.{item_key}", where, error)
+        elif isinstance(value, list) and origin is list:
+            (item_type,) = typing.get_args(leaf)
+            for index, item in enumerate(value):
+                _check_scalar(item_type, item, f"{key}[{index}]", where, error)
 
 
 QUICKSTART = Path(__file__).parent / "quickstart.yaml"

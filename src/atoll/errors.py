@@ -50,3 +50,9 @@ class UpdateError(AtollError):
     """A client update is malformed (wrong keys, shapes, non-finite values)."""
 
     kind = "update error"
+
+
+class DivergenceError(AtollError):
+    """Training diverged (the loss grew by orders of magnitude): a learning rate too high, usually."""
+
+    kind = "run diverged"

@@ -18,26 +18,35 @@ from atoll.algorithms import get_algorithm, parse_params
 from atoll.config import Config
 from atoll.data.partition import label_histogram, partition, split_local
 from atoll.data.sources import RawData, load_source
-from atoll.data.tasks import TaskSpec, Tokenized, default_cache_dir, resolve_task, tokenize
+from atoll.data.tasks import TaskSpec, Tokenized, check_source_fits, concat_tokenized, default_cache_dir, resolve_task, tokenize
 from atoll.errors import DataError
 from atoll.fl.capabilities import POOLED_CLIENT
 from atoll.fl.base import BaseClient, BaseServer, ClientContext, ServerContext, local_steps
 from atoll.fl.state import AdapterState
 from atoll.fl.store import ClientStore
 from atoll.fl.workbench import Workbench
-from atoll.models.registry import check_model_for_task, check_model_name, load_base_model, load_tokenizer, target_modules
+from atoll.models.registry import (
+    check_model_for_task,
+    check_model_name,
+    check_trainable_modules,
+    load_base_model,
+    load_tokenizer,
+    target_modules,
+)
 from atoll.resolve import ResolvedRun, resolve
 from atoll.seeding import numpy_rng
 
 
 @dataclass
 class Splits:
-    """Indices into the tokenised pool: the global test set and each client's train/test split."""
+    """Indices into the tokenised pool: the global test set and each client's train/test split
+    (``label_table``, clients x labels, is None where the clients' data is not here: a Flower
+    node-data server)."""
 
     global_test: np.ndarray
     client_train: list[np.ndarray]
     client_test: list[np.ndarray]
-    label_table: np.ndarray
+    label_table: np.ndarray | None
 
     def client_sizes(self) -> list[int]:
         return [len(t) for t in self.client_train]
@@ -94,7 +103,13 @@ def load_data(config: Config) -> tuple[RawData, TaskSpec, object, Tokenized, Spl
     cache_dir = Path(config.data.cache_dir).expanduser() if config.data.cache_dir else default_cache_dir()
     tokenizer = load_tokenizer(config.model.name, lambda: spec.corpus(raw), cache_dir)
     data = tokenize(spec, raw, tokenizer, config.model.max_length, cache_dir, subset_key)
-    return raw, spec, tokenizer, data, make_splits(config, data, raw, spec)
+    test_rows = 0
+    if config.data.test_source:  # the global test set is its own source, appended after the pool
+        test_raw = load_source(config.data.test_source)
+        check_source_fits(spec, test_raw, f"data.test_source '{config.data.test_source}'")
+        test_data = tokenize(spec, test_raw, tokenizer, config.model.max_length, cache_dir, "all")
+        data, test_rows = concat_tokenized(data, test_data), len(test_data)
+    return raw, spec, tokenizer, data, make_splits(config, data, raw, spec, test_rows)
 
 
 def _subset(raw: RawData, max_examples: int | None, seed: int) -> tuple[RawData, str]:
@@ -114,22 +129,27 @@ def _held_out_count(size: float, n: int) -> int:
     return int(size) if size >= 1 else int(round(size * n))
 
 
-def make_splits(config: Config, data: Tokenized, raw: RawData, spec: TaskSpec) -> Splits:
-    """The global test set, then the validation set (``data.validation_size``), then each client's
-    train/test split of the rest. Global evaluation uses the test set, or with ``eval.on:
-    validation`` the validation set, which no client trains on and no reported number uses."""
-    n = len(data)
+def make_splits(config: Config, data: Tokenized, raw: RawData, spec: TaskSpec, test_rows: int = 0) -> Splits:
+    """The global test set (the last ``test_rows`` examples when data.test_source gave them, else
+    data.test_size of the pool at random), then the validation set (``data.validation_size``), then
+    each client's train/test split of the rest. Global evaluation uses the test set, or with
+    ``eval.on: validation`` the validation set, which no client trains on and no reported number uses."""
+    n = len(data) - test_rows
     test_size, validation_size = config.data.test_size, config.data.validation_size
-    test_count, validation_count = _held_out_count(test_size, n), _held_out_count(validation_size, n)
-    if test_count < 1 or test_count + validation_count >= n:
+    test_count = 0 if test_rows else _held_out_count(test_size, n)
+    validation_count = _held_out_count(validation_size, n)
+    if (test_count < 1 and not test_rows) or test_count + validation_count >= n:
         raise DataError(
-            f"data.test_size={test_size} and data.validation_size={validation_size} leave {n - test_count - validation_count} of {n} examples for training",
+            f"data.test_size={test_size:g} and data.validation_size={validation_size:g} leave {max(n - test_count - validation_count, 0)}"
+            f" of the {n} examples for training",
             "use fractions in (0, 1) or smaller counts",
         )
     order = numpy_rng(split_seed(config), "global-test").permutation(n)
-    held_out = order[test_count : test_count + validation_count] if config.eval.on == "validation" else order[:test_count]
+    test = np.arange(n, len(data)) if test_rows else order[:test_count]
+    held_out = order[test_count : test_count + validation_count] if config.eval.on == "validation" else test
     # eval.max_examples keeps a random subset (the first of a random order), not the lowest indices:
-    # a source stored in order (Shakespeare, play by play) would otherwise be scored on one part of it
+    # a source stored in order (Shakespeare, play by play) would otherwise be scored on one part of it;
+    # a separate data.test_source is used in its own order
     global_test = np.sort(held_out[: config.eval.max_examples])
     pool = np.sort(order[test_count + validation_count :])
     column = config.partition.column
@@ -150,9 +170,21 @@ def make_splits(config: Config, data: Tokenized, raw: RawData, spec: TaskSpec) -
     return Splits(global_test, client_train, client_test, table)
 
 
-def build(config: Config | ResolvedRun, store_dir: Path | None = None) -> Experiment:
+@dataclass
+class LoadedData:
+    """What :func:`build` needs of the data: the task, the tokenizer, the tokenised examples and
+    the splits (from :func:`load_data`, or prepared elsewhere: a Flower node's cache or its own file)."""
+
+    spec: TaskSpec
+    tokenizer: object
+    data: Tokenized
+    splits: Splits
+
+
+def build(config: Config | ResolvedRun, store_dir: Path | None = None, loaded: LoadedData | None = None) -> Experiment:
     """Load data and model and create the server and clients of a resolved run (a config is
-    resolved first: every check happens before anything is loaded)."""
+    resolved first: every check happens before anything is loaded). ``loaded`` replaces
+    :func:`load_data` where the data were prepared elsewhere."""
     started = time.perf_counter()
     run = resolve(config)
     config = run.config
@@ -162,11 +194,15 @@ def build(config: Config | ResolvedRun, store_dir: Path | None = None) -> Experi
     server_cls = get_algorithm(config.algorithm.name)
     params = parse_params(run.spec, config.algorithm.params())
 
-    raw, spec, tokenizer, data, splits = load_data(config)
+    if loaded is None:
+        _, spec, tokenizer, data, splits = load_data(config)
+    else:
+        spec, tokenizer, data, splits = loaded.spec, loaded.tokenizer, loaded.data, loaded.splits
     model = load_base_model(
         config.model.name, spec.is_generative, spec.num_labels, tokenizer, config.model.dtype, config.seed, config.model.random_init
     )
     targets = target_modules(model, config.model.lora.target_modules)
+    check_trainable_modules(model, config.model.lora.trainable_modules)
     workbench = Workbench(
         model,
         tokenizer,

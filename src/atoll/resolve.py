@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from atoll import compat
+from atoll import compat, input_checks
 from atoll.algorithms import parse_params, spec_of
-from atoll.config import Config, build_config
+from atoll.config import Config, build_config, check_scalars
 from atoll.errors import ConfigError
 from atoll.fl.capabilities import AlgorithmSpec
 from atoll.fl.stages import check_behaviours
@@ -83,7 +83,17 @@ def resolve(config: Config) -> ResolvedRun:
     if isinstance(config, ResolvedRun):
         return config
     spec = spec_of(config.algorithm.name)
+    check_scalars(spec.Params, config.algorithm.params(), "algorithm.")
     parse_params(spec, config.algorithm.params())
+    if config.mode != "realistic" and config.realistic.dry_run:
+        raise ConfigError("realistic.dry_run needs mode: realistic", "add --set mode=realistic (or use `atoll run --dry-run`)")
+    input_checks.check_inert_keys(config)
+    input_checks.check_counts(config)
+    task = input_checks.check_source(config)
+    input_checks.check_target(config, task)
+    if not config.realistic.dry_run:  # a dry run loads no model
+        input_checks.check_model(config, task)
+    input_checks.check_partition(config, task)
     ranks = [config.rank_of(c) for c in range(config.federation.clients)]
     compat.check_ranks(spec, set(ranks))
     compat.check_personal_export(config, spec)
@@ -93,8 +103,6 @@ def resolve(config: Config) -> ResolvedRun:
     system_path = system = fleet = None
     if config.mode == "realistic":
         effective, ranks, system_path, system, fleet = _resolve_realistic(config, spec, ranks)
-    elif config.realistic.dry_run:
-        raise ConfigError("realistic.dry_run needs mode: realistic", "add --set mode=realistic (or use `atoll run --dry-run`)")
     compat.check_paradigm(effective, spec, set(ranks))
     check_protections(effective, spec, set(ranks))
     effective = effective_settings(effective)  # privacy.dp's noise multiplier, and Flower's DP / SecAgg+ settings

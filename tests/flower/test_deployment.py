@@ -1,16 +1,23 @@
 """A real loopback deployment: one SuperLink and three SuperNodes, each a separate process started
 with the `atoll flower` helpers on free ports, over TLS with SuperNode authentication (test
 certificates from `atoll flower certs`, node keys registered with `atoll flower register`),
-awaited, and stopped (with every process they spawned, by PID) by the fixture.
+awaited, and stopped (with every process they spawned, by PID) by the fixture. Each SuperNode is
+also given its own data file (``--data-file``), which only node-data runs read, and every process
+of the deployment runs with an audit hook (a ``sitecustomize`` on its PYTHONPATH) that logs each
+file it opens: one log for the SuperLink and everything it starts (the ServerApp), one per node.
 
 1. Two rounds of FedSA-LoRA (each client keeps its own B between rounds, on its node) on Flower
    give the local engine's metrics (tolerance 1e-6 on every float, exact on clients, examples,
    steps and bytes): the nodes build the same data and model from the config, train the same
    clients with the same seeds, and carry each client's private B from round 1 to round 2 and to
    the final local evaluation.
-2. A SuperNode terminated mid-run: the run finishes with the other two (min_available_clients: 2)
+2. Data that never moves (flower.node_data): each node trains on its own file only, the server
+   reads its own test file only (the audit logs show it), the nodes report their example counts,
+   and the run gives the metrics of a local run with the natural partition of the same files.
+   (It runs before test 3, which stops a node.)
+3. A SuperNode terminated mid-run: the run finishes with the other two (min_available_clients: 2)
    and metrics.jsonl says which client was lost in which round.
-3. A SuperNode whose key was never registered is turned away.
+4. A SuperNode whose key was never registered is turned away.
 
 Slow by nature (Flower polls, and every message starts a fresh ClientApp process): tens of seconds
 on an idle 2-core machine, minutes on a loaded one. No wall-clock time is asserted.
@@ -19,6 +26,7 @@ on an idle 2-core machine, minutes on a loaded one. No wall-clock time is assert
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -33,12 +41,30 @@ from atoll.report.progress import Progress
 from atoll.dispatch import start_run
 from conftest import tiny_overrides
 from helpers import assert_same_length, read_summary
+from test_node_data import SIZES, local_config, natural_files, node_config
 
 # one federation for the module; with the simulation tests, one Flower runtime at a time on the machine
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600), pytest.mark.xdist_group("flower-runtime")]
 
 CLIENTS = 3
 FLOAT_TOLERANCE = 1e-6
+OPEN_LOG = "ATOLL_TEST_OPEN_LOG"
+# put on a process's PYTHONPATH, this logs (pid, absolute path) of every file the process opens
+AUDIT_HOOK = """
+import os, sys
+_log = os.environ.get("ATOLL_TEST_OPEN_LOG")
+if _log:
+    _fd = os.open(_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # before the hook: not logged
+
+    def _opened(event, args):
+        if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            try:
+                os.write(_fd, f"{os.getpid()} {os.path.abspath(os.fsdecode(args[0]))}\\n".encode("utf-8", "replace"))
+            except Exception:
+                pass
+
+    sys.addaudithook(_opened)
+"""
 
 
 def atoll_command(*args) -> list[str]:
@@ -56,13 +82,29 @@ class Federation:
         self.superlink: ManagedProcess | None = None
         self.nodes: dict[int, ManagedProcess] = {}
         self.started: list[int] = []
+        self.files = natural_files(root)  # node files, their rows pooled with an owner column, the server's test file
+        self.hook = root / "audit-hook"
+        self.hook.mkdir()
+        (self.hook / "sitecustomize.py").write_text(AUDIT_HOOK)
+
+    def audited_env(self, home: Path, log: Path) -> dict[str, str]:
+        env = flower_env(home)
+        env["PYTHONPATH"] = str(self.hook) + os.pathsep + env.get("PYTHONPATH", "")
+        env[OPEN_LOG] = str(log)
+        return env
+
+    def opened(self, who: str) -> set[Path]:
+        """Every file the SuperLink's processes (``who="superlink"``) or a node's (``"node-<i>"``) opened so far."""
+        path = self.root / f"opened-{who}.log"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        return {Path(line.split(" ", 1)[1]).resolve() for line in lines if " " in line}
 
     def start(self) -> None:
         root = self.root
         subprocess.run(atoll_command("certs", self.certs, "--nodes", CLIENTS), check=True, capture_output=True)
         self.superlink = ManagedProcess(
             atoll_command("superlink", "--certs", self.certs, "--node-auth", "--host", "127.0.0.1", "--port", self.port),
-            flower_env(root / "home-superlink"),
+            self.audited_env(root / "home-superlink", root / "opened-superlink.log"),
             root / "superlink.log",
         )
         wait_healthy("127.0.0.1", self.port, timeout=300, ca=self.certs / "ca.crt", process=self.superlink)
@@ -79,6 +121,7 @@ class Federation:
 
     def supernode(self, partition: int, *auth) -> ManagedProcess:
         self.started.append(partition)
+        node_files, _, _ = self.files
         return ManagedProcess(
             atoll_command(
                 "supernode",
@@ -93,8 +136,10 @@ class Federation:
                 CLIENTS,
                 "--port",
                 free_port(),
+                "--data-file",
+                node_files[partition],
             ),
-            flower_env(self.root / f"home-node-{len(self.started)}"),
+            self.audited_env(self.root / f"home-node-{len(self.started)}", self.root / f"opened-node-{partition}.log"),
             self.root / f"supernode-{len(self.started)}.log",
         )
 
@@ -174,7 +219,9 @@ def test_two_rounds_of_a_personalized_algorithm_on_a_deployment_match_the_local_
     for flower, local in zip(flower_records, local_records, strict=True):
         details = flower.pop("flower", None)
         if flower["round"] > 0:
+            timing = details.pop("clientapp_seconds")
             assert details == {"online": [0, 1, 2], "offline": [], "dropped": [], "failures": {}}
+            assert sorted(timing) == ["0", "1", "2"] and all(t["since_start"] >= t["handling"] > 0 for t in timing.values())
         for record in (flower, local):
             record.pop("seconds", None)
             record.pop("wall_seconds", None)
@@ -185,6 +232,43 @@ def test_two_rounds_of_a_personalized_algorithm_on_a_deployment_match_the_local_
     assert summary["engine"] == {"name": "flower", "mode": "deployment", "secagg": False, "dp": "none", "dropped_updates": 0}
     assert (flower_dir.path / "summary.json").is_file() and (flower_dir.path / "config.yaml").is_file()
     assert not (flower_dir.path / "adapter").exists(), "FedSA-LoRA has no global adapter"
+
+
+def test_nodes_that_read_only_their_own_files_match_the_local_engine_and_the_server_never_opens_them(tmp_path, federation):
+    assert all(node.alive() for node in federation.nodes.values()), "this test needs all three nodes (it runs before one is stopped)"
+    node_files, _, server_test = federation.files
+    local_dir, _ = start_run(local_config(tmp_path / "local", federation.files, **{"run.plots": "false"}), Progress())
+    settings = {
+        "flower.superlink": federation.address,
+        "flower.insecure": "false",
+        "flower.root_certificates": str(federation.certs / "ca.crt"),
+        "flower.wait_timeout": 600,
+        "flower.round_timeout": 900,
+        "run.plots": "false",
+    }
+    flower_dir, summary = start_run(node_config(tmp_path / "flower", federation.files, **settings), Progress())
+
+    local_records, flower_records = records(local_dir.path), records(flower_dir.path)
+    assert [r["round"] for r in flower_records] == [0, 1, 2]
+    assert_same_length(flower_records, local_records, "metrics records")
+    for flower, local in zip(flower_records, local_records, strict=True):
+        flower.pop("flower", None)
+        for record in (flower, local):
+            record.pop("seconds", None)
+            record.pop("wall_seconds", None)
+        assert_close(flower, local, f"round {local['round']}")
+    assert "accuracy" in flower_records[-1]["global"] and flower_records[-1]["local"]["examples"] > 0
+    reported = summary["engine"]["client_examples"]  # from the nodes: the server never counted their rows
+    assert {int(c): n["train"] + n["test"] for c, n in reported.items()} == dict(enumerate(SIZES))
+
+    server_opened = federation.opened("superlink")
+    assert server_test.resolve() in server_opened, "the audit hook logs the ServerApp's opens (it read its own test set)"
+    assert not {f.resolve() for f in node_files} & server_opened, "the server opened a client's file"
+    for partition, own in enumerate(node_files):
+        opened = federation.opened(f"node-{partition}")
+        assert own.resolve() in opened, f"node {partition} read its own file"
+        others = {f.resolve() for f in node_files} - {own.resolve()}
+        assert not others & opened and server_test.resolve() not in opened, f"node {partition} opened data that is not its own"
 
 
 def test_a_supernode_killed_mid_run_leaves_the_others_to_finish(tmp_path, federation):

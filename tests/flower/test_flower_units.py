@@ -315,8 +315,8 @@ def test_private_state_survives_rounds_on_its_node_and_matches_the_local_engine(
 
 def test_a_node_refuses_work_meant_for_another_partition(tiny_run):
     config, run_config = tiny_run()
-    experiment = flower_client.experiment_for(run_config)
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 2, "num-partitions": 4}, state=RecordDict(), run_config=run_config)
+    experiment = flower_client.federation_for(context).experiment
     with pytest.raises(ConfigError, match="serves client 2"):
         flower_client.handle_train(train_message(experiment, 1, 1, 7), context)
     wrong = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 9}, state=RecordDict(), run_config=run_config)
@@ -412,12 +412,12 @@ def test_client_side_clipping_mod_bounds_what_leaves_the_node(tiny_run):
     from atoll.engines.flower.strategy import update_from_reply
 
     config, run_config = tiny_run(**{"train.lr": 0.05})
-    experiment = flower_client.experiment_for(run_config)
+    context = Context(run_id=1, node_id=13, node_config={"partition-id": 3, "num-partitions": 4}, state=RecordDict(), run_config=run_config)
+    experiment = flower_client.federation_for(context).experiment
     server = experiment.server
     clip = 1e-3
     message = train_message(experiment, 1, 3, 13, action=protocol.ACTION_CLIP_FIXED, extra_config={KEY_CLIPPING_NORM: clip})
     message.metadata.__dict__["_message_id"] = message.object_id
-    context = Context(run_id=1, node_id=13, node_config={"partition-id": 3, "num-partitions": 4}, state=RecordDict(), run_config=run_config)
     reply = client_app(message, context)
     assert not reply.has_error(), reply.error if reply.has_error() else ""
     upload = update_from_reply(reply.content, 3)

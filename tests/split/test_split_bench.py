@@ -105,3 +105,33 @@ def test_a_bad_grid_is_one_line_before_anything_runs(tmp_path, grid, message):
     assert result.exit_code == 2
     assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert not out.exists() and doc.read_text() == "kept\n" and not (tmp_path / "p.png").exists()
+
+
+def test_the_table_follows_the_grid_not_the_order_cells_ran_in():
+    """A setting added to a sweep later runs last (the bench resumes) but is shown next to the
+    defense's other settings."""
+    grid = bench.BenchConfig.model_validate(
+        {
+            "cuts": [{"partition": "head-tail", "head_blocks": 1}],
+            "attacks": [{"name": "white-box-inversion"}],
+            "defenses": [
+                {"name": "nopeek", "param": "weight", "values": [5.0, 100.0]},
+                {"name": "gaussian-noise", "param": "sigma", "values": [2.0]},
+            ],
+        }
+    )
+    ran = ["cut0/none", "cut0/nopeek@weight=5.0", "cut0/gaussian-noise@sigma=2.0", "cut0/nopeek@weight=100.0"]
+    grid_cells = {cell["id"]: cell for cell in bench.cells(grid)}
+    records = [
+        {
+            **grid_cells[name],
+            "mp": 0.5,
+            "majority_class_rate": 0.4,
+            "main_metric": "accuracy",
+            "attacks": {"white-box-inversion": {"token_recall": 0.5}},
+        }
+        for name in ran
+    ]
+    table = bench.render_table(grid, records, "atoll split bench grid.yaml", "")
+    rows = [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows == [["| none", ""], ["| nopeek", "weight = 5.0"], ["| nopeek", "weight = 100.0"], ["| gaussian-noise", "sigma = 2.0"]]

@@ -146,3 +146,49 @@ def test_every_shipped_split_config_loads(tmp_path):
         assert [d.name for d in config.defenses] == ([bench.defenses[cell["sweep"]].name] if cell["defense"] else [])
         for attack in tree["attacks"]:
             parse_plugin_params("attack", attack["name"], {k: v for k, v in attack.items() if k != "name"}, attack["name"])
+        cut = bench.cuts[cell["cut"]]
+        assert config.model.name == (cut.model or bench.base["model"]["name"])
+    assert any(cut.model == "atoll-edge" and cut.label.startswith("atoll-edge, head-tail") for cut in bench.cuts)
+
+
+def test_record_start_keeps_only_later_training_steps():
+    """record.start: the model party keeps training steps from `start` on (every `every`, at most
+    `limit`), so attacks can read what a defense sends once it has trained; evaluation and
+    generation messages are not held back by it."""
+    from atoll.split.model_party import record_policy
+    from atoll.split.transcript import RecordPolicy
+
+    def kept(policy: RecordPolicy, phase: str = "train") -> list[int]:
+        memory: dict = {}
+        steps = []
+        for step in range(1, 13):
+            if policy.wants(phase, 0, step, memory):
+                memory[(0, phase)].add(step)
+                steps.append(step)
+        return steps
+
+    assert kept(RecordPolicy(every=1, limit=3)) == [1, 2, 3]
+    assert kept(RecordPolicy(every=1, limit=3, start=9)) == [9, 10, 11]
+    assert kept(RecordPolicy(every=2, limit=8, start=7)) == [8, 10, 12]
+    assert kept(RecordPolicy(every=1, limit=3, start=9, phases=("eval",)), "eval") == [1, 2, 3]
+    config = split_config_with(
+        split_overrides("runs", **{"attacks": "[{name: white-box-inversion}]", "record.start": 37, "record.limit": 4})
+    )
+    policy = record_policy(config)
+    assert (policy.every, policy.start, policy.limit) == (1, 37, 4)
+    with pytest.raises(ConfigError, match="record.start"):
+        split_config_with(split_overrides("runs", **{"record.start": 0}))
+
+
+def test_data_labels_fixes_the_class_ids(split_config):
+    """data.labels (atoll's data section) fixes the label set and its class-id order in split runs
+    too; a label outside it is a data error naming the fix."""
+    from atoll.data.sources import load_source
+    from atoll.errors import DataError
+    from atoll.split.setup import prepare
+
+    found = sorted({str(v) for v in load_source("synthetic-cls").columns["label"]})
+    setup = prepare(split_config(**{"data.labels": "[" + ", ".join(reversed(found)) + "]"}))
+    assert setup.label_names == list(reversed(found)) and setup.num_labels == len(found)
+    with pytest.raises(DataError, match="add them to data.labels"):
+        prepare(split_config(**{"data.labels": f"[{found[0]}, {found[1]}]"}))

@@ -155,6 +155,14 @@ LAYER_RULES = [
     ("atoll.data", ["atoll.split"]),
     ("atoll.report", ["atoll.split"]),
     ("atoll.config", ["atoll.split"]),
+    # hybrid inference sits on top: it builds an edge from a federated run (atoll.experiment) and
+    # knows no driver, no algorithm and no other capability; nothing in the core knows it
+    ("atoll.hybrid", ["atoll.sim", "atoll.engines", "atoll.algorithms", "atoll.dispatch", "atoll.cli", "atoll.split", "atoll.privacy"]),
+    *[
+        (layer, ["atoll.hybrid"])
+        for layer in ["atoll.fl", "atoll.algorithms", "atoll.sim", "atoll.engines", "atoll.models", "atoll.data", "atoll.report"]
+        + ["atoll.config", "atoll.privacy", "atoll.split", "atoll.lm", "atoll.console", "atoll.resolve", "atoll.experiment"]
+    ],
 ]
 
 

@@ -25,7 +25,9 @@ def specs() -> dict[str, AlgorithmSpec]:
 def spec_of(name: str) -> AlgorithmSpec:
     """The declaration of ``name`` (ConfigError naming the choices when unknown)."""
     if name not in SPECS:
-        raise ConfigError(f"unknown algorithm '{name}'", f"choose one of: {', '.join(sorted(SPECS))}")
+        close = [known for known in SPECS if known.replace("-", "") == name.lower().replace("-", "").replace("_", "")]
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown algorithm '{name}'{hint}", f"choose one of: {', '.join(sorted(SPECS))}")
     return SPECS[name]
 
 

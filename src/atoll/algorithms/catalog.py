@@ -69,6 +69,17 @@ class FedITFineTuneParams(BaseModel):
     finetune_lr: float | None = Field(None, gt=0, description="learning rate of the personal fine-tune; default: train.lr")
 
 
+class ClusteredLoRAParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    aggregation: Literal["flexlora", "hetlora"] = Field(
+        "flexlora",
+        description="rule inside each cluster: flexlora (dense sum, SVD to each client's rank) or hetlora (zero-padding, sparsity weights, truncation)",
+    )
+    warmup_rounds: int = Field(1, gt=0, description="rounds of independent local LoRA training (all clients) before clustering")
+    max_clusters: int = Field(8, gt=0, description="at most this many clusters; the number is chosen by silhouette score")
+
+
 class FedLEASEParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -337,6 +348,14 @@ SPECS: dict[str, AlgorithmSpec] = {
             paper="Wang, Bian, Zhang, Xu, Adaptive LoRA Experts Allocation and Selection for Federated Fine-Tuning, NeurIPS 2025",
             Params=FedLEASEParams,
             capabilities=Capabilities(personal=True, global_model=False),
+        ),
+        AlgorithmSpec(
+            name="clustered-lora",
+            module="clustered_lora",
+            server_class="ClusteredLoRA",
+            paper="clustering as FedLEASE (Wang, Bian, Zhang, Xu, NeurIPS 2025), per cluster FlexLoRA (Bai et al., NeurIPS 2024) or HetLoRA (Cho et al., EMNLP 2024)",
+            Params=ClusteredLoRAParams,
+            capabilities=Capabilities(mixed_ranks="native", personal=True, personal_export=True, global_model=False),
         ),
         AlgorithmSpec(
             name="fedit-ft",

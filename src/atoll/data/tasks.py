@@ -18,12 +18,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from atoll.config import DataConfig
 from atoll.data.sources import RawData
 from atoll.errors import DataError
+
+if TYPE_CHECKING:  # numpy is imported where arrays are made: the resolve step checks columns without it
+    import numpy as np
 
 SFT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 MATH_TEMPLATE = "Question: {prompt}\nAnswer:"
@@ -72,34 +74,88 @@ class TaskSpec:
         return [self.prompt_text(str(p)) + self.response_text(str(r)) for p, r in zip(prompts, responses)]
 
 
+_TASK_COLUMNS = {"classification": ("text_column", "label_column"), "generative": ("prompt_column", "response_column")}
+
+
 def resolve_task(data: DataConfig, raw: RawData) -> TaskSpec:
-    """Pick the task and its columns; a column that does not exist is a DataError."""
+    """Pick the task and its columns, and check their values: a column that does not exist, a
+    column option the task does not read, a missing or empty value are DataErrors naming the row."""
     kind = raw.task if data.task == "auto" else data.task
+    shown = ", ".join(repr(name) for name in raw.columns)
+    reads = _TASK_COLUMNS["classification" if kind == "classification" else "generative"]
+    for option in (o for options in _TASK_COLUMNS.values() for o in options if o not in reads):
+        if getattr(data, option) is not None:
+            raise DataError(
+                f"data.{option} is set but the {kind} task does not read it (it reads data.{reads[0]} and data.{reads[1]})",
+                f"remove data.{option}, or set data.task to the task you mean",
+            )
 
     def column(option: str) -> str:
         name = getattr(data, option) or raw.defaults.get(option)
         if name is None:
-            raise DataError(
-                f"data.{option} is not set and the source has no default",
-                f"set it to one of the columns: {', '.join(raw.columns)}",
-            )
+            raise DataError(f"data.{option} is not set and the source has no default", f"set it to one of the columns: {shown}")
         if name not in raw.columns:
-            raise DataError(
-                f"column '{name}' (data.{option}) does not exist in {data.source}",
-                f"columns are: {', '.join(raw.columns)}",
-            )
+            raise DataError(f"column '{name}' (data.{option}) does not exist in {data.source}", f"columns are: {shown}")
         return name
+
+    def check_values(name: str, blank_allowed: bool) -> None:
+        for index, value in enumerate(raw.columns[name]):
+            if value is None or (not blank_allowed and isinstance(value, str) and not value.strip()):
+                what = "has no value" if value is None else "is empty"
+                raise DataError(f"column '{name}' {what} at {raw.where(index)}", "fill or drop that row")
+            if isinstance(value, (dict, list)):
+                raise DataError(
+                    f"column '{name}' holds a {type(value).__name__} at {raw.where(index)}, not text", "use a column of plain values"
+                )
 
     if kind == "classification":
         spec = TaskSpec(kind, text_column=column("text_column"), label_column=column("label_column"))
+        check_values(spec.text_column, blank_allowed=False)
+        check_values(spec.label_column, blank_allowed=False)
         values = raw.columns[spec.label_column]
-        if any(v is None or (isinstance(v, str) and not v.strip()) for v in values):
-            raise DataError(f"label column '{spec.label_column}' has empty values", "drop or fill those rows")
-        spec.label_names = sorted({str(v) for v in values}, key=_natural_key)
+        if data.labels:
+            spec.label_names = [str(v) for v in data.labels]
+            if len(set(spec.label_names)) != len(spec.label_names):
+                raise DataError("data.labels names a label twice", "list each label once, in class-id order")
+            check_labels(spec, raw, raw.description or data.source)
+        else:
+            spec.label_names = sorted({str(v) for v in values}, key=_natural_key)
         if spec.num_labels < 2:
             raise DataError(f"label column '{spec.label_column}' has a single class", "classification needs at least 2")
+        if spec.num_labels > max(100, len(values) // 2):
+            raise DataError(
+                f"label column '{spec.label_column}' has {spec.num_labels} distinct values in {len(values)} rows, too many to be classes",
+                "check data.label_column (classification learns a few classes, each with many examples)",
+            )
         return spec
-    return TaskSpec(kind, prompt_column=column("prompt_column"), response_column=column("response_column"))
+    spec = TaskSpec(kind, prompt_column=column("prompt_column"), response_column=column("response_column"))
+    check_values(spec.prompt_column, blank_allowed=kind == "completion")
+    check_values(spec.response_column, blank_allowed=False)
+    return spec
+
+
+def check_labels(spec: TaskSpec, raw: RawData, where: str) -> None:
+    """Every label of ``raw`` is one of the spec's (a second source, or a label set fixed by data.labels)."""
+    unknown = sorted({str(v) for v in raw.columns[spec.label_column]} - set(spec.label_names), key=_natural_key)
+    if unknown:
+        shown = ", ".join(repr(v) for v in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise DataError(
+            f"label column '{spec.label_column}' of {where} has values outside the label set: {shown}",
+            "add them to data.labels (or drop those rows)",
+        )
+
+
+def check_source_fits(spec: TaskSpec, raw: RawData, where: str) -> None:
+    """``raw`` (a test set or a node's file) has the columns the task reads and, for
+    classification, only labels of the spec's label set."""
+    needed = [spec.text_column, spec.label_column] if spec.kind == "classification" else [spec.prompt_column, spec.response_column]
+    for name in needed:
+        if name not in raw.columns:
+            raise DataError(f"column '{name}' does not exist in {where}", f"columns are: {', '.join(raw.columns)}")
+    if spec.kind == "classification":
+        if any(v is None or (isinstance(v, str) and not v.strip()) for v in raw.columns[spec.label_column]):
+            raise DataError(f"label column '{spec.label_column}' of {where} has empty values", "drop or fill those rows")
+        check_labels(spec, raw, where)
 
 
 def _natural_key(text: str) -> tuple:
@@ -131,7 +187,21 @@ class Tokenized:
         return self.ids[self.offsets[index] : self.offsets[index + 1]]
 
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        return self.offsets[1:] - self.offsets[:-1]
+
+
+def concat_tokenized(first: Tokenized, second: Tokenized) -> Tokenized:
+    """``second``'s examples after ``first``'s (indices of ``second`` shift by ``len(first)``)."""
+    import numpy as np
+
+    offsets = np.concatenate([first.offsets, second.offsets[1:] + first.offsets[-1]])
+    return Tokenized(
+        np.concatenate([first.ids, second.ids]).astype(np.int32),
+        offsets.astype(np.int64),
+        np.concatenate([first.labels, second.labels]).astype(np.int64),
+        np.concatenate([first.prompt_len, second.prompt_len]).astype(np.int32),
+        list(first.answers) + list(second.answers) if (first.answers or second.answers) else [],
+    )
 
 
 def extract_answer(text: str, strict: bool = False) -> str | None:
@@ -157,6 +227,8 @@ def _canonical_number(text: str) -> str:
 
 
 def _tokenize_uncached(spec: TaskSpec, raw: RawData, tokenizer, max_length: int) -> Tokenized:
+    import numpy as np
+
     sequences: list[list[int]] = []
     prompt_lens: list[int] = []
     labels: list[int] = []
@@ -215,6 +287,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def tokenize(spec: TaskSpec, raw: RawData, tokenizer, max_length: int, cache_dir: Path | None, subset_key: str) -> Tokenized:
     """Tokenise ``raw`` for ``spec``, reusing an on-disk cache keyed by everything that matters."""
+    import numpy as np
+
     key_text = json.dumps(
         [
             raw.fingerprint,

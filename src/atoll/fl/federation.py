@@ -149,9 +149,13 @@ class Federation:
         indices = self.experiment.splits.global_test if scope == "global" else None
         return self.clients[client_id].evaluate(download, indices)
 
+    def test_examples(self, client_id: int) -> int:
+        """Size of ``client_id``'s local test split (where its data lives elsewhere, as its node reported it)."""
+        return len(self.clients[client_id].context.test_indices)
+
     def local_client_ids(self) -> list[int]:
         """Clients with a local test split (those local evaluation asks)."""
-        return [c for c in self.real_client_ids if len(self.clients[c].context.test_indices)]
+        return [c for c in self.real_client_ids if self.test_examples(c)]
 
     # -- records -------------------------------------------------------------------------------------
     def should_evaluate(self, round: int) -> bool:
@@ -198,7 +202,7 @@ class Federation:
         client, the spread, and (up to 100 clients) each client's main metric."""
         asked = self.local_client_ids()
         results = clients.evaluate(round, asked, "local")
-        rows = [(float(len(self.clients[c].context.test_indices)), metrics) for c, metrics in results.items()]
+        rows = [(float(self.test_examples(c)), metrics) for c, metrics in results.items()]
         summary = weighted_mean(rows) if rows else {}
         metric = self.metric
         if rows and metric in summary:
@@ -302,12 +306,13 @@ class Federation:
             recorder.plot_metric(self.metric, title, experiment.majority_rate())
             from atoll.report import plots
 
-            plots.plot_label_distribution(
-                experiment.splits.label_table,
-                experiment.spec.label_names,
-                run_dir.path / "label_distribution.png",
-                f"{config.partition.name} partition",
-            )
+            if experiment.splits.label_table is not None:  # None: the clients' data is on their nodes
+                plots.plot_label_distribution(
+                    experiment.splits.label_table,
+                    experiment.spec.label_names,
+                    run_dir.path / "label_distribution.png",
+                    f"{config.partition.name} partition",
+                )
         if config.run.export_personal:
             round = recorder.records[-1]["round"] if recorder.records else config.federation.rounds
             run_dir.replace_dir("personal", lambda staging: self.export_personal(staging, round))

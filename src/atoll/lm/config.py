@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from atoll.config import apply_override, read_yaml
+from atoll.config import apply_override, check_scalars, read_yaml
 from atoll.errors import ConfigError
 
 
@@ -93,6 +93,7 @@ def load_pretrain_config(path: str | Path, overrides: list[str] | None = None) -
     tree: dict[str, Any] = read_yaml(path)
     for assignment in overrides or []:
         apply_override(tree, assignment)
+    check_scalars(PretrainConfig, tree)  # `layers: true` is not one layer, nor .inf a number
     try:
         config = PretrainConfig.model_validate(tree)
     except ValidationError as exc:

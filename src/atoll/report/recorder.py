@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from atoll.report.divergence import DivergenceWatch
 from atoll.report.progress import Progress
 from atoll.report.rundir import RunDir
 
@@ -31,6 +32,7 @@ class Recorder:
         self._handle = None if synced else open(run_dir.path / "metrics.jsonl", "a")
         self._last_report = 0.0
         self.seconds = 0.0  # wall seconds spent writing records
+        self.divergence = DivergenceWatch(self.records)
 
     @property
     def path(self) -> Path:
@@ -42,7 +44,8 @@ class Recorder:
     def record(self, record: dict[str, Any], report: bool = True) -> None:
         """Keep ``record``, append it to metrics.jsonl and report it (round 0 and final
         re-evaluations are written but not reported as rounds). ``report=False`` leaves the
-        report to :meth:`report` (the synchronous loop reports a round after its checkpoint)."""
+        report to :meth:`report` (the synchronous loop reports a round after its checkpoint).
+        A record whose train loss diverged is written, then the run stops with a DivergenceError."""
         started = time.perf_counter()
         self.records.append(record)
         if self.synced:
@@ -54,6 +57,7 @@ class Recorder:
                 self._last_report = started
                 self.progress.round_end(record["round"], record)
         self.seconds += time.perf_counter() - started
+        self.divergence.observe(record, str(self.path))
 
     def report(self, record: dict[str, Any]) -> None:
         """Report a round already written with ``report=False``."""

@@ -11,15 +11,16 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
-from safetensors.torch import load_file, save_file
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from atoll.config import Config, build_config, read_yaml
-from atoll.errors import CheckpointError, ConfigError
+from atoll.errors import AtollError, CheckpointError, ConfigError
+
+if TYPE_CHECKING:  # torch is imported where checkpoints are read or written: the resolve step checks paths without it
+    from torch import Tensor
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -62,12 +63,43 @@ class RunDir:
             path = base.with_name(f"{base.name}-{suffix}")
         return path
 
+    @staticmethod
+    def check_location(path: Path, what: str = "run directory") -> None:
+        """``path`` can be created as a directory: nothing on the way is a file and its nearest
+        existing ancestor is a directory where one can be made (probed by making and removing an
+        empty one: permission bits do not tell for root, nor for read-only or virtual filesystems)."""
+        path = Path(path).expanduser().absolute()
+        ancestor = path
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            where = "is" if ancestor == path else f"would be inside '{ancestor}', which is"
+            raise ConfigError(f"{what} '{path}' {where} a file", "set run.root or run.dir to a directory")
+        try:
+            longest = os.pathconf(ancestor, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            longest = 255
+        for part in path.relative_to(ancestor).parts:
+            if len(part.encode()) > longest:
+                raise ConfigError(
+                    f"the {what} would be named '{part[:40]}...', {len(part.encode())} bytes; this filesystem allows {longest}",
+                    "use a shorter name, or set run.root or run.dir to a shorter path",
+                )
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".atoll-probe-", dir=ancestor))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the {what} '{path}': '{ancestor}' is not writable ({exc.strerror})",
+                "set run.root (or run.dir) to a directory you can write, e.g. --set run.root=$HOME/atoll-runs",
+            ) from None
+
     @classmethod
     def check_new(cls, path: Path) -> None:
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise ConfigError(
                 f"run directory '{path}' already exists and is not empty", "choose another run.dir, or continue it with --resume"
             )
+        cls.check_location(path)
 
     @classmethod
     def create(cls, path: Path, config: Config, resolved: str | None = None) -> "RunDir":
@@ -84,11 +116,23 @@ class RunDir:
 
     @classmethod
     def open_existing(cls, path: Path) -> tuple["RunDir", Config]:
+        """The run directory at ``path`` and its config, for resuming: it must hold a readable
+        config.yaml and be writable."""
+        if not path.is_dir():
+            raise CheckpointError(f"run directory '{path}' does not exist", "pass the directory a previous `atoll run` created")
         if not (path / CONFIG_FILE).is_file():
             raise CheckpointError(
                 f"'{path}' is not a run directory (no {CONFIG_FILE})", "pass the directory a previous `atoll run` created"
             )
-        return cls(path), build_config(read_yaml(path / CONFIG_FILE))
+        try:
+            config = build_config(read_yaml(path / CONFIG_FILE))
+        except AtollError as error:
+            raise CheckpointError(
+                f"the run's {path / CONFIG_FILE} is not a valid config: {error.message}", "start a new run instead of resuming this one"
+            ) from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise CheckpointError(f"run directory '{path}' is not writable", "resume from a copy you can write")
+        return cls(path), config
 
     # -- metrics --------------------------------------------------------------------------------------
     def append_metrics(self, record: dict[str, Any]) -> None:
@@ -123,6 +167,8 @@ class RunDir:
         staging = final.with_name(f".{final.name}.tmp")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
+        from safetensors.torch import save_file
+
         save_file({k: v.contiguous() for k, v in server_tensors.items()}, str(staging / "server.safetensors"))
         save_clients(staging / "clients")
         files = sorted(p for p in staging.rglob("*") if p.is_file())
@@ -159,6 +205,8 @@ class RunDir:
             path = directory / relative
             if not path.is_file() or _sha256(path) != expected:
                 raise CheckpointError(f"checkpoint file '{path}' is missing or corrupted (checksum mismatch)", fix)
+        from safetensors.torch import load_file
+
         try:
             tensors = load_file(str(directory / "server.safetensors"))
         except Exception:

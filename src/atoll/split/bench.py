@@ -39,12 +39,15 @@ class CutSpec(BaseModel):
     head_blocks: int = Field(1, ge=0)
     tail_blocks: int = Field(0, ge=0)
     overrides: dict[str, Any] = Field(default_factory=dict, description="more keys of the split config for this cut (dotted)")
+    model: str | None = Field(None, description="the model of this cut's runs, if not the base config's (shown in the table)")
 
     @property
     def label(self) -> str:
         if self.partition == "head-tail":
-            return f"head-tail, {self.head_blocks} head block{'s' if self.head_blocks != 1 else ''}"
-        return f"head-body-tail, {self.head_blocks} head + {self.tail_blocks} tail"
+            cut = f"head-tail, {self.head_blocks} head block{'s' if self.head_blocks != 1 else ''}"
+        else:
+            cut = f"head-body-tail, {self.head_blocks} head + {self.tail_blocks} tail"
+        return f"{self.model}, {cut}" if self.model else cut
 
 
 class DefenseSweep(BaseModel):
@@ -136,6 +139,8 @@ def cell_tree(bench: BenchConfig, cell: dict[str, Any], out: Path) -> dict[str, 
     tree = json.loads(json.dumps(bench.base))
     cut = bench.cuts[cell["cut"]]
     tree.setdefault("split", {}).update({"partition": cut.partition, "head_blocks": cut.head_blocks, "tail_blocks": cut.tail_blocks})
+    if cut.model:
+        tree.setdefault("model", {})["name"] = cut.model
     for key, value in cut.overrides.items():
         apply_override(tree, f"{key}={json.dumps(value)}")
     defenses = []
@@ -307,7 +312,8 @@ ATTACK_SHORT = {
 
 def render_table(bench: BenchConfig, records: list[dict[str, Any]], command: str, note: str) -> str:
     """The Markdown block written between the bench markers."""
-    scored = scores(records, bench.beta)
+    order = {cell["id"]: index for index, cell in enumerate(cells(bench))}  # the grid's order, not the order cells ran in
+    scored = sorted(scores(records, bench.beta), key=lambda r: order.get(r.get("id"), len(order)))
     attack_names = [a["name"] for a in bench.attacks]
     lines = [START, "", f"Made by `{command}`. {note}", ""]
     for cut_index, cut in enumerate(bench.cuts):

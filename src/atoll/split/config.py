@@ -48,6 +48,9 @@ class SplitDataConfig(Section):
     max_examples: int | None = Field(None, gt=0, description="use at most this many examples of the source (random subset)")
     test_size: float = Field(0.1, gt=0, description="held-out test set: a fraction (< 1) or a number of examples (>= 1)")
     cache_dir: str | None = Field(None, description="where tokenised data is cached (default ~/.cache/atoll)")
+    labels: list[str | int] | None = Field(
+        None, description="classification: the label set in class-id order (default: the sorted values found in the data)"
+    )
 
     @field_validator("task")
     @classmethod
@@ -123,6 +126,11 @@ class SplitEvalConfig(Section):
 class RecordConfig(Section):
     every: int = Field(0, ge=0, description="record what the model party receives every N training steps (0: only when an attack needs it)")
     limit: int = Field(8, gt=0, description="record at most this many training steps per data party")
+    start: int = Field(
+        1,
+        gt=0,
+        description="first training step that may be recorded (e.g. the last steps, to attack what a trained defense sends)",
+    )
     phases: list[Literal["train", "eval", "generate"]] = Field(
         default_factory=lambda: ["train"], description="which exchanges are recorded: train, eval, generate"
     )

@@ -62,7 +62,7 @@ def record_policy(config: SplitConfig) -> RecordPolicy:
 
     every = config.record.every or (1 if config.attacks else 0)
     parameters = config.record.parameters or any(plugin_class("attack", a.name).needs_parameters for a in config.attacks)
-    return RecordPolicy(every, config.record.limit, tuple(config.record.phases), parameters)
+    return RecordPolicy(every, config.record.limit, tuple(config.record.phases), parameters, config.record.start)
 
 
 @dataclass

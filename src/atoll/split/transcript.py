@@ -41,19 +41,21 @@ class Received:
 
 @dataclass
 class RecordPolicy:
-    """Which exchanges are kept: training steps ``step % every == 0`` (at most ``limit`` per data
-    party), and the phases listed (train, eval, generate); with ``parameters``, the model party's
-    own trainable parameters as they were at each kept training step."""
+    """Which exchanges are kept: training steps from ``start`` on with ``step % every == 0`` (at
+    most ``limit`` per data party), and the phases listed (train, eval, generate); with
+    ``parameters``, the model party's own trainable parameters as they were at each kept training
+    step."""
 
     every: int = 0
     limit: int = 8
     phases: tuple[str, ...] = ("train",)
     parameters: bool = False  # keep the model party's own trainable parameters with each kept training forward
+    start: int = 1  # the first training step that may be kept
 
     def wants(self, phase: str, party: int, step: int, kept: dict[tuple[int, str], set[int]]) -> bool:
         if self.every <= 0 or phase not in self.phases:
             return False
-        if phase == "train" and step % self.every:
+        if phase == "train" and (step < self.start or step % self.every):
             return False
         steps = kept.setdefault((party, phase), set())
         return step in steps or len(steps) < self.limit

@@ -89,6 +89,8 @@ def check_flower_settings(config: "Config") -> None:
             raise ConfigError("flower.secagg.reconstruction_threshold must be smaller than num_shares")
         if config.model.dtype == "bfloat16":
             raise ConfigError("SecAgg+ quantizes float32 uploads; model.dtype bfloat16 is not supported with it", "use model.dtype float32")
+    if flower.node_data:
+        check_node_data(config)
     if flower.mode == "deployment":
         if not flower.superlink:
             raise ConfigError(
@@ -102,6 +104,39 @@ def check_flower_settings(config: "Config") -> None:
                 "flower.superlink uses TLS but flower.root_certificates is not set",
                 "point it at the CA certificate (ca.crt from `atoll flower certs`), or set flower.insecure: true on loopback",
             )
+
+
+def check_node_data(config: "Config") -> None:
+    """What a server without client data must be told (``flower.node_data``): where the data is
+    (each SuperNode's own file, so a deployment), the task and, for classification, the label set.
+    Whether the model's tokenizer is fixed is checked where the model registry is at hand (the
+    ServerApp refuses models that train theirs on the data)."""
+    data = config.data
+    if config.flower.mode != "deployment":
+        raise ConfigError(
+            "flower.node_data needs flower.mode: deployment (each SuperNode reads the file named in its node config)",
+            "set flower.mode: deployment, or drop flower.node_data to partition data.source",
+        )
+    if data.task == "auto":
+        raise ConfigError(
+            "with flower.node_data the server sees no client data to guess the task from",
+            "set data.task (classification, sft, math or completion)",
+        )
+    if data.task == "classification" and not data.labels:
+        raise ConfigError(
+            "with flower.node_data the label set must be fixed in the config (the server never sees the clients' labels)",
+            "set data.labels to every label, in class-id order",
+        )
+    if data.max_examples is not None:
+        raise ConfigError(
+            "data.max_examples takes a subset of one pooled source; with flower.node_data each node uses its whole file",
+            "drop data.max_examples",
+        )
+    if data.validation_size:
+        raise ConfigError(
+            "data.validation_size draws a validation set from one pooled source; with flower.node_data no one holds the pool",
+            "drop data.validation_size (the server's own set is data.test_source)",
+        )
 
 
 def _sampled(config: "Config") -> int:

@@ -3,8 +3,11 @@
 Every process builds the federation from the resolved run it is handed (``atoll.experiment.build``
 is deterministic given the seed; nothing is checked again), so a node trains exactly what the
 local engine would train for the same client, through the same behaviours and protection stages.
-Built federations are cached per process: in simulation a Ray actor keeps its model across rounds;
-in deployment every message starts a fresh ClientApp process.
+Built federations are cached per process (in simulation a Ray actor keeps its model across
+rounds), and the prepared data per node on disk (:mod:`.node_cache`): in deployment every message
+starts a fresh ClientApp process, which then loads the token ids and splits instead of reading
+the source, loading the tokenizer and partitioning again. In a node-data run
+(``flower.node_data``) the node's data is its own file (:mod:`.node_data`).
 
 A client's private state (the entries it keeps in the ClientStore: personal adapters, control
 variates) lives in ``context.state`` between messages: it is loaded into the store before the
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 
 from atoll.engines.flower import protocol
 from atoll.errors import ConfigError
@@ -30,11 +34,16 @@ _EXPERIMENTS: dict[str, object] = {}
 # -- the experiment of this process -------------------------------------------------------------------
 
 
-def federation_for(run_config):
-    """The Federation of this run, built once per process from the resolved run it was handed."""
+def federation_for(context):
+    """The Federation of this run on this node, built once per process from the resolved run it
+    was handed and the node's cached data (:func:`.node_cache.node_data`)."""
+    run_config, node_config = context.run_config, context.node_config
     text = str(run_config.get(protocol.RUN_KEY, ""))
-    key = hashlib.sha256(text.encode()).hexdigest()
+    node_file = str(node_config.get("data-file", "")) if node_config is not None else ""
+    key = hashlib.sha256(f"{text}\0{node_file}".encode()).hexdigest()
     if key not in _EXPERIMENTS:
+        from atoll.engines.flower import node_cache
+        from atoll.engines.flower.node_data import node_data_file
         from atoll.experiment import build
         from atoll.fl.federation import Federation
 
@@ -43,13 +52,22 @@ def federation_for(run_config):
         _EXPERIMENTS.clear()
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         run, _ = protocol.read_run_config(run_config)
-        _EXPERIMENTS[key] = Federation(build(run))
+        config = run.config
+        if config.flower.node_data:
+            client_id, path = client_id_of(node_config, config.federation.clients), node_data_file(node_config)
+        else:
+            client_id, path = -1, None
+        _EXPERIMENTS[key] = Federation(build(run, loaded=node_cache.node_data(config, client_id, path)))
     return _EXPERIMENTS[key]
 
 
-def experiment_for(run_config):
-    """The Experiment of this run (built once per process)."""
-    return federation_for(run_config).experiment
+def timing_metrics(started: float) -> dict[str, float]:
+    """How long this ClientApp process has lived and how long the handler took (recorded by the
+    server under ``flower.clientapp_seconds``; ``atoll.`` keys never reach the algorithm)."""
+    import psutil
+
+    now = time.time()
+    return {"atoll.process-seconds": now - psutil.Process().create_time(), "atoll.handle-seconds": time.perf_counter() - started}
 
 
 def client_id_of(node_config, num_clients: int) -> int:
@@ -139,7 +157,8 @@ def handle_train(msg, context):
 
     if "fitins.parameters" in msg.content.array_records:
         return handle_secagg_train(msg, context)
-    federation = federation_for(context.run_config)
+    started = time.perf_counter()
+    federation = federation_for(context)
     config = msg.content.config_records[protocol.CONFIG]
     arrays = msg.content.array_records[protocol.ARRAYS]
     download = state_from_records(arrays, config)
@@ -149,6 +168,7 @@ def handle_train(msg, context):
     tensors = ordered_like(tensors, list(arrays_to_tensors(arrays)))
     metrics = {k: float(v) for k, v in update.metrics.items()}
     metrics.update({"client-id": client_id, "num-examples": int(update.num_examples)})
+    metrics.update(timing_metrics(started))
     content = RecordDict(
         {
             protocol.ARRAYS: tensors_to_arrays(tensors),
@@ -169,7 +189,7 @@ def handle_secagg_train(msg, context):
     from atoll.engines.flower.strategy import META
 
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    federation = federation_for(context.run_config)
+    federation = federation_for(context)
     client_id, round = int(fitins.config["atoll.client-id"]), int(fitins.config["atoll.round"])
     download = state_from_legacy(parameters_to_ndarrays(fitins.parameters), str(fitins.config[META]))
     update = run_client(federation, context, client_id, round, download)
@@ -185,20 +205,27 @@ def handle_evaluate(msg, context):
 
     from atoll.engines.flower.codec import state_from_records
 
-    federation = federation_for(context.run_config)
+    started = time.perf_counter()
+    federation = federation_for(context)
     config = msg.content.config_records[protocol.CONFIG]
     download = state_from_records(msg.content.array_records[protocol.ARRAYS], config)
     client_id = int(config["client-id"])
     metrics = evaluate_client(federation, context, client_id, download, str(config.get("scope", "local")))
     values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     values["client-id"] = client_id
+    values.update(timing_metrics(started))
     return Message(RecordDict({protocol.METRICS: MetricRecord(values)}), reply_to=msg)
 
 
 def handle_query(msg, context):
+    """The node's partition (and in a node-data run its example counts, read from its own file)."""
     from flwr.app import ConfigRecord, Message, RecordDict
 
-    return Message(RecordDict({protocol.INFO: ConfigRecord(protocol.query_reply(context.node_config))}), reply_to=msg)
+    from atoll.engines.flower.node_data import query_entries
+
+    entries = protocol.query_reply(context.node_config)
+    entries.update(query_entries(context.run_config, context.node_config))
+    return Message(RecordDict({protocol.INFO: ConfigRecord(entries)}), reply_to=msg)
 
 
 def secagg_when_asked(msg, context, call_next):

@@ -68,8 +68,11 @@ def supernode(
     auth_key: Optional[Path] = typer.Option(None, help="this node's private key for node authentication (instead of --node-auth)"),
     node_auth: bool = typer.Option(False, "--node-auth", help="authenticate with --certs' node-<partition-id> key"),
     insecure: bool = typer.Option(False, help="plain HTTP (only to a SuperLink on loopback)"),
+    data_file: Optional[Path] = typer.Option(
+        None, help="this node's own data file (.json/.jsonl/.csv/.parquet), read only by it, for runs with flower.node_data"
+    ),
 ) -> None:
-    """Start a SuperNode serving one data partition."""
+    """Start a SuperNode serving one data partition (or, with --data-file, its own data)."""
     from atoll.engines.flower.processes import CertPaths, supernode_command
 
     try:
@@ -88,6 +91,7 @@ def supernode(
             root_certificates=None if insecure else root,
             auth_key=key,
             insecure=insecure,
+            data_file=data_file,
         )
     except AtollError as error:
         _fail(error)

@@ -9,6 +9,7 @@ and SIGKILLs whatever is left, each by PID.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -134,9 +135,11 @@ def supernode_command(
     root_certificates: Path | None = None,
     auth_key: Path | None = None,
     insecure: bool = False,
+    data_file: Path | None = None,
 ) -> list[str]:
-    """``flower-supernode`` serving data partition ``partition_id`` of ``num_partitions``; its
-    local runtime API listens on 127.0.0.1:``port`` (one port per SuperNode on a host)."""
+    """``flower-supernode`` serving data partition ``partition_id`` of ``num_partitions`` (and, for
+    runs with ``flower.node_data``, its own ``data_file``); its local runtime API listens on
+    127.0.0.1:``port`` (one port per SuperNode on a host)."""
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     host, _ = split_address(superlink)
@@ -158,8 +161,25 @@ def supernode_command(
         if not Path(auth_key).is_file():
             raise ConfigError(f"'{auth_key}' does not exist", "create node keys with `atoll flower certs DIR --nodes N`")
         command += ["--auth-supernode-private-key", str(auth_key)]
-    command += ["--node-config", f"partition-id={partition_id} num-partitions={num_partitions}"]
+    node_config = f"partition-id={partition_id} num-partitions={num_partitions}"
+    if data_file is not None:
+        node_config += f" data-file={_toml_path(data_file)}"
+    command += ["--node-config", node_config]
     return command
+
+
+def _toml_path(path: Path) -> str:
+    """An existing data file's absolute path as a quoted value Flower's --node-config parser accepts
+    (it splits on spaces outside quotes and reads each value as TOML)."""
+    path = Path(path).expanduser().absolute()
+    if not path.is_file():
+        raise ConfigError(f"data file '{path}' does not exist", "give the node's own .json/.jsonl/.csv/.parquet file")
+    text = str(path)
+    if "'" not in text and "\n" not in text:
+        return f"'{text}'"  # a TOML literal string: backslashes stay as they are
+    if '"' not in text and "\n" not in text:
+        return json.dumps(text)  # a TOML basic string (JSON's escapes are a subset of TOML's)
+    raise ConfigError(f"data file path '{text}' contains both quote characters", "rename it or move it to a simpler path")
 
 
 def write_connection(flwr_home: Path, name: str, address: str, insecure: bool, root_certificates: Path | None) -> None:

@@ -2,12 +2,18 @@
 
 Messages (all carry ``client-id`` so a reply can be checked against the node that sent it):
 
-- ``query``: no content; the reply names the node's ``partition-id`` and ``num-partitions``.
+- ``query``: no content; the reply names the node's ``partition-id`` and ``num-partitions`` and, in
+  a node-data run (``flower.node_data``), its ``train-examples`` and ``test-examples`` or the
+  ``problem`` that keeps it from serving.
 - ``train`` (or ``train.clipfixed`` / ``train.clipadaptive`` under client-side DP): ``arrays`` =
   the download's tensors, ``config`` = round, client id and LoRA scales; the reply holds
   ``arrays`` (the upload), ``metrics`` (training metrics, ``num-examples``) and ``config`` (scales).
 - ``evaluate``: like train plus ``scope`` (``local``: the client's own test split, ``global``: the
   global test set); the reply holds ``metrics``.
+
+Replies' metrics also carry ``atoll.process-seconds`` (age of the ClientApp process) and
+``atoll.handle-seconds`` (time in the handler); keys starting with ``atoll.`` never reach the
+algorithm or the evaluation results.
 
 The run itself is described by the run config: ``atoll-run`` (the resolved run, as
 :meth:`atoll.resolve.ResolvedRun.to_json` wrote it: the ServerApp and every ClientApp take it as it
@@ -72,13 +78,20 @@ def partition_problem(partition: int, partitions: int, num_clients: int) -> str:
     return ""
 
 
-def read_query_reply(content, num_clients: int) -> tuple[int, str]:
-    """(client id, problem or "") from a query reply."""
+def read_query_reply(content, num_clients: int, node_data: bool = False) -> tuple[int, str, tuple[int, int] | None]:
+    """(client id, problem or "", (train, test) example counts in a node-data run) from a query reply."""
     info = content.config_records.get(INFO)
     if info is None:
-        return -1, "its query reply carries no partition information"
+        return -1, "its query reply carries no partition information", None
     partition, partitions = int(info["partition-id"]), int(info["num-partitions"])
-    return partition, partition_problem(partition, partitions, num_clients)
+    problem = partition_problem(partition, partitions, num_clients)
+    if problem or not node_data:
+        return partition, problem, None
+    if info.get("problem"):
+        return partition, str(info["problem"]), None
+    if "train-examples" not in info:
+        return partition, "it reports no example counts for its own data", None
+    return partition, "", (int(info["train-examples"]), int(info["test-examples"]))
 
 
 def evaluate_message(node_id: int, round: int, client_id: int, download, scope: str, ttl: float | None = None):
@@ -98,4 +111,11 @@ def read_metrics(content, client_id: int) -> dict[str, float]:
     sender = int(metrics.pop("client-id", -1))
     if sender != client_id:
         raise UpdateError(f"an evaluation reply meant for client {client_id} says it comes from client {sender}")
-    return {key: float(value) for key, value in metrics.items() if isinstance(value, (int, float))}
+    return {key: float(value) for key, value in metrics.items() if isinstance(value, (int, float)) and not key.startswith("atoll.")}
+
+
+def timing_of(content) -> dict[str, float]:
+    """The ClientApp's timing a reply reports: seconds since its process started and in the handler."""
+    metrics = content.metric_records.get(METRICS, {})
+    timing = {"since_start": metrics.get("atoll.process-seconds"), "handling": metrics.get("atoll.handle-seconds")}
+    return {key: round(float(value), 3) for key, value in timing.items() if value is not None}

@@ -98,12 +98,15 @@ def exchange(grid, messages: dict[int, Any], timeout: float, poll: float = POLL_
 
 class NodeDirectory:
     """Which online node serves which client (its ``partition-id``), learned by a ``query``
-    message to every node seen for the first time."""
+    message to every node seen for the first time; in a node-data run the reply also gives the
+    client's example counts, handed to ``on_counts(client_id, train, test)``."""
 
-    def __init__(self, grid, num_clients: int, timeout: float):
+    def __init__(self, grid, num_clients: int, timeout: float, node_data: bool = False, on_counts=None):
         self.grid = grid
         self.num_clients = num_clients
         self.timeout = timeout
+        self.node_data = node_data
+        self.on_counts = on_counts
         self.client_of_node: dict[int, int] = {}
         self.rejected: dict[int, str] = {}
 
@@ -118,12 +121,14 @@ class NodeDirectory:
                 log.warning("node %s did not answer the partition query: %s", new[index], reason)
             for index, reply in replies.items():
                 node_id = new[index]
-                client_id, problem = protocol.read_query_reply(reply.content, self.num_clients)
+                client_id, problem, counts = protocol.read_query_reply(reply.content, self.num_clients, self.node_data)
                 if problem:
                     self.rejected[node_id] = problem
                     log.warning("ignoring node %s: %s", node_id, problem)
                     continue
                 self.client_of_node[node_id] = client_id
+                if counts is not None and self.on_counts is not None:
+                    self.on_counts(client_id, *counts)
         mapping: dict[int, int] = {}
         for node_id in sorted(online):
             client_id = self.client_of_node.get(node_id)
@@ -185,7 +190,14 @@ class FlowerDriver:
         self.grid = grid
         self.context = context
         self.flower = self.config.flower
-        self.nodes = NodeDirectory(grid, self.config.federation.clients, self.flower.round_timeout)
+        self.nodes = NodeDirectory(
+            grid,
+            self.config.federation.clients,
+            self.flower.round_timeout,
+            node_data=self.flower.node_data,
+            on_counts=getattr(federation, "report_counts", None),
+        )
+        self.clientapp_seconds: dict[str, dict[str, float]] = {}  # this round's train replies' timing
         self.clients = FlowerClients(self)
         dp = self.flower.dp
         action = {"client-fixed": protocol.ACTION_CLIP_FIXED, "client-adaptive": protocol.ACTION_CLIP_ADAPTIVE}.get(dp.mode, "")
@@ -273,6 +285,7 @@ class FlowerDriver:
                 "offline": [c for c in range(self.config.federation.clients) if c not in online],
                 "dropped": sorted(c for c in selected if c not in answered),
                 "failures": {str(c): reason for c, reason in sorted(failures.items())},
+                "clientapp_seconds": self.clientapp_seconds,
             },
         }
         record.update(federation.round_extras(round))
@@ -296,11 +309,13 @@ class FlowerDriver:
         from flwr.app import ConfigRecord
 
         self.algorithm_strategy.plan = plan
+        self.clientapp_seconds = {}
         tensors, _ = split_state(self.federation.server.global_state)
         messages = list(self.strategy.configure_train(plan.round, tensors_to_arrays(tensors), ConfigRecord(), self.grid))
         client_of = plan.client_of()
         by_client = {client_of[m.metadata.dst_node_id]: m for m in messages}
         replies, failures = exchange(self.grid, by_client, self.flower.round_timeout)
+        self.clientapp_seconds = {str(c): protocol.timing_of(replies[c].content) for c in sorted(replies)}
         self._require_replies(plan, len(replies), failures)
         ordered = [replies[c] for c in sorted(replies)]
         arrays, _ = self.strategy.aggregate_train(plan.round, ordered)
@@ -318,10 +333,11 @@ class FlowerDriver:
 
         strategy = self.secagg
         strategy.plan, strategy.grid, strategy.run_id, strategy.aggregated = plan, self.grid, self.context.run_id, False
+        self.clientapp_seconds = {}
         context = LegacyContext(self.context, config=ServerConfig(num_rounds=self.config.federation.rounds), strategy=strategy)
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: plan.round, Key.START_TIME: time.time()})
         context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
-        max_weight = max(self.federation.experiment.splits.client_sizes())
+        max_weight = max(self.federation.server.context.client_sizes)  # in a node-data run, as the nodes reported
         secagg_workflow(self.flower.secagg, max_weight, self.flower.round_timeout)(self.grid, context)
         answered = {u.client_id for u in plan.updates}
         failures = {c: "dropped out of the SecAgg+ protocol" for c in plan.nodes if c not in answered}
@@ -358,6 +374,9 @@ class FlowerDriver:
             "dp": self.flower.dp.mode,
             "dropped_updates": int(sum(len(r.get("flower", {}).get("dropped", [])) for r in recorder.records)),
         }
+        counts = getattr(federation, "counts", None)
+        if counts is not None:  # a node-data run: what the nodes reported of their own files
+            summary["engine"]["client_examples"] = {str(c): {"train": t, "test": s} for c, (t, s) in sorted(counts.items())}
         recorder.write_summary(summary)
         return summary
 
@@ -368,9 +387,10 @@ ERROR_FILE = "flower-error.txt"
 
 
 def run_server(grid, context) -> None:
-    """Build the federation from the resolved run it was handed, then run it (called by the ServerApp)."""
+    """Build the federation from the resolved run it was handed, then run it (called by the
+    ServerApp). In a node-data run the server reads no client data: at most its own test set."""
+    from atoll.engines.flower.server_data import load_server_data, make_federation
     from atoll.experiment import build
-    from atoll.fl.federation import Federation
     from atoll.report.progress import LogProgress
     from atoll.report.recorder import Recorder
     from atoll.report.rundir import RunDir
@@ -379,11 +399,11 @@ def run_server(grid, context) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     path = Path(run_dir_path)
     RunDir.check_new(path)
-    experiment = build(run)
+    experiment = build(run, loaded=load_server_data(run.config) if run.config.flower.node_data else None)
     run_dir = None
     try:
         run_dir = RunDir.create(path, run.config, run.to_json())
-        FlowerDriver(Federation(experiment), Recorder(run_dir, LogProgress()), grid, context).run()
+        FlowerDriver(make_federation(experiment), Recorder(run_dir, LogProgress()), grid, context).run()
     except BaseException as error:
         if run_dir is not None:
             text = str(error) if isinstance(error, AtollError) else "".join(traceback.format_exception(error))

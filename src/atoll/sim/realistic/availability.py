@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 
 from atoll.errors import DataError
 from atoll.sim.realistic.draws import Draws, unit
+from atoll.textfiles import read_text
 
 INFINITY = math.inf
 DAY = 86_400.0
@@ -152,33 +154,31 @@ def read_trace(path: str | Path) -> dict[int, list[tuple[float, float]]]:
         raise DataError(f"trace file '{path}' does not exist", "check availability.trace.path (relative to the sys.yaml)")
     windows: dict[int, list[tuple[float, float]]] = {}
     header_seen = False
-    with open(path, newline="") as handle:
-        for line_number, row in enumerate(csv.reader(handle), start=1):
-            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
-                continue
-            cells = [cell.strip() for cell in row]
-            if not header_seen:
-                if [c.lower() for c in cells] != ["client", "start", "end"]:
-                    raise DataError(
-                        f"trace '{path}' line {line_number}: the header must be client,start,end (got {','.join(cells)})",
-                        "see docs/realistic-mode.md",
-                    )
-                header_seen = True
-                continue
-            if len(cells) != 3:
-                raise DataError(f"trace '{path}' line {line_number}: expected 3 columns client,start,end, got {len(cells)}")
-            try:
-                client = int(cells[0])
-                start, end = float(cells[1]), float(cells[2])
-            except ValueError:
+    text = read_text(path, DataError, "trace file")  # UTF-8 (a byte-order mark is skipped)
+    for line_number, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
+        if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+            continue
+        cells = [cell.strip() for cell in row]
+        if not header_seen:
+            if [c.lower() for c in cells] != ["client", "start", "end"]:
                 raise DataError(
-                    f"trace '{path}' line {line_number}: '{','.join(cells)}' is not an integer client and two numbers"
-                ) from None
-            if client < 0:
-                raise DataError(f"trace '{path}' line {line_number}: client id {client} is negative")
-            if not (math.isfinite(start) and math.isfinite(end)) or start < 0 or end <= start:
-                raise DataError(f"trace '{path}' line {line_number}: window {cells[1]}..{cells[2]} needs 0 <= start < end")
-            windows.setdefault(client, []).append((start, end))
+                    f"trace '{path}' line {line_number}: the header must be client,start,end (got {','.join(cells)})",
+                    "see docs/realistic-mode.md",
+                )
+            header_seen = True
+            continue
+        if len(cells) != 3:
+            raise DataError(f"trace '{path}' line {line_number}: expected 3 columns client,start,end, got {len(cells)}")
+        try:
+            client = int(cells[0])
+            start, end = float(cells[1]), float(cells[2])
+        except ValueError:
+            raise DataError(f"trace '{path}' line {line_number}: '{','.join(cells)}' is not an integer client and two numbers") from None
+        if client < 0:
+            raise DataError(f"trace '{path}' line {line_number}: client id {client} is negative")
+        if not (math.isfinite(start) and math.isfinite(end)) or start < 0 or end <= start:
+            raise DataError(f"trace '{path}' line {line_number}: window {cells[1]}..{cells[2]} needs 0 <= start < end")
+        windows.setdefault(client, []).append((start, end))
     if not header_seen:
         raise DataError(f"trace '{path}' is empty", "write a header client,start,end and one row per window")
     if not windows:

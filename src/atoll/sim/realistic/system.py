@@ -24,8 +24,10 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from atoll.config import check_scalars
 from atoll.errors import ConfigError
 from atoll.sim.realistic.draws import Draws
+from atoll.textfiles import parse_yaml, read_text
 
 # ---------------------------------------------------------------------------------------------
 # built-in profiles (effective sustained training throughput, not peak; assumptions, override them)
@@ -243,14 +245,10 @@ def read_system(path: str | Path) -> SystemSpec:
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key in _CACHE:
         return _CACHE[key]
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"system file '{path}' is not valid YAML{where}", "fix the syntax") from None
+    tree = parse_yaml(read_text(path, ConfigError, "system file"), path, ConfigError, "system file")
     if not isinstance(tree, dict):
         raise ConfigError(f"system file '{path}' must hold a mapping with devices and networks", "see configs/sys/phones.yaml")
+    check_scalars(SystemSpec, tree, where=f"system file '{path}': ")
     try:
         spec = SystemSpec.model_validate(tree)
     except ValidationError as exc:
