@@ -11,8 +11,10 @@ import typer
 
 from atoll.console import fail, quiet_libraries
 from atoll.errors import AtollError
+from atoll.privacy.bench.cli import security_command
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Comparisons and benchmarks.")
+bench_app.command("security")(security_command)  # atoll.privacy.bench.cli
 
 DEFAULT_SUITE = Path("configs/bench/suite.yaml")
 
