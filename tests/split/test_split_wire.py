@@ -179,3 +179,36 @@ def test_grpc_with_tls_verifies_the_model_party(tmp_path):
         server.stop()
     with pytest.raises(ConfigError, match="in plaintext"):
         GrpcChannel("192.0.2.1:50070")
+
+
+def test_head_body_tail_generation_over_grpc_gives_the_one_process_run(tmp_path, split_config, llama4_dir):
+    """The other partition and the other phase on the real wire: a Llama cut 1 + 2 + 1 trains, is
+    evaluated and generates (greedy, KV cache on both sides) with the model party in its own process;
+    the metrics, the generated-text scores, the traffic of every phase and the adapters equal the
+    one-process run's."""
+    common = {
+        "model.name": str(llama4_dir),
+        "data.source": "synthetic-sft",
+        "split.partition": "head-body-tail",
+        "split.tail_blocks": 1,
+        "model.max_length": 32,
+        "data.max_examples": 64,
+        "data.test_size": 8,
+        "train.steps": 4,
+        "eval.every": 4,
+        "train.lr": 0.002,
+        "eval.max_generate": 2,
+        "eval.max_new_tokens": 4,
+    }
+    one_dir, one = run_split(split_config(**common, **{"run.dir": str(tmp_path / "one")}), say=lambda _: None)
+    two_dir, two = run_split(split_config(**common, **{"run.dir": str(tmp_path / "two"), "split.transport": "grpc"}), say=lambda _: None)
+    assert two["transport"] == "grpc" and one["transport"] != "grpc"
+    read = lambda d: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert _strip(read(one_dir)) == _strip(read(two_dir))
+    assert one["final"] == two["final"] and one["traffic"] == two["traffic"]
+    assert one["final"]["generated"] == 2 and "generation_rouge_l" in one["final"], one["final"]
+    assert one["traffic"]["bytes_to_model_by_kind"].get("generate", 0) > 0, one["traffic"]  # generation crossed the wire
+    for party in ("data_party_0", "model_party"):
+        a = load_file(str(one_dir / party / "adapter" / "adapter_model.safetensors"))
+        b = load_file(str(two_dir / party / "adapter" / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
