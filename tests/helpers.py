@@ -294,13 +294,19 @@ def forget_flower_client_experiments() -> None:
     client._EXPERIMENTS.clear()
 
 
-def flower_dp_strategy(experiment):
-    """What the Flower ServerApp trains with for the config of ``experiment``: (its strategy, wrapped
-    in Flower's DP wrapper when flower.dp is on; the algorithm strategy inside it)."""
+def flower_dp_driver(experiment):
+    """The Flower ServerApp's driver for the config of ``experiment``, built as the ServerApp builds
+    it but with no runtime attached (its strategies and DP accountant can be driven by hand)."""
     from atoll.engines.flower.server import FlowerDriver
     from atoll.fl.federation import Federation
 
-    driver = FlowerDriver(Federation(experiment), None, None, None)
+    return FlowerDriver(Federation(experiment), None, None, None)
+
+
+def flower_dp_strategy(experiment):
+    """What the Flower ServerApp trains with for the config of ``experiment``: (its strategy, wrapped
+    in Flower's DP wrapper when flower.dp is on; the algorithm strategy inside it)."""
+    driver = flower_dp_driver(experiment)
     return driver.strategy, driver.algorithm_strategy
 
 

@@ -147,6 +147,9 @@ class DPSettings(Section):
         0.5, ge=0, le=1, description="adaptive modes: fraction of updates the norm bound should leave unclipped"
     )
     clip_norm_lr: float = Field(0.2, gt=0, description="adaptive modes: learning rate of the norm bound")
+    delta: float = Field(
+        1e-5, gt=0, lt=1, description="δ at which the run reports ε each round (opacus' RDP accountant; needs noise_multiplier > 0)"
+    )
 
 
 class FlowerConfig(Section):

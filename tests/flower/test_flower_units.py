@@ -31,7 +31,7 @@ from atoll.fl.federation import Federation
 from atoll.fl.base import average_states
 from atoll.fl.state import AdapterState, LoRAFactors, example_weights
 from conftest import tiny_overrides
-from helpers import flower_dp_strategy, flower_secagg_workflow, forget_flower_client_experiments
+from helpers import flower_dp_driver, flower_dp_strategy, flower_secagg_workflow, forget_flower_client_experiments
 
 pytestmark = pytest.mark.usefixtures("flower_isolation")  # a run id for building Messages, restored after each test
 
@@ -480,6 +480,34 @@ def test_adaptive_clipping_moves_its_bound_by_the_configured_rate_toward_the_con
         uploads = {0: start.map_tensors(lambda t: t + 3.0), 1: start.map_tensors(lambda t: t + 1e-4)}
         strategy.aggregate_train(1, [reply_with(m, uploads[c], c, 10) for m, c in zip(messages, (0, 1), strict=True)])
         assert strategy.clipping_norm == pytest.approx(0.5 * math.exp(-0.3 * (0.5 - 0.2)), rel=1e-9)
+    finally:
+        experiment.close()
+
+
+def test_flowers_dp_wrappers_report_the_accountants_epsilon_each_round(tiny_run):
+    """ε after each round of Flower's central DP equals opacus' RDP accountant for the same (z, q,
+    rounds, δ): q = sampled / clients, the adaptive wrappers keep the configured z; no noise, no ε."""
+    from atoll.privacy.dp.accounting import epsilon_after
+
+    # Flower's adaptive wrappers need z < 2 * clipped_count_stddev (sampled / 20 by default): a small z there
+    for mode, z in (("server-fixed", 1.3), ("client-adaptive", 0.15)):
+        settings = {"flower.dp.mode": mode, "flower.dp.noise_multiplier": z, "flower.dp.delta": 1e-4, "federation.sample_rate": 0.5}
+        config, _ = tiny_run(**settings)
+        experiment = build(config)
+        try:
+            driver = flower_dp_driver(experiment)
+            q = driver.expected_sampled() / config.federation.clients
+            assert 0 < q < 1
+            got = [driver.account_dp_round() for _ in range(3)]
+            want = [epsilon_after(z, q, rounds, 1e-4) for rounds in (1, 2, 3)]
+            assert [g["dp_epsilon"] for g in got] == pytest.approx(want, rel=1e-12) and all(g["dp_delta"] == 1e-4 for g in got)
+            assert want[0] < want[1] < want[2] and epsilon_after(2 * z, q, 3, 1e-4) < want[2]
+        finally:
+            experiment.close()
+    config, _ = tiny_run(**{"flower.dp.mode": "server-fixed", "flower.dp.noise_multiplier": 0.0})
+    experiment = build(config)
+    try:
+        assert flower_dp_driver(experiment).account_dp_round() == {}
     finally:
         experiment.close()
 
