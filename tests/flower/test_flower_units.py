@@ -187,6 +187,7 @@ def test_node_directory_maps_partitions_and_ignores_nodes_of_another_federation(
         ({"flower.mode": "deployment", "flower.superlink": "no-port"}, "is not host:port"),
         ({"flower.secagg.enabled": "true", "federation.sample_rate": 0.25}, "at least 2 clients"),
         ({"flower.min_available_clients": 9}, "exceeds federation.clients"),
+        ({"flower.dp.mode": "server-adaptive", "flower.dp.noise_multiplier": 1.0}, "too large for adaptive clipping"),
         ({"flower.secagg.enabled": "true", "flower.secagg.num_shares": 2}, "num_shares must be an integer > 2"),
         ({"flower.secagg.enabled": "true", "flower.secagg.num_shares": 1.5}, "num_shares as a fraction"),
         ({"flower.secagg.enabled": "true", "flower.secagg.reconstruction_threshold": 1.5}, "reconstruction_threshold as a fraction"),

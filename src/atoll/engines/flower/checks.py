@@ -72,6 +72,16 @@ def check_flower_settings(config: "Config") -> None:
             "flower.secagg and flower.dp cannot be combined: Flower's SecAgg+ runs in its legacy API and its DP wrappers in the Message API",
             "choose one of them",
         )
+    if dp.mode in ("server-adaptive", "client-adaptive") and dp.noise_multiplier > 0:
+        # Flower's adaptive wrappers split z between the update and the clipped count (std sampled/20),
+        # which is only possible for z < 2 * sampled/20; past it they raise when the ServerApp starts
+        limit = _sampled(config) / 10
+        if dp.noise_multiplier >= limit:
+            raise ConfigError(
+                f"flower.dp.noise_multiplier={dp.noise_multiplier} is too large for adaptive clipping with {_sampled(config)} "
+                f"clients per round (Flower's count noise allows z < sampled / 10 = {limit:g})",
+                "lower flower.dp.noise_multiplier, sample more clients per round, or use a fixed-clipping mode",
+            )
     if secagg.enabled:
         sampled = _sampled(config)
         if sampled < 2:
