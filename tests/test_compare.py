@@ -193,3 +193,21 @@ def test_bench_input_errors_are_one_line(suite, tmp_path):
     result = bench("sweep", suite, "--runs", tmp_path / "s")
     assert result.exit_code == 2 and "representative 'fedavgm' is not one of its members" in result.output, result.output
     assert not (tmp_path / "docs").exists() and not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+
+
+def test_a_task_may_sweep_its_own_grid(tmp_path):
+    """A task's `learning_rates` replaces the suite's grid for that task only: the sweep's jobs
+    and the plan it records use it, and another task keeps the suite's."""
+    from atoll.report.bench.suite import load_suite
+    from atoll.report.bench.sweep import sweep_jobs
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    tree = json.loads(json.dumps(SUITE))
+    tree["tasks"]["wide"] = {**tree["tasks"]["topics"], "learning_rates": [0.001, 0.01, 0.1]}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(tree))
+    suite = load_suite(tmp_path / "suite.yaml")
+    assert suite.grid("topics") == [0.0001, 0.05] and suite.grid("wide") == [0.001, 0.01, 0.1]
+    jobs = sweep_jobs(suite, ["topics", "wide"], tmp_path / "runs", [])
+    assert sorted(lr for (task, *_, lr) in jobs if task == "wide") == [0.001, 0.01, 0.1]
+    assert sorted(lr for (task, *_, lr) in jobs if task == "topics") == [0.0001, 0.05]
+    assert all(f"train.lr={lr}" in job.overrides for (_, _, _, lr), job in jobs.items())

@@ -34,6 +34,9 @@ class Task(_Strict):
     partitions: dict[str, list[str]] = Field(description="partition name -> config overrides that make it")
     algorithms: list[str] | Literal["all"] = Field("all", description="algorithms compared (all: every registered one)")
     target: float = Field(description="rounds and megabytes to reach this value of the metric are reported")
+    learning_rates: list[float] | None = Field(
+        None, min_length=1, description="the sweep's grid on this task (default: the suite's sweep.learning_rates)"
+    )
     reference: str = Field("fedit", description="paired differences are taken against this algorithm")
     overrides: dict[str, list[str]] = Field(
         default_factory=dict, description="algorithm -> config overrides of its runs only (printed with the table)"
@@ -52,7 +55,7 @@ class Family(_Strict):
 
 
 class Sweep(_Strict):
-    learning_rates: list[float] = Field(min_length=1, description="peak client learning rates tried per family")
+    learning_rates: list[float] = Field(min_length=1, description="peak client learning rates tried per family (a task may set its own)")
     seed: int = Field(0, description="seed of the sweep's runs")
 
 
@@ -95,6 +98,10 @@ class Suite(_Strict):
         """The families a task's algorithms belong to, in suite order."""
         used = {self.family_of(a) for a in self.algorithms(task)}
         return [name for name in self.families if name in used]
+
+    def grid(self, task: str) -> list[float]:
+        """The peak learning rates the sweep tries on a task."""
+        return list(self.tasks[task].learning_rates or self.sweep.learning_rates)
 
     def config_path(self, task: str) -> Path:
         return self._relative(self.tasks[task].config)

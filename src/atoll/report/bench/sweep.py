@@ -1,7 +1,7 @@
 """`atoll bench sweep`: the peak client learning rate of each algorithm family, chosen on a
 validation split that no client trains on and no reported number uses.
 
-For every task, partition, family and learning rate of the suite's grid, the family's
+For every task, partition, family and learning rate of the task's grid (the suite's, or the task's own), the family's
 representative runs once (the sweep's seed, the bench's budget) with ``eval.on: validation``;
 the learning rate with the best final validation metric, averaged over the task's partitions,
 is the family's on that task. The choice and every score go to the suite's learning-rate file,
@@ -45,7 +45,7 @@ def sweep_jobs(suite: Suite, tasks: list[str], runs: Path, extra: list[str]) -> 
         for partition, overrides in spec.partitions.items():
             for family in suite.families_of(task):
                 representative = suite.families[family].representative
-                for lr in suite.sweep.learning_rates:
+                for lr in suite.grid(task):
                     key = f"sweep/{task}/{partition}/{family}/{lr_text(lr)}"
                     directory = runs / task / partition / f"{representative}-lr{lr_text(lr)}"
                     settings = [
@@ -71,7 +71,7 @@ def run_sweep(
             raise ConfigError(f"unknown task '{task}'", f"the suite's tasks are: {', '.join(suite.tasks)}")
     jobs = sweep_jobs(suite, tasks, runs, extra)
     record_path = runs / SWEEP_RECORD
-    plan = {"tasks": tasks, "grid": suite.sweep.learning_rates, "seed": suite.sweep.seed, "extra": extra}
+    plan = {"tasks": tasks, "grid": {task: suite.grid(task) for task in tasks}, "seed": suite.sweep.seed, "extra": extra}
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("plan") != plan:
@@ -126,7 +126,7 @@ def choose(suite: Suite, tasks: list[str], jobs: dict[tuple[str, str, str, float
         chosen[task], scores[task] = {}, {}
         for family in suite.families_of(task):
             table: dict[str, dict[str, float | None]] = {}
-            for lr in suite.sweep.learning_rates:
+            for lr in suite.grid(task):
                 row = {}
                 for partition in spec.partitions:
                     result = CellResult.load(jobs[(task, partition, family, lr)].directory)
@@ -134,7 +134,7 @@ def choose(suite: Suite, tasks: list[str], jobs: dict[tuple[str, str, str, float
                     row[partition] = None if value is None or value != value else round(float(value), 5)
                 table[lr_text(lr)] = row
             scores[task][family] = table
-            best = max(suite.sweep.learning_rates, key=lambda lr: _goodness(table[lr_text(lr)], spec.lower_is_better))  # noqa: B023
+            best = max(suite.grid(task), key=lambda lr: _goodness(table[lr_text(lr)], spec.lower_is_better))  # noqa: B023
             if _goodness(table[lr_text(best)], spec.lower_is_better) == float("-inf"):
                 raise ConfigError(f"sweep: every learning rate of family '{family}' on '{task}' failed", "see the runs' directories")
             chosen[task][family] = best
