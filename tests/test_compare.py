@@ -211,3 +211,24 @@ def test_a_task_may_sweep_its_own_grid(tmp_path):
     assert sorted(lr for (task, *_, lr) in jobs if task == "wide") == [0.001, 0.01, 0.1]
     assert sorted(lr for (task, *_, lr) in jobs if task == "topics") == [0.0001, 0.05]
     assert all(f"train.lr={lr}" in job.overrides for (_, _, _, lr), job in jobs.items())
+
+
+def test_sweep_extend_runs_only_the_rates_without_a_score(suite, tmp_path):
+    """`--extend`: a grid grown past its edge runs only the new learning rates; the scores the file
+    already holds (same sweep seed, every partition) are kept, chosen from, and their cost counted."""
+    earlier = {
+        "chosen": {"topics": {"averaging": 0.0001}},
+        "scores": {"topics": {"averaging": {"0.0001": {"iid": 1.0}}, "_cost": {"runs": 1, "cpu_minutes": 0.5}}},
+        "seed": 0,
+    }
+    (tmp_path / "learning-rates.yaml").write_text(yaml.safe_dump(earlier))
+    result = bench("sweep", suite, "--runs", tmp_path / "s", "--workers", 1, "--extend")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "s" / "topics" / "iid").iterdir()) == ["fedit-lr0.05"]  # 0.0001 not re-run
+    written = yaml.safe_load((tmp_path / "learning-rates.yaml").read_text())
+    table = written["scores"]["topics"]["averaging"]
+    assert table["0.0001"] == {"iid": 1.0} and set(table["0.05"]) == {"iid"}
+    assert written["chosen"]["topics"]["averaging"] == 0.0001  # the kept score is chosen from (ties keep the first)
+    assert written["scores"]["topics"]["_cost"]["runs"] == 2
+    refused = bench("sweep", suite, "--runs", tmp_path / "t", "--extend", "--set", "train.batch_size=8")
+    assert refused.exit_code == 2 and "--extend keeps scores measured without --set" in refused.output, refused.output

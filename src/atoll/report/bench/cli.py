@@ -106,6 +106,9 @@ def sweep_command(
     workers: int = typer.Option(2, help="runs in parallel (one torch thread each; 1 runs in this process)"),
     runs: Path = typer.Option(Path("runs/bench-sweep"), help="where the sweep's run directories go; the same command continues it"),
     set_: list[str] = typer.Option([], "--set", help="override a key in every run"),
+    extend: bool = typer.Option(
+        False, "--extend", help="run only the learning rates the file has no score for (a grid grown past its edge); keep the rest"
+    ),
 ) -> None:
     """Choose each family's peak learning rate per task on the validation split; write the suite's
     learning-rate file."""
@@ -122,7 +125,7 @@ def sweep_command(
         for task in chosen:
             if task in suite.tasks:
                 load_config(suite.config_path(task), list(set_))
-        path = run_sweep(suite, chosen, runs, workers, list(set_), command_line())
+        path = run_sweep(suite, chosen, runs, workers, list(set_), command_line(), extend=extend)
     except AtollError as error:
         fail(error)
     typer.echo(f"wrote {path}")
