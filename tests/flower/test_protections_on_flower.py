@@ -159,6 +159,32 @@ def test_a_nan_update_is_dropped_and_recorded_on_flower_and_the_run_goes_on(tmp_
     assert all(bool(torch.isfinite(t).all()) for t in adapter(flower).values())
 
 
+def test_flowers_client_side_clipping_clips_the_attackers_too(tmp_path):
+    """Flower's clipping mod runs in every ClientApp, an attacker's included (docs/flower.md): with
+    flower.dp client-fixed at a bound far below every update and no noise, a client uploading
+    −1000 × its change still moves the global adapter by at most the bound, and moves it (the
+    honest clients' clipped mean alone would be another adapter)."""
+    from helpers import clipped_round_one
+
+    clip = 1e-3
+    settings = {
+        "federation.rounds": 1,
+        "flower.dp.mode": "client-fixed",
+        "flower.dp.clipping_norm": clip,
+        "flower.dp.noise_multiplier": 0.0,
+    }
+    attack = {"attack.kind": "sign-flip", "attack.clients": "[3]", "attack.byzantine.scale": 1000}
+    flower = on_flower(tmp_path, **settings, **attack)
+    config = config_with(tiny_overrides(tmp_path / "roots", **{**QUICK, **settings, "engine": "flower"}))
+    honest = clipped_round_one(config, clip, tmp_path / "computed")
+    assert min(honest.update_norms) > 10 * clip, "the bound must clip every update"
+    got, initial = adapter(flower), load_file(str(honest.initial_adapter / "adapter_model.safetensors"))
+    without_attack = load_file(str(honest.expected_adapter / "adapter_model.safetensors"))
+    moved = float(torch.sqrt(sum(((got[k].double() - initial[k].double()) ** 2).sum() for k in got)))
+    assert moved <= clip * (1 + 1e-4), "the attacker's update went out unclipped"
+    assert any(not torch.allclose(got[k], without_attack[k], rtol=0, atol=1e-7) for k in got), "the attacker changed nothing"
+
+
 # what Flower cannot do, and the words of its one-line refusal
 NODE_DATA = {"flower.mode": "deployment", "flower.node_data": "true", "flower.superlink": "127.0.0.1:9093", "flower.insecure": "true"}
 REFUSED = {
@@ -200,3 +226,35 @@ def test_what_flower_cannot_do_is_refused_in_one_line(tmp_path, name):
     assert result.exit_code == 2, result.output
     assert result.output.count("\n") == 1 and words in result.output, result.output
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+@pytest.mark.xdist_group("flower-runtime")  # with the other tests that start Flower runtimes, one at a time
+def test_protections_and_an_attack_in_flowers_simulation_engine_match_the_local_engine(tmp_path, reference_runs):
+    """One run of Flower's simulation engine (a SuperLink, Ray actors as ClientApps, started by
+    `atoll run --engine flower`): DP-FedAvg clipped in the ClientApps, DP-SGD in them, a sign-flipping
+    attacker that skips the client-side clip (it controls its device), validation with a norm bound
+    in the ServerApp. Records, ε and the adapter are the local engine's."""
+    from test_simulation import run_on_flower as simulate
+
+    settings = {
+        **QUICK,
+        "privacy.dp.mode": "fixed",
+        "privacy.dp.clip_at": "client",
+        "privacy.dp.clip_norm": 0.01,
+        "privacy.dp.noise_multiplier": 0.5,
+        "privacy.dpsgd.enabled": "true",
+        "privacy.dpsgd.noise_multiplier": 0.5,
+        "attack.kind": "sign-flip",
+        "attack.clients": "[3]",
+        "attack.byzantine.scale": 50,
+        "robust.validation.enabled": "true",
+        "robust.validation.max_norm": 0.02,
+    }
+    local = reference_runs.get(**settings)
+    flower, _ = simulate(tmp_path, **settings)
+    assert_same_run(flower, local)
+    trained = [r for r in records(flower) if r["round"] > 0]
+    assert all(r["protection"]["dp_epsilon"] > 0 and r["protection"]["dpsgd_epsilon"] > 0 for r in trained)
+    assert [d["client"] for r in trained for d in r.get("dropped_updates", [])] == [3, 3], "the unclipped attacker is dropped"
