@@ -185,6 +185,48 @@ def test_flowers_client_side_clipping_clips_the_attackers_too(tmp_path):
     assert any(not torch.allclose(got[k], without_attack[k], rtol=0, atol=1e-7) for k in got), "the attacker changed nothing"
 
 
+@pytest.mark.slow
+def test_protections_and_a_backdoor_with_node_local_data_match_the_local_engine(tmp_path):
+    """flower.node_data: each node reads only its own file (its attacker poisons only its own rows),
+    the ServerApp holds only data.test_source. DP-FedAvg, validation and a backdoor whose success
+    rate the ServerApp measures on its own test set give the local engine's run over the same rows
+    (the natural partition of the files concatenated)."""
+    from flwr.app import Context, RecordDict
+
+    from atoll.dispatch import start_run
+    from atoll.engines.flower import protocol
+    from atoll.engines.flower.server import run_server
+    from atoll.report.progress import Progress
+    from atoll.resolve import resolve
+    from test_every_algorithm import InProcessGrid
+    from test_node_data import local_config, natural_files, node_config
+
+    files = natural_files(tmp_path)
+    settings = {
+        **QUICK,
+        "eval.local": "never",
+        "privacy.dp.mode": "fixed",
+        "privacy.dp.clip_norm": 0.05,
+        "privacy.dp.noise_multiplier": 0.3,
+        "robust.validation.enabled": "true",
+        "attack.kind": "backdoor",
+        "attack.clients": "[1]",
+        "attack.backdoor.eval_examples": 20,
+    }
+    local_run = tmp_path / "local"
+    start_run(local_config(tmp_path / "roots", files, **settings, **{"run.dir": str(local_run)}), Progress())
+    config = node_config(tmp_path / "roots", files, **settings)
+    run_config = protocol.run_config_for(resolve(config), tmp_path / "flower")
+    grid = InProcessGrid(run_config, 3)
+    for client_id, data_file in enumerate(files[0]):
+        grid.contexts[100 + client_id].node_config["data-file"] = str(data_file)
+    forget_flower_client_experiments()
+    run_server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    assert_same_run(tmp_path / "flower", local_run)
+    last = records(tmp_path / "flower")[-1]["protection"]
+    assert "attack_success_rate" in last and "dp_epsilon" in last
+
+
 # what Flower cannot do, and the words of its one-line refusal
 NODE_DATA = {"flower.mode": "deployment", "flower.node_data": "true", "flower.superlink": "127.0.0.1:9093", "flower.insecure": "true"}
 REFUSED = {
