@@ -188,9 +188,10 @@ def test_flowers_client_side_clipping_clips_the_attackers_too(tmp_path):
 @pytest.mark.slow
 def test_protections_and_a_backdoor_with_node_local_data_match_the_local_engine(tmp_path):
     """flower.node_data: each node reads only its own file (its attacker poisons only its own rows),
-    the ServerApp holds only data.test_source. DP-FedAvg, validation and a backdoor whose success
-    rate the ServerApp measures on its own test set give the local engine's run over the same rows
-    (the natural partition of the files concatenated)."""
+    the ServerApp holds only data.test_source. DP-SGD in the nodes (its ε from the example counts
+    they report), DP-FedAvg, validation and a backdoor whose success rate the ServerApp measures on
+    its own test set give the local engine's run over the same rows (the natural partition of the
+    files concatenated)."""
     from flwr.app import Context, RecordDict
 
     from atoll.dispatch import start_run
@@ -208,6 +209,8 @@ def test_protections_and_a_backdoor_with_node_local_data_match_the_local_engine(
         "privacy.dp.mode": "fixed",
         "privacy.dp.clip_norm": 0.05,
         "privacy.dp.noise_multiplier": 0.3,
+        "privacy.dpsgd.enabled": "true",
+        "privacy.dpsgd.noise_multiplier": 0.5,
         "robust.validation.enabled": "true",
         "attack.kind": "backdoor",
         "attack.clients": "[1]",
@@ -224,7 +227,7 @@ def test_protections_and_a_backdoor_with_node_local_data_match_the_local_engine(
     run_server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
     assert_same_run(tmp_path / "flower", local_run)
     last = records(tmp_path / "flower")[-1]["protection"]
-    assert "attack_success_rate" in last and "dp_epsilon" in last
+    assert "attack_success_rate" in last and last["dp_epsilon"] > 0 and last["dpsgd_epsilon"] > 0
 
 
 # what Flower cannot do, and the words of its one-line refusal
@@ -249,7 +252,6 @@ REFUSED = {
         {"attack.reconstruction.enabled": "true", "flower.secagg.enabled": "true"},
         "attacks individual updates",
     ),
-    "dpsgd-with-node-data": ({"privacy.dpsgd.enabled": "true", **NODE_DATA}, "privacy.dpsgd needs the clients' data on the server"),
     "fltrust-with-node-data": ({"robust.rule": "fltrust", **NODE_DATA}, "robust.rule fltrust needs the clients' data"),
     "membership-with-node-data": ({"attack.membership.enabled": "true", **NODE_DATA}, "attack.membership needs the clients' data"),
     "backdoor-with-node-data": ({"attack.kind": "backdoor", "attack.clients": "[1]", **NODE_DATA}, "set data.test_source"),
