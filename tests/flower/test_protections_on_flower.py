@@ -101,12 +101,14 @@ def test_dp_fedavg_on_flower_spends_and_stops_as_on_the_local_engine(tmp_path, r
 
 def test_a_median_against_sign_flippers_on_flower_is_the_local_engines(tmp_path, reference_runs):
     """Clients 2 and 3 upload −3 × their change (built in their ClientApps); the ServerApp's
-    coordinate-wise median gives the local engine's adapter to 1e-6, and the attack moved it."""
-    settings = {**QUICK, "robust.rule": "median"}
+    coordinate-wise median gives the local engine's adapter to 1e-6, and the attack moved it. The
+    ServerApp's membership attack on the final model scores what the local engine's does."""
+    settings = {**QUICK, "robust.rule": "median", "attack.membership.enabled": "true", "attack.membership.examples": 40}
     attack = {"attack.kind": "sign-flip", "attack.clients": "[2, 3]", "attack.byzantine.scale": 3}
     local = reference_runs.get(**settings, **attack)
     flower = on_flower(tmp_path, **settings, **attack)
     assert_same_run(flower, local)
+    assert "membership_global_loss_auc" in records(flower)[-1]["protection"]
     honest = adapter(reference_runs.get(**settings))
     attacked = adapter(flower)
     assert any(not torch.allclose(attacked[k], honest[k], rtol=0, atol=1e-4) for k in honest), "the attackers changed nothing"
