@@ -175,6 +175,20 @@ def test_a_word_of_a_form_the_corpus_lacks_becomes_unk_tokens(tiny, name):
     assert sent[6] == ","
 
 
+def test_words_of_a_byte_level_bpe_whose_vocabulary_has_a_hash_pair(tmp_path):
+    """A byte-level BPE with a "##" token (as GPT-2's has) is not mistaken for WordPiece: words start
+    at the space marker and where the kind of character changes."""
+    from atoll.models.registry import train_bpe_tokenizer
+    from atoll.split.defenses.words import TokenFacts
+
+    tokenizer = train_bpe_tokenizer(["## title ##", "hello ## world", "hello, world"] * 20, 300, tmp_path)
+    assert "##" in tokenizer.get_vocab()
+    facts = TokenFacts(tokenizer, len(tokenizer), set(tokenizer.all_special_ids))
+    assert not facts.wordpiece
+    ids = tokenizer("hello ## world, hello")["input_ids"]
+    assert [tokenizer.decode(ids[a:b]) for a, b in facts.spans(ids)] == ["hello", " ##", " world", ",", " hello"]
+
+
 # -- atoll-edge's tokenizer and embeddings, Shakespeare lines --------------------------------------
 # (defense, large ε, small ε, fixed parameters)
 SETTINGS = [("santext", 1000.0, 0.1, {"sensitive": 1.0}), ("custext", 1000.0, 0.1, {}), ("rantext", 1000.0, 1.0, {})]
