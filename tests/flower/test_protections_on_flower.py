@@ -101,12 +101,14 @@ def test_dp_fedavg_on_flower_spends_and_stops_as_on_the_local_engine(tmp_path, r
 
 def test_a_median_against_sign_flippers_on_flower_is_the_local_engines(tmp_path, reference_runs):
     """Clients 2 and 3 upload −3 × their change (built in their ClientApps); the ServerApp's
-    coordinate-wise median gives the local engine's adapter to 1e-6, and the attack moved it."""
-    settings = {**QUICK, "robust.rule": "median"}
+    coordinate-wise median gives the local engine's adapter to 1e-6, and the attack moved it. The
+    ServerApp's membership attack on the final model scores what the local engine's does."""
+    settings = {**QUICK, "robust.rule": "median", "attack.membership.enabled": "true", "attack.membership.examples": 40}
     attack = {"attack.kind": "sign-flip", "attack.clients": "[2, 3]", "attack.byzantine.scale": 3}
     local = reference_runs.get(**settings, **attack)
     flower = on_flower(tmp_path, **settings, **attack)
     assert_same_run(flower, local)
+    assert "membership_global_loss_auc" in records(flower)[-1]["protection"]
     honest = adapter(reference_runs.get(**settings))
     attacked = adapter(flower)
     assert any(not torch.allclose(attacked[k], honest[k], rtol=0, atol=1e-4) for k in honest), "the attackers changed nothing"
@@ -188,9 +190,10 @@ def test_flowers_client_side_clipping_clips_the_attackers_too(tmp_path):
 @pytest.mark.slow
 def test_protections_and_a_backdoor_with_node_local_data_match_the_local_engine(tmp_path):
     """flower.node_data: each node reads only its own file (its attacker poisons only its own rows),
-    the ServerApp holds only data.test_source. DP-FedAvg, validation and a backdoor whose success
-    rate the ServerApp measures on its own test set give the local engine's run over the same rows
-    (the natural partition of the files concatenated)."""
+    the ServerApp holds only data.test_source. DP-SGD in the nodes (its ε from the example counts
+    they report), DP-FedAvg, validation and a backdoor whose success rate the ServerApp measures on
+    its own test set give the local engine's run over the same rows (the natural partition of the
+    files concatenated)."""
     from flwr.app import Context, RecordDict
 
     from atoll.dispatch import start_run
@@ -208,6 +211,8 @@ def test_protections_and_a_backdoor_with_node_local_data_match_the_local_engine(
         "privacy.dp.mode": "fixed",
         "privacy.dp.clip_norm": 0.05,
         "privacy.dp.noise_multiplier": 0.3,
+        "privacy.dpsgd.enabled": "true",
+        "privacy.dpsgd.noise_multiplier": 0.5,
         "robust.validation.enabled": "true",
         "attack.kind": "backdoor",
         "attack.clients": "[1]",
@@ -224,7 +229,7 @@ def test_protections_and_a_backdoor_with_node_local_data_match_the_local_engine(
     run_server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
     assert_same_run(tmp_path / "flower", local_run)
     last = records(tmp_path / "flower")[-1]["protection"]
-    assert "attack_success_rate" in last and "dp_epsilon" in last
+    assert "attack_success_rate" in last and last["dp_epsilon"] > 0 and last["dpsgd_epsilon"] > 0
 
 
 # what Flower cannot do, and the words of its one-line refusal
@@ -249,7 +254,6 @@ REFUSED = {
         {"attack.reconstruction.enabled": "true", "flower.secagg.enabled": "true"},
         "attacks individual updates",
     ),
-    "dpsgd-with-node-data": ({"privacy.dpsgd.enabled": "true", **NODE_DATA}, "privacy.dpsgd needs the clients' data on the server"),
     "fltrust-with-node-data": ({"robust.rule": "fltrust", **NODE_DATA}, "robust.rule fltrust needs the clients' data"),
     "membership-with-node-data": ({"attack.membership.enabled": "true", **NODE_DATA}, "attack.membership needs the clients' data"),
     "backdoor-with-node-data": ({"attack.kind": "backdoor", "attack.clients": "[1]", **NODE_DATA}, "set data.test_source"),

@@ -160,6 +160,35 @@ def test_rantext_draws_from_a_random_adjacency_list(tiny):
     assert_matches(draws(rantext, tokenizer, "b", 3000), expected)
 
 
+@pytest.mark.parametrize("name", sorted(DEFENSES))
+def test_a_word_of_a_form_the_corpus_lacks_becomes_unk_tokens(tiny, name):
+    """ "axy" (three sub-tokens: no corpus word has three) is sent as three unk tokens, never as it
+    was; the other words of the line become corpus words of their own form."""
+    tokenizer = tiny[0]
+    defense = build(name, tiny_context(tiny), epsilon=1.0)
+    ids = tokenizer("axy b cx ,")["input_ids"]
+    batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    sent = tokenizer.convert_ids_to_tokens(defense.protect_tokens(batch, 1, "eval")["input_ids"][0].tolist())
+    assert sent[:3] == ["[UNK]"] * 3
+    assert sent[3] in set("abcdef")
+    assert sent[4] in {"a", "b", "c"} and sent[5] in {"##x", "##y"}
+    assert sent[6] == ","
+
+
+def test_words_of_a_byte_level_bpe_whose_vocabulary_has_a_hash_pair(tmp_path):
+    """A byte-level BPE with a "##" token (as GPT-2's has) is not mistaken for WordPiece: words start
+    at the space marker and where the kind of character changes."""
+    from atoll.models.registry import train_bpe_tokenizer
+    from atoll.split.defenses.words import TokenFacts
+
+    tokenizer = train_bpe_tokenizer(["## title ##", "hello ## world", "hello, world"] * 20, 300, tmp_path)
+    assert "##" in tokenizer.get_vocab()
+    facts = TokenFacts(tokenizer, len(tokenizer), set(tokenizer.all_special_ids))
+    assert not facts.wordpiece
+    ids = tokenizer("hello ## world, hello")["input_ids"]
+    assert [tokenizer.decode(ids[a:b]) for a, b in facts.spans(ids)] == ["hello", " ##", " world", ",", " hello"]
+
+
 # -- atoll-edge's tokenizer and embeddings, Shakespeare lines --------------------------------------
 # (defense, large ε, small ε, fixed parameters)
 SETTINGS = [("santext", 1000.0, 0.1, {"sensitive": 1.0}), ("custext", 1000.0, 0.1, {}), ("rantext", 1000.0, 1.0, {})]

@@ -140,7 +140,6 @@ def check_on_flower(config: Config, spec: AlgorithmSpec) -> None:
         )
     if flower.node_data:
         needs_data = {
-            "privacy.dpsgd": privacy.dpsgd.enabled,  # its epsilon is bounded by the smallest client's sampling rate
             "robust.rule fltrust": robust.rule == "fltrust",  # root data drawn from the clients' training pool
             "attack.reconstruction": attack.reconstruction.enabled,  # scored against the victim's training text
             "attack.membership": attack.membership.enabled,  # members are clients' training examples

@@ -67,7 +67,8 @@ def protection_stages(experiment, base: Stages, side: str = "both") -> Stages:
     if robust.validation.enabled and serving:
         stages = [UpdateValidation(server, robust.validation.max_norm) if isinstance(s, FiniteUpdates) else s for s in stages]
     if privacy.dpsgd.enabled:
-        stages.append(ExampleLevelDP(experiment.workbench, privacy.dpsgd, config, experiment.splits.client_sizes(), config.seed))
+        sizes = experiment.server.context.client_sizes  # a node-data run's server fills them in as the nodes report
+        stages.append(ExampleLevelDP(experiment.workbench, privacy.dpsgd, config, lambda: list(sizes), config.seed))
     sampled = sampled_clients(config)
     dp = ClientLevelDP(privacy.dp, sampled, config.federation.clients) if privacy.dp.enabled else None
     secure = SecureRound(privacy.secagg, lambda n: secagg_threshold(config, n), config.seed) if privacy.secagg.enabled else None

@@ -81,13 +81,6 @@ class CusText(Defense):
         spread = (similarity.max() - similarity.min()).clamp_min(1e-12)
         return (similarity - similarity.min()) / spread
 
-    def probabilities(self, word: tuple[int, ...]):
-        """(output set, the mechanism's probability of each member) for ``word``."""
-        import torch
-
-        members = self.output_set(word)
-        return members, torch.softmax(0.5 * self.params.epsilon * self.utilities(word, members).double(), dim=-1)
-
     def choose(self, words, generator):
         import torch
 

@@ -44,7 +44,7 @@ class RanText(Defense):
 
         uniform = torch.rand(count, self.vocabulary.embeddings.shape[1], generator=generator, dtype=torch.float64) - 0.5
         noise = -(self.range / self.params.epsilon) * torch.sign(uniform) * torch.log1p(-2 * uniform.abs().clamp(max=0.5 - 1e-12))
-        return noise.norm(dim=-1).float()
+        return noise.norm(dim=-1).float().clamp_min(1e-12)
 
     def logits(self, distances, radius):
         """The exponential mechanism's log-weights over one form's candidates ([n, C]) given each

@@ -46,14 +46,6 @@ class SanText(Defense):
         self.calls = 0
         self.replaced = 0.0
 
-    def probabilities(self, word: tuple[int, ...]):
-        """(candidate word indices, the mechanism's probability of each) for one sanitised ``word``."""
-        import torch
-
-        candidates = self.vocabulary.candidates(word)
-        distances = torch.cdist(self.vocabulary.embedding_of(word)[None], self.vocabulary.embeddings[candidates])[0]
-        return candidates, torch.softmax(-0.5 * self.params.epsilon * distances.double(), dim=-1)
-
     def is_sensitive(self, word: tuple[int, ...]) -> bool:
         index = self.vocabulary.index.get(word)
         return index is None or bool(self.sensitive[index])

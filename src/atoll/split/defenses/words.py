@@ -60,7 +60,9 @@ class TokenFacts:
         count = min(size, len(tokenizer))
         strings = tokenizer.convert_ids_to_tokens(list(range(count)))
         texts = tokenizer.batch_decode([[i] for i in range(count)], clean_up_tokenization_spaces=False)
-        self.wordpiece = any(isinstance(s, str) and s.startswith("##") for s in strings)
+        model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+        self.wordpiece = type(model).__name__ == "WordPiece" or hasattr(tokenizer, "wordpiece_tokenizer")
+        prefix = getattr(model, "continuing_subword_prefix", None) or "##"
         self.size = size
         self.lead = np.zeros(size, dtype=bool)  # starts with a space
         self.lone_space = np.zeros(size, dtype=bool)  # exactly one space
@@ -70,8 +72,8 @@ class TokenFacts:
         for i, (string, text) in enumerate(zip(strings, texts)):
             string = string or ""
             if self.wordpiece:
-                self.continuation[i] = string.startswith("##")
-                text = string[2:] if self.continuation[i] else string
+                self.continuation[i] = string.startswith(prefix)
+                text = string[len(prefix) :] if self.continuation[i] else string
             elif string.startswith(SPACE_MARKERS):
                 text = " " + string[1:] if not text[:1].isspace() else text
             self.lead[i] = text[:1].isspace()
