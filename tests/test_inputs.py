@@ -199,7 +199,6 @@ def test_an_algorithm_name_in_the_wrong_case_is_named():
 
 REALISTIC = ["mode=realistic", f"system={SYSTEM}"]
 INERT_CASES = {
-    "system": (["system=sys.yaml"], "system=sys.yaml has no effect without mode: realistic"),
     "realistic": (["realistic.paradigm=fedasync"], "realistic.paradigm=fedasync has no effect without mode: realistic"),
     "realistic.sync": (
         [*REALISTIC, "realistic.paradigm=fedasync", "realistic.sync.wait=k_of_n"],

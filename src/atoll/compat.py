@@ -80,7 +80,10 @@ def check_stages(config: Config, spec: AlgorithmSpec) -> None:
 
 def check_engine(config: Config, spec: AlgorithmSpec) -> None:
     """What the Flower engine asks of an algorithm: no pooled data; a weighted-mean aggregation
-    under secure aggregation or central DP (both only ever show the algorithm a mean)."""
+    under secure aggregation or central DP (both only ever show the algorithm a mean). What
+    ``privacy:``, ``robust:`` and ``attack:`` ask of Flower (and of the algorithm there, such as
+    ``client_state``) is :func:`atoll.privacy.checks.check_on_flower`, run with the other
+    protection checks."""
     if config.engine != "flower":
         return
     if spec.capabilities.pooled_data:

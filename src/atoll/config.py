@@ -377,7 +377,9 @@ class Config(Section):
     mode: Literal["prototype", "realistic"] = Field(
         "prototype", description="prototype: synchronous rounds in process; realistic: event-driven simulation of devices (needs system)"
     )
-    system: str | None = Field(None, description="realistic mode: the sys.yaml describing devices, networks, availability and ranks")
+    system: str | None = Field(
+        None, description="the sys.yaml describing devices, networks, availability and ranks (prototype mode: its ranks only)"
+    )
     realistic: RealisticConfig = Field(default_factory=RealisticConfig, description="realistic mode: paradigm, session and stopping")
     privacy: PrivacyConfig = Field(
         default_factory=PrivacyConfig, description="differential privacy and secure aggregation (docs/security.md)"

@@ -3,6 +3,8 @@
 - **Keys that would do nothing.** A key set away from its default while the switch that makes it
   matter is off (``realistic.*`` without ``mode: realistic``, ``flower.*`` without ``engine:
   flower``, FedBuff settings under another paradigm, ...) is an error, not silently ignored.
+  ``system`` is not among them: in prototype mode a sys.yaml sets the ranks, and the resolve step
+  refuses one that sets none.
   :data:`INERT_RULES` lists them; a new section adds its own rule there.
 - **Local data files.** Read and checked (format, encoding, columns, values) before any model.
 - **The model.** The name resolves offline, and ``model.max_length`` fits its positions.
@@ -53,7 +55,6 @@ def _rule(key: str, applies: Callable[[Config], bool], needs: str, switches: tup
 
 
 INERT_RULES: list[InertRule] = [
-    _rule("system", lambda c: c.mode == "realistic", "mode: realistic"),
     _rule("realistic", lambda c: c.mode == "realistic", "mode: realistic"),
     _rule("realistic.sync", lambda c: c.realistic.paradigm == "sync", "realistic.paradigm: sync"),
     _rule("realistic.fedasync", lambda c: c.realistic.paradigm == "fedasync", "realistic.paradigm: fedasync"),

@@ -3,7 +3,8 @@
 :func:`resolve` looks up the chosen algorithm's declaration (without importing its module),
 validates its parameters, runs the one compatibility check (:mod:`atoll.compat`), reads the
 realistic-mode system file and its trace, assigns every client its device, network and LoRA
-rank, and checks the Flower settings. The result, a :class:`ResolvedRun`, is what every driver
+rank (in prototype mode a sys.yaml sets the ranks only: the same ranks as realistic mode for the
+same file and seed), and checks the Flower settings. The result, a :class:`ResolvedRun`, is what every driver
 runs and what the run directory records (``config.yaml`` and ``resolved.json``, written once by :meth:`atoll.report.rundir.RunDir.create`); the
 Flower ServerApp and ClientApps receive it as it is and check nothing again.
 
@@ -103,6 +104,8 @@ def resolve(config: Config) -> ResolvedRun:
     system_path = system = fleet = None
     if config.mode == "realistic":
         effective, ranks, system_path, system, fleet = _resolve_realistic(config, spec, ranks)
+    elif config.system:
+        effective, ranks, system_path, system, fleet = _resolve_system_ranks(config, spec)
     compat.check_paradigm(effective, spec, set(ranks))
     check_protections(effective, spec, set(ranks))
     effective = effective_settings(effective)  # privacy.dp's noise multiplier, and Flower's DP / SecAgg+ settings
@@ -139,13 +142,42 @@ def _resolve_realistic(config: Config, spec: AlgorithmSpec, ranks: list[int]):
             f"set workload.model_parameters and workload.lora_parameters_per_rank in {path}",
         )
     fleet = resolve_fleet(config, system, str(path))
+    effective, fleet_ranks = _apply_fleet_ranks(config, spec, path, system, fleet)
+    return effective, fleet_ranks or ranks, str(path.resolve()), system, fleet
+
+
+def _resolve_system_ranks(config: Config, spec: AlgorithmSpec):
+    """Prototype mode with a sys.yaml: only its ranks apply (by device tier or memory budget, the
+    devices drawn from the seed exactly as realistic mode draws them); its networks, availability
+    and trace do not (synchronous rounds have no clock). A file that sets no ranks is refused."""
+    from atoll.sim.realistic.system import read_system, resolve_fleet
+
+    path = Path(config.system).expanduser()
+    system = read_system(path)
+    if system.ranks.by == "none":
+        raise ConfigError(
+            f"system={config.system} has no effect in prototype mode: {path} sets no ranks (ranks.by: none), "
+            "and only a sys.yaml's ranks apply outside realistic mode",
+            "set mode: realistic to simulate its devices, give it ranks.by: device or memory, or remove system",
+        )
+    fleet = resolve_fleet(config, system, str(path))
+    effective, ranks = _apply_fleet_ranks(config, spec, path, system, fleet)
+    return effective, ranks, str(path.resolve()), system, fleet
+
+
+def _apply_fleet_ranks(config: Config, spec: AlgorithmSpec, path: Path, system, fleet) -> tuple[Config, list[int] | None]:
+    """The effective config with the ranks the fleet assigns written into ``model.lora`` (None: the
+    sys.yaml assigns none), after refusing rank settings that conflict with them."""
+    settings = config.realistic
     effective = config.model_copy(deep=True)
     effective.system = str(path.resolve())
+    ranks = None
+    other = "set ranks.by: none in the sys.yaml" if config.mode == "realistic" else "remove system"
     if fleet.ranks is not None:
         if config.model.lora.rank_cycle:
             raise ConfigError(
                 f"model.lora.rank_cycle conflicts with the ranks {path} assigns (ranks.by: {system.ranks.by})",
-                "remove model.lora.rank_cycle or set ranks.by: none in the sys.yaml",
+                f"remove model.lora.rank_cycle or {other}",
             )
         given = config.model.lora.client_ranks
         fleet_ranks = [int(rank) for rank in fleet.ranks]
@@ -160,7 +192,7 @@ def _resolve_realistic(config: Config, spec: AlgorithmSpec, ranks: list[int]):
             if given is not None and {c: r for c, r in given.items() if r != default} != derived:
                 raise ConfigError(
                     f"model.lora.client_ranks conflicts with the ranks {path} assigns (ranks.by: {system.ranks.by})",
-                    "remove model.lora.client_ranks or set ranks.by: none in the sys.yaml",
+                    f"remove model.lora.client_ranks or {other}",
                 )
             distinct = set(fleet_ranks)
             if given is None and len(distinct) == 1:
@@ -169,7 +201,7 @@ def _resolve_realistic(config: Config, spec: AlgorithmSpec, ranks: list[int]):
             effective.model.lora.client_ranks = derived or None
             compat.check_ranks(spec, set(fleet_ranks))
         ranks = fleet_ranks
-    return effective, ranks, str(path.resolve()), system, fleet
+    return effective, ranks
 
 
 def check(config: Config) -> Config:

@@ -239,3 +239,58 @@ def test_resume_inside_the_warm_up_reproduces_the_uninterrupted_run(tmp_path):
         stop_after=1,
     )
     assert all(math.isfinite(v) for v in records[-1]["local"].values() if isinstance(v, float))
+
+
+# -- planted tasks, trained clients ------------------------------------------------------------------------
+
+TASKS = [0, 1, 1, 0, 0, 1, 1, 0]
+TASK_RANKS = [4, 8] * 4  # alternating, so a grouping by rank (or by shape) is not the grouping by task
+
+
+def train_locally(download: AdapterState, target: dict[str, torch.Tensor], seed: int, steps: int = 150) -> AdapterState:
+    """A client's warm-up: both LoRA factors of every module fitted by Adam to its own examples of
+    its task, y = W_t x + noise, through its adapter's output s B A x (the head is left as downloaded)."""
+    gen = torch.Generator().manual_seed(seed)
+    lora = {}
+    for m, start in download.lora.items():
+        X = torch.randn(64, K, generator=gen)
+        Y = X @ target[m].T + 0.05 * torch.randn(64, D, generator=gen)
+        A, B = start.A.clone().requires_grad_(), start.B.clone().requires_grad_()
+        optimizer = torch.optim.Adam([A, B], lr=0.05)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = ((X @ (start.scale * B @ A).T - Y) ** 2).mean()
+            loss.backward()
+            optimizer.step()
+        lora[m] = LoRAFactors(A.detach(), B.detach(), start.scale)
+    return AdapterState(lora, {n: t.clone() for n, t in download.extra.items()})
+
+
+def test_clients_of_two_planted_tasks_with_alternating_ranks_4_and_8_are_clustered_by_task():
+    """Two synthetic regression tasks (each a rank-3 change of the module's output); clients of
+    either task alternate between ranks 4 and 8, start from the server's common warm-up adapter and
+    train on their own examples. Clustering must find the tasks: one adapter per task, each client
+    served at its own rank. It works only because the distance compares the dense updates s B A:
+    the factors differ in shape across ranks, and within a task the trained factors differ
+    (different data, different starts) while the updates agree."""
+    gen = torch.Generator().manual_seed(11)
+    targets = [{m: torch.randn(D, 3, generator=gen) @ torch.randn(3, K, generator=gen) / 3 for m in MODULES} for _ in range(2)]
+    sizes = [64] * len(TASKS)
+    server = make_server("clustered-lora", sizes, TASK_RANKS, max_clusters=4)
+    uploads = []
+    for client, (task, rank) in enumerate(zip(TASKS, TASK_RANKS, strict=True)):
+        download = server.configure(1, client)
+        assert download.rank() == rank
+        uploads.append(Update(client, sizes[client], train_locally(download, targets[task], seed=client)))
+    distances = delta_distances([u.state for u in uploads])
+    same = np.array([[a == b for b in TASKS] for a in TASKS]) & ~np.eye(len(TASKS), dtype=bool)
+    assert distances[same].max() < distances[~same & ~np.eye(len(TASKS), dtype=bool)].min()
+    server.aggregate(1, uploads)
+    assert server.clusters == TASKS and server.num_clusters == 2  # not [0, 1, 0, 1, ...]: ranks do not cluster
+    for client, (task, rank) in enumerate(zip(TASKS, TASK_RANKS, strict=True)):
+        download = server.configure(2, client)
+        assert download.rank() == rank and int(download.control[CLUSTER_KEY]) == task
+        for m in MODULES:  # each cluster's adapter is close to its own task's change, far from the other's
+            delta = download.lora[m].delta()
+            own, other = (float(torch.linalg.norm(delta - targets[t][m]) / torch.linalg.norm(targets[t][m])) for t in (task, 1 - task))
+            assert own < 0.3 < other, (client, m, own, other)

@@ -45,7 +45,10 @@ def _config(tmp_path, tiny_pair, task_file, **changes) -> str:
 
 
 def test_eval_writes_a_run_directory_with_every_method(tmp_path, tiny_pair, task_file):
-    result = CliRunner().invoke(app, ["hybrid", "eval", _config(tmp_path, tiny_pair, task_file)])
+    """Also: the launched cloud gets cloud.serve_workers and cloud.serve_cache_entries (its /health,
+    in the summary: the per-position requests of a growing text hit its prefix cache)."""
+    config = _config(tmp_path, tiny_pair, task_file, cloud__serve_workers=2, cloud__serve_cache_entries=16)
+    result = CliRunner().invoke(app, ["hybrid", "eval", config])
     assert result.exit_code == 0, result.output
     (run,) = (tmp_path / "runs").iterdir()
     assert {p.name for p in run.iterdir()} >= {"config.yaml", "metrics.jsonl", "summary.json", "table.md"}
@@ -65,6 +68,9 @@ def test_eval_writes_a_run_directory_with_every_method(tmp_path, tiny_pair, task
         assert round(method["fused_share"] * method["tokens"]) + method["deadline_misses"] + method["cloud_errors"] == asked
         assert 0 <= method["next_token_accuracy"] <= 1 and method["latency_ms"]["p50"] <= method["latency_ms"]["p99"]
     assert "| router |" in (run / "table.md").read_text()
+    server = summary["cloud_server"]
+    assert server["workers"] == 2 and server["cache"]["entries"] == 16
+    assert server["cache"]["hits"] > 0
 
 
 @pytest.mark.parametrize(

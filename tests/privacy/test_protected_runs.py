@@ -290,7 +290,7 @@ REFUSED = [
     ({"privacy.dp.mode": "adaptive"}, "the clipped count's noise 0.2 must exceed half the noise multiplier 1"),
     ({"attack.kind": "alie", "attack.clients": "[1]"}, "at least 2 attackers"),
     ({"attack.kind": "sign-flip"}, "no client attacks"),
-    ({"privacy.dp.mode": "fixed", "engine": "flower"}, "not yet into engine flower"),
+    ({"privacy.secagg.enabled": "true", "engine": "flower"}, "use flower.secagg.enabled: true instead of privacy.secagg"),
     ({"privacy.dp.mode": "fixed", "privacy.dp.noise_multiplier": 1, "privacy.dp.target_epsilon": 3}, "not both"),
 ]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from .helpers import save_causal_lm, split_overrides
+from .helpers import ATOLL_EDGE, save_causal_lm, split_overrides
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +52,14 @@ def split_config(tmp_path):
         return split_config_with(split_overrides(tmp_path / "runs", **extra))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def atoll_edge_setup(tmp_path_factory):
+    """atoll's pretrained atoll-edge on Shakespeare lines (``helpers.ATOLL_EDGE``), loaded once; runs
+    with other defenses or attacks use ``helpers.reconfigured``."""
+    from atoll.split.config import split_config_with
+    from atoll.split.setup import prepare
+
+    root = tmp_path_factory.mktemp("atoll-edge") / "runs"
+    return prepare(split_config_with(split_overrides(root, **ATOLL_EDGE)))

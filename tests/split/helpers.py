@@ -68,3 +68,45 @@ def split_overrides(root, **extra) -> list[str]:
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+# atoll's own pretrained causal LM (4 Llama blocks, BPE 4,096) on Shakespeare lines, head = the
+# embeddings + 1 block: the overrides the atoll-edge tests share (with split_overrides)
+ATOLL_EDGE = {
+    "model.name": "atoll-edge",
+    "model.max_length": 32,
+    "data.source": "shakespeare",
+    "data.max_examples": 200,
+    "data.test_size": 20,
+    "train.lr": 0.001,
+}
+
+
+def reconfigured(setup, root, overrides: dict):
+    """``setup`` (data, tokenizer and model already loaded) with the config of ``overrides``, which
+    must name the same model and data: runs with other defenses or attacks share one load."""
+    import dataclasses
+
+    from atoll.split.config import split_config_with
+
+    return dataclasses.replace(setup, config=split_config_with(split_overrides(root, **overrides)))
+
+
+def rare_class_source(directory):
+    """A JSONL classification source from the synthetic topic texts: one topic's examples, 1 in 8
+    of them kept, are the rare class (about 1 in 9 of 400 rows), all others the common class."""
+    import json
+
+    from atoll.data.sources import load_source
+
+    raw = load_source("synthetic-cls").columns
+    topic = sorted(set(raw["label"]))[0]
+    rows = []
+    for index, (text, label) in enumerate(zip(raw["text"], raw["label"], strict=True)):
+        if label != topic:
+            rows.append({"text": text, "label": "common"})
+        elif index % 8 == 0:
+            rows.append({"text": text, "label": "rare"})
+    source = directory / "imbalanced.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows[:400]))
+    return source

@@ -9,28 +9,15 @@ import pytest
 
 from atoll.split.attacks.harness import run_attack
 from atoll.split.runner import connect, make_knowledge, truth_of
-from atoll.split.setup import prepare
+
+from .helpers import ATOLL_EDGE, reconfigured
 
 
 @pytest.fixture(scope="module")
-def edge_session(tmp_path_factory):
+def edge_session(atoll_edge_setup, tmp_path_factory):
     """One training step of atoll-edge on Shakespeare lines, recorded by the model party."""
-    from atoll.split.config import split_config_with
-
-    from .helpers import split_overrides
-
-    overrides = {
-        "model.name": "atoll-edge",
-        "model.max_length": 32,
-        "data.source": "shakespeare",
-        "data.max_examples": 200,
-        "data.test_size": 20,
-        "train.lr": 0.001,
-        "attacks": "[{name: bisr}]",
-        "record.limit": 1,
-    }
-    config = split_config_with(split_overrides(tmp_path_factory.mktemp("edge") / "runs", **overrides))
-    session = connect(prepare(config), None)
+    overrides = {**ATOLL_EDGE, "attacks": "[{name: bisr}]", "record.limit": 1}
+    session = connect(reconfigured(atoll_edge_setup, tmp_path_factory.mktemp("edge") / "runs", overrides), None)
     session.parties[0].train_step()
     return session
 

@@ -7,7 +7,6 @@ without defense) in test_split_defenses.py. The metrics are checked by hand firs
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
@@ -87,18 +86,9 @@ def test_norm_scoring_ranks_the_rare_class_first(split_config, tmp_path):
     """Li et al. (ICLR 2022): once the model leans toward the common class, the examples of the
     rare class (here 1 in 9) get the larger returned gradients: AUC near 1 (measured 0.995) for
     'rare' from training steps 3, 6, 9, 12, and the mirror image for 'common'."""
-    from atoll.data.sources import load_source
+    from .helpers import rare_class_source
 
-    raw = load_source("synthetic-cls").columns
-    topic = sorted(set(raw["label"]))[0]
-    rows = []
-    for index, (text, label) in enumerate(zip(raw["text"], raw["label"], strict=True)):
-        if label != topic:
-            rows.append({"text": text, "label": "common"})
-        elif index % 8 == 0:
-            rows.append({"text": text, "label": "rare"})
-    source = tmp_path / "imbalanced.jsonl"
-    source.write_text("".join(json.dumps(row) + "\n" for row in rows[:400]))
+    source = rare_class_source(tmp_path)
     extra = {"data.source": str(source), "data.max_examples": 400, "train.batch_size": 16, "train.lr": 0.02}
     session = _trained(split_config, 12, **extra, **{"attacks": "[{name: norm-scoring}]", "record.every": 3, "record.limit": 4})
     assert session.setup.num_labels == 2  # 'common' = 0, 'rare' = 1

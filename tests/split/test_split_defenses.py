@@ -138,6 +138,38 @@ def test_mid_bottleneck_hides_what_passes_and_its_weight_tightens_it(split_confi
     assert recovered <= 0.7
 
 
+def test_mid_at_the_tail_brings_norm_scoring_to_chance_the_more_its_weight(split_config, tmp_path):
+    """MID at the tail (head-body-tail, Zou et al. 2023): the one case found where MID's weight moves
+    an attack score. Norm scoring (Li et al. 2022) on a task with a rare class (1 in 9), 12 steps,
+    training steps 3, 6, 9, 12 attacked: weight 0 leaves the rare class's returned gradients the
+    largest (measured AUC 0.945; 0.984 undefended), weight 10 brings the AUC near chance (0.41; 0.415
+    at weight 100, 0.322 at 1000: at large weights the ranking inverts rather than vanishes). Batch
+    label inference against the same runs does not follow the weight (docs/split.md)."""
+    from .helpers import rare_class_source
+
+    source = rare_class_source(tmp_path)
+    auc = {}
+    for weight in (0.0, 10.0):
+        extra = {
+            "data.source": str(source),
+            "data.max_examples": 400,
+            "train.batch_size": 16,
+            "train.lr": 0.02,
+            "train.steps": 12,
+            "defenses": f"[{{name: mid, position: tail, weight: {weight}}}]",
+            "attacks": "[{name: norm-scoring, positive_class: 1, batches: 4}]",
+            "record.every": 3,
+            "record.limit": 4,
+            **HEAD_BODY_TAIL,
+        }
+        session = connect(prepare(split_config(**extra)), None)
+        for _ in range(12):
+            session.parties[0].train_step()
+        auc[weight] = run_attacks(session)["norm-scoring"]["auc"]
+    assert auc[0.0] >= 0.85
+    assert abs(auc[10.0] - 0.5) <= 0.5 * abs(auc[0.0] - 0.5)
+
+
 def test_nopeek_lowers_distance_correlation_the_more_its_weight(split_config):
     """NoPeek (Vepakomma et al. 2020): training with weight alpha on DistCorr(inputs, sent) lowers it."""
     correlation = {}

@@ -66,3 +66,17 @@ def test_list_algorithms_is_a_table_with_a_header_within_100_columns():
     for name, spec in algorithms.specs().items():
         row = next(line for line in lines if line.split()[:1] == [name])
         assert spec.capabilities.mixed_ranks in row
+
+
+def test_the_algorithms_whose_clients_keep_state_declare_it():
+    """``client_state`` (which keeps attacks crafted from colluders' updates off Flower, where a
+    client's state stays on its node) is declared by exactly the algorithms whose module stores a
+    client's private state in the ClientStore between rounds."""
+    import importlib
+    import inspect
+
+    for name, spec in catalog.SPECS.items():
+        if spec.capabilities.pooled_data:  # one pooled client, no federation
+            continue
+        source = inspect.getsource(importlib.import_module(f"atoll.algorithms.{spec.module}"))
+        assert ("store.put(" in source) == spec.capabilities.client_state, name

@@ -203,7 +203,7 @@ SPECS: dict[str, AlgorithmSpec] = {
             server_class="Scaffold",
             paper="Karimireddy, Kale, Mohri, Reddi, Stich, Suresh, SCAFFOLD: Stochastic Controlled Averaging for Federated Learning, ICML 2020",
             Params=ScaffoldParams,
-            capabilities=Capabilities(),
+            capabilities=Capabilities(client_state=True),
         ),
         AlgorithmSpec(
             name="fedavgm",
@@ -259,7 +259,7 @@ SPECS: dict[str, AlgorithmSpec] = {
             server_class="FedSALoRA",
             paper="Guo, Zeng, Wang, Fan, Wang, Qu, Selective Aggregation for Low-Rank Adaptation in Federated Learning, ICLR 2025",
             Params=FedSALoRAParams,
-            capabilities=Capabilities(asynchronous=True, personal=True, personal_export=True, global_model=False),
+            capabilities=Capabilities(asynchronous=True, personal=True, personal_export=True, global_model=False, client_state=True),
         ),
         AlgorithmSpec(
             name="flora",
@@ -339,7 +339,7 @@ SPECS: dict[str, AlgorithmSpec] = {
             server_class="FedDPA",
             paper="Yang, Long, Shen, Jiang, Blumenstein, Dual-Personalizing Adapter for Federated Foundation Models, NeurIPS 2024",
             Params=FedDPAParams,
-            capabilities=Capabilities(asynchronous=True, weighted_mean=True, personal=True),
+            capabilities=Capabilities(asynchronous=True, weighted_mean=True, personal=True, client_state=True),
         ),
         AlgorithmSpec(
             name="fedlease",
@@ -347,7 +347,7 @@ SPECS: dict[str, AlgorithmSpec] = {
             server_class="FedLEASE",
             paper="Wang, Bian, Zhang, Xu, Adaptive LoRA Experts Allocation and Selection for Federated Fine-Tuning, NeurIPS 2025",
             Params=FedLEASEParams,
-            capabilities=Capabilities(personal=True, global_model=False),
+            capabilities=Capabilities(personal=True, global_model=False, client_state=True),
         ),
         AlgorithmSpec(
             name="clustered-lora",
@@ -355,7 +355,7 @@ SPECS: dict[str, AlgorithmSpec] = {
             server_class="ClusteredLoRA",
             paper="clustering as FedLEASE (Wang, Bian, Zhang, Xu, NeurIPS 2025), per cluster FlexLoRA (Bai et al., NeurIPS 2024) or HetLoRA (Cho et al., EMNLP 2024)",
             Params=ClusteredLoRAParams,
-            capabilities=Capabilities(mixed_ranks="native", personal=True, personal_export=True, global_model=False),
+            capabilities=Capabilities(mixed_ranks="native", personal=True, personal_export=True, global_model=False, client_state=True),
         ),
         AlgorithmSpec(
             name="fedit-ft",
@@ -363,7 +363,7 @@ SPECS: dict[str, AlgorithmSpec] = {
             server_class="FedITFineTune",
             paper="Wang et al., Federated Evaluation of On-device Personalization, arXiv:1910.10252, 2019 (FedAvg + local fine-tuning), on FedIT: Zhang et al., ICASSP 2024",
             Params=FedITFineTuneParams,
-            capabilities=Capabilities(asynchronous=True, weighted_mean=True, personal=True, personal_export=True),
+            capabilities=Capabilities(asynchronous=True, weighted_mean=True, personal=True, personal_export=True, client_state=True),
         ),
         AlgorithmSpec(
             name="local-only",
@@ -371,7 +371,9 @@ SPECS: dict[str, AlgorithmSpec] = {
             server_class="LocalOnly",
             paper="baseline: no federation",
             Params=NoParams,
-            capabilities=Capabilities(mixed_ranks="native", asynchronous=True, personal=True, personal_export=True, global_model=False),
+            capabilities=Capabilities(
+                mixed_ranks="native", asynchronous=True, personal=True, personal_export=True, global_model=False, client_state=True
+            ),
         ),
         AlgorithmSpec(
             name="centralized",

@@ -28,6 +28,8 @@ class Capabilities:
       (noise on the sum) can stand in for the individual updates;
     - ``personal``: clients keep private state that their own model uses at inference;
     - ``personal_export``: that personal model is one LoRA adapter (``run.export_personal``);
+    - ``client_state``: its clients keep private state between rounds (in the ClientStore: a
+      personal adapter, control variates), so only the client's own process can train as it would;
     - ``global_model``: the server holds a model worth evaluating on the global test set;
     - ``pooled_data``: it pools every client's data in one place (not federated; a baseline).
     """
@@ -38,6 +40,7 @@ class Capabilities:
     weighted_mean: bool = False
     personal: bool = False
     personal_export: bool = False
+    client_state: bool = False
     global_model: bool = True
     pooled_data: bool = False
 

@@ -74,7 +74,7 @@ class ClientAccess(Protocol):
 class Federation:
     """The state of one run and the steps of its rounds (see the module docstring)."""
 
-    def __init__(self, experiment, stages: Stages | None = None):
+    def __init__(self, experiment, stages: Stages | None = None, side: str = "both"):
         self.experiment = experiment
         self.config = experiment.config
         self.server = experiment.server
@@ -83,7 +83,8 @@ class Federation:
         if stages is None:
             from atoll.privacy.seams.wiring import protection_stages  # privacy:, robust: and attack: of the config
 
-            stages = protection_stages(experiment, Stages.from_config(self.config, self.capabilities))
+            # side: "both" in one process; on Flower the ServerApp builds the server's, a ClientApp the clients'
+            stages = protection_stages(experiment, Stages.from_config(self.config, self.capabilities), side)
         self.stages = stages
         self.metric = MAIN_METRIC[experiment.spec.kind]
         self.dropped: list[dict[str, Any]] = []  # updates a receive stage refused since the last record

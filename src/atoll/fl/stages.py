@@ -104,6 +104,15 @@ class ClientBehaviour:
     def train(self, round: int, client_id: int, download: "AdapterState", honest: Callable[[], Update]) -> Update:
         return honest()
 
+    def memory(self, client_id: int) -> "dict[str, AdapterState]":
+        """What this behaviour keeps for ``client_id`` between the client's rounds. In one process it
+        simply stays; a Flower ClientApp, which may be a new process each round, stores it in its
+        node's state and hands it back through :meth:`recall` before the client's next round."""
+        return {}
+
+    def recall(self, client_id: int, memory: "dict[str, AdapterState]") -> None:
+        return None
+
 
 class Honest(ClientBehaviour):
     """The algorithm's own client, unchanged."""
@@ -165,6 +174,16 @@ class Stages:
         for stage in self.stages:
             update = stage.before_upload(round, client_id, update, download)
         return update
+
+    def memory(self, client_id: int) -> dict:
+        """What ``client_id``'s behaviour keeps between its rounds (see :meth:`ClientBehaviour.memory`)."""
+        behaviour = self.behaviours.get(client_id)
+        return behaviour.memory(client_id) if behaviour is not None else {}
+
+    def recall(self, client_id: int, memory: dict) -> None:
+        behaviour = self.behaviours.get(client_id)
+        if behaviour is not None:
+            behaviour.recall(client_id, memory)
 
     # -- server side ----------------------------------------------------------------------------------
     def on_receive(self, round: int, update: Update) -> str | None:

@@ -34,11 +34,19 @@ def serve_cloud(
     log_requests: Optional[Path] = typer.Option(None, help="append every received prompt to this JSONL file"),
     threads: int = typer.Option(1, help="torch CPU threads"),
     seed: int = typer.Option(0, help="seed of the delay jitter and of sampling without a request seed"),
+    workers: int = typer.Option(1, help="requests served at once: threads sharing the one loaded model"),
+    cache_entries: int = typer.Option(0, help="keep the KV caches of this many recent prompts (LRU) for prompts that extend them; 0: off"),
 ) -> None:
     """Serve a causal LM behind an OpenAI-compatible /v1/completions that returns top-k log-probabilities."""
     quiet_libraries()
     if max_logprobs < 1 or delay_ms < 0 or jitter_ms < 0 or threads < 1 or not 0 <= port < 65536:
         fail(AtollError("--max-logprobs and --threads must be >= 1, delays >= 0, port 0..65535"))
+    try:
+        from atoll.hybrid.config import check_load_options
+
+        check_load_options(workers, cache_entries)
+    except AtollError as error:
+        fail(error)
     try:
         import torch
         import uvicorn
@@ -51,7 +59,14 @@ def serve_cloud(
     except AtollError as error:
         fail(error)
     app = build_app(
-        CloudModel(loaded, tokenizer, model), max_logprobs, delay_ms, jitter_ms, seed, str(log_requests) if log_requests else None
+        CloudModel(loaded, tokenizer, model),
+        max_logprobs,
+        delay_ms,
+        jitter_ms,
+        seed,
+        str(log_requests) if log_requests else None,
+        workers,
+        cache_entries,
     )
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", ws="none"))
 
@@ -62,7 +77,7 @@ def serve_cloud(
                 return await serving
             await asyncio.sleep(0.05)
         bound = server.servers[0].sockets[0].getsockname()[1]
-        typer.echo(f"serving {model} at http://{host}:{bound}/v1")
+        typer.echo(f"serving {model} at http://{host}:{bound}/v1")  # LaunchedCloud reads this line
         sys.stdout.flush()
         await serving
 

@@ -38,6 +38,20 @@ class EdgeConfig(Section):
     )
 
 
+MAX_WORKERS = 64
+MAX_CACHE_ENTRIES = 100_000
+
+
+def check_load_options(workers: int, cache_entries: int) -> None:
+    """One-line errors for ``--workers`` and ``--cache-entries``."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers must be an integer from 1 to {MAX_WORKERS} (got {workers!r})", "e.g. --workers 2 on a 2-core machine")
+    if isinstance(cache_entries, bool) or not isinstance(cache_entries, int) or not 0 <= cache_entries <= MAX_CACHE_ENTRIES:
+        raise ConfigError(
+            f"--cache-entries must be an integer from 0 to {MAX_CACHE_ENTRIES} (got {cache_entries!r})", "0 turns the prefix cache off"
+        )
+
+
 class CloudConfig(Section):
     url: str | None = Field(
         None, description="base URL of an OpenAI-compatible server with log-probabilities, e.g. http://127.0.0.1:8000/v1"
@@ -48,6 +62,12 @@ class CloudConfig(Section):
     )
     serve_delay_ms: float = Field(0.0, ge=0, description="with serve: delay every response by this many ms (the cloud slowed on purpose)")
     serve_jitter_ms: float = Field(0.0, ge=0, description="with serve: add a uniform random 0..jitter ms to each delay")
+    serve_workers: int = Field(
+        1, ge=1, le=MAX_WORKERS, description="with serve: requests the cloud serves at once (threads sharing its model)"
+    )
+    serve_cache_entries: int = Field(
+        0, ge=0, le=MAX_CACHE_ENTRIES, description="with serve: prompt-prefix KV caches the cloud keeps (LRU; 0: none)"
+    )
     top_k: int = Field(5, gt=0, le=100, description="top-k log-probabilities asked of the cloud per position (OpenAI allows <= 5)")
     deadline_ms: float = Field(200.0, gt=0, description="per-token deadline: past it the edge token stands and a miss is counted")
     timeout_s: float = Field(30.0, gt=0, description="connect/read timeout of the HTTP client (the deadline is what bounds a token)")
@@ -134,6 +154,10 @@ class HybridConfig(Section):
     def _consistent(self) -> "HybridConfig":
         if self.cloud.serve and self.cloud.url is not None:
             raise ValueError("cloud.serve starts its own server: leave cloud.url null, or set cloud.serve to false")
+        defaults = CloudConfig()
+        for key in ("serve_delay_ms", "serve_jitter_ms", "serve_workers", "serve_cache_entries"):
+            if not self.cloud.serve and getattr(self.cloud, key) != getattr(defaults, key):
+                raise ValueError(f"cloud.{key} has no effect without cloud.serve: true (a server at cloud.url is configured where it runs)")
         needs_cloud = any(method != "edge" for method in self.fusion.methods)
         if needs_cloud and self.cloud.url is None and not self.cloud.serve:
             raise ValueError("fusion needs a cloud: set cloud.url (an OpenAI-compatible /v1 endpoint) or cloud.serve: true")

@@ -220,6 +220,7 @@ def run_eval(config: HybridConfig, echo: Callable[[str], None] = print) -> tuple
                 "edge_client": config.edge.client,
                 "cloud": session.cloud_url and config.cloud.model,
                 "cloud_url": session.cloud_url,
+                "cloud_server": await session.server_health(),  # a launched cloud: its workers and prefix-cache counts
                 "deadline_ms": config.cloud.deadline_ms,
                 "privacy_policy": config.privacy.policy,
                 "methods": results,

@@ -7,28 +7,52 @@ and nothing else of the model (no logits over the vocabulary, no hidden states, 
 ``GET /v1/models`` lists the model, ``GET /health`` says it is up.
 
 ``delay_ms`` / ``jitter_ms`` slow every response on purpose (before any work, so a client that
-gave up is noticed and its request skipped); requests run one at a time on the model. A request
-is skipped (HTTP 499, no model work) when its client has gone, or when it carries the header
-``X-Atoll-Budget-Ms`` (atoll's edge sends its deadline's remaining milliseconds; other clients
-need not) and that much time has passed since it arrived: an answer after the deadline is unused.
+gave up is noticed and its request skipped). A request is skipped (HTTP 499, no model work) when
+its client has gone, or when it carries the header ``X-Atoll-Budget-Ms`` (atoll's edge sends its
+deadline's remaining milliseconds; other clients need not) and that much time has passed since it
+arrived: an answer after the deadline is unused.
+
+Load. ``workers`` threads share the one loaded model and serve that many requests at once (more
+wait their turn). Inference is thread-safe here: gradient mode is per thread (each worker runs
+under ``torch.no_grad``), the model is in eval mode and its forward reads its weights without
+writing them, and each request has its own KV cache. Two things are locked: the tokenizer (a
+Rust tokenizer may refuse concurrent calls while its settings change) and, for a model whose
+rotary embedding rewrites its frequencies during the forward (dynamic or long RoPE), the forward.
+
+Prefix cache. With ``cache_entries`` > 0 the server keeps, least recently used first out, the KV
+caches of that many recent prompts (keyed by their token ids). Prompts are then computed in
+blocks of ``CACHE_BLOCK`` positions at fixed offsets (0-15, 16-31, ...), and a prompt sharing whole
+blocks of token ids with a cached one starts from a copy of that cache cropped to them (at least
+its last position is always computed, for its next-token distribution): a hit repeats exactly the
+arithmetic of a miss, so answers are the same bit for bit whatever is cached, and an edge asking
+position after position of a growing text recomputes at most a block plus the new tokens. (A
+server without the cache computes a prompt in one forward; its log-probabilities may differ from
+a cached server's in the last float bits.) ``/health`` reports the workers and the cache's hits
+and misses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import json
 import random
 import threading
 import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from fastapi import Request
 
+from atoll.hybrid.config import check_load_options
 from atoll.hybrid.tokens import to_wire, token_bytes
 
 DEFAULT_MAX_LOGPROBS = 20
 BUDGET_HEADER = "X-Atoll-Budget-Ms"
+CACHE_BLOCK = 16  # positions per forward over a prompt when the prefix cache is on
 
 
 def _budget_s(value: str | None) -> float | None:
@@ -55,23 +79,53 @@ class CloudModel:
             special = dict(zip(self.tokenizer.all_special_ids, self.tokenizer.all_special_tokens))
             self.wire = [special.get(i, to_wire(b) if b is not None else "") for i, b in enumerate(self.surface)]
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        self.tokenizer_lock = threading.Lock()
+        self.forward_lock = threading.Lock() if _rope_rewrites_itself(self.model.config) else contextlib.nullcontext()
+
+    def _prompt(self, ids: list[int], cache: "PrefixCache | None"):
+        """The forward over the prompt: (output, KV cache). Without a prefix cache, one forward. With
+        one, positions are computed in blocks of ``cache.block`` at fixed absolute positions, starting
+        after the cached prefix (a whole number of blocks): a hit then repeats exactly the
+        computation a miss does, so the answer does not depend on what is cached."""
+        if cache is None:
+            with self.forward_lock:
+                out = self.model(input_ids=torch.tensor([ids]), use_cache=True)
+            return out, out.past_key_values
+        position, past = cache.lookup(ids)
+        while position < len(ids):
+            end = min(len(ids), (position // cache.block + 1) * cache.block)
+            with self.forward_lock:
+                out = self.model(input_ids=torch.tensor([ids[position:end]]), past_key_values=past, use_cache=True)
+            past, position = out.past_key_values, end
+        cache.store(ids, past)
+        return out, past
 
     @torch.no_grad()
-    def complete(self, prompt: str, max_tokens: int, logprobs: int | None, temperature: float, stop: list[str], seed: int | None) -> dict:
-        """One choice: generated text, finish reason, and per-position top-k log-probabilities."""
-        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    def complete(
+        self,
+        prompt: str,
+        max_tokens: int,
+        logprobs: int | None,
+        temperature: float,
+        stop: list[str],
+        seed: int | None,
+        cache: "PrefixCache | None" = None,
+    ) -> dict:
+        """One choice: generated text, finish reason, and per-position top-k log-probabilities.
+        With ``cache``, the prompt starts from the longest cached prefix of its token ids and its
+        own KV cache is kept for later prompts."""
+        with self.tokenizer_lock:
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if not ids:
             if self.tokenizer.bos_token_id is None:
                 raise RequestError("prompt is empty and the model has no BOS token to start from", "prompt")
             ids = [self.tokenizer.bos_token_id]
         ids = ids[-max(1, self.max_positions - max_tokens) :]
         generator = torch.Generator().manual_seed(seed if seed is not None else random.randrange(2**31))
-        past, inputs = None, torch.tensor([ids])
+        out, past = self._prompt(ids, cache)
         generated, text, tokens, token_logprobs, top_logprobs, offsets = b"", "", [], [], [], []
         finish = "length"
-        for _ in range(max_tokens):
-            out = self.model(input_ids=inputs, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+        for step in range(max_tokens):
             log_probs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
             if temperature == 0:
                 chosen = int(torch.argmax(log_probs))
@@ -92,7 +146,10 @@ class CloudModel:
             if hit is not None:
                 text, finish = text[: text.index(hit)], "stop"
                 break
-            inputs = torch.tensor([[chosen]])
+            if step + 1 < max_tokens:  # the next position
+                with self.forward_lock:
+                    out = self.model(input_ids=torch.tensor([[chosen]]), past_key_values=past, use_cache=True)
+                past = out.past_key_values
         choice_logprobs = (
             {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
             if logprobs is not None
@@ -105,6 +162,74 @@ class CloudModel:
             "completion_tokens": len(tokens),
             "prompt_tokens": len(ids),
         }
+
+
+def _rope_rewrites_itself(config) -> bool:
+    """Whether the model's rotary embedding may rewrite its frequencies inside the forward (dynamic
+    NTK or long RoPE): such a forward is not safe to run from several threads at once."""
+    text = json.dumps([getattr(config, name, None) for name in ("rope_scaling", "rope_parameters", "rope_type")], default=str).lower()
+    return "dynamic" in text or "longrope" in text
+
+
+def _common_prefix(a: tuple[int, ...], b: list[int], limit: int) -> int:
+    n = min(len(a), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class PrefixCache:
+    """An LRU map from a prompt's token ids to the model's KV cache after them. Entries are never
+    changed once stored: a request gets a copy, cropped to the whole blocks of ``block`` positions
+    it shares with the entry."""
+
+    def __init__(self, entries: int, block: int = CACHE_BLOCK):
+        self.entries, self.block = entries, block
+        self.items: OrderedDict[tuple[int, ...], object] = OrderedDict()
+        self.lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def lookup(self, ids: list[int]) -> tuple[int, object | None]:
+        """(n, cache): a fresh KV cache of ``ids[:n]`` from the entry sharing the longest prefix with
+        ``ids``, n a multiple of ``block`` below len(ids) (the last position is always computed);
+        (0, None) on a miss."""
+        with self.lock:
+            best_key, best = None, 0
+            for key in self.items:
+                shared = _common_prefix(key, ids, len(ids) - 1) // self.block * self.block
+                if shared > best:
+                    best_key, best = key, shared
+            entry = self.items[best_key] if best_key is not None else None
+            if best_key is not None:
+                self.items.move_to_end(best_key)
+        if entry is not None:
+            try:
+                past = copy.deepcopy(entry)
+                if best < len(best_key):
+                    past.crop(best - len(best_key))  # transformers: a negative count removes that many positions
+                if past.get_seq_length() == best:
+                    with self.lock:
+                        self.hits += 1
+                    return best, past
+            except (AttributeError, RuntimeError, ValueError):
+                pass  # a cache that cannot be cropped (a sliding window past its size): compute from scratch
+        with self.lock:
+            self.misses += 1
+        return 0, None
+
+    def store(self, ids: list[int], past) -> None:
+        """Keep a copy of the KV cache of ``ids`` (the prompt's, before any generated token)."""
+        kept = copy.deepcopy(past)
+        with self.lock:
+            self.items[tuple(ids)] = kept
+            self.items.move_to_end(tuple(ids))
+            while len(self.items) > self.entries:
+                self.items.popitem(last=False)
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"entries": self.entries, "size": len(self.items), "hits": self.hits, "misses": self.misses}
 
 
 class RequestError(Exception):
@@ -126,16 +251,26 @@ def build_app(
     jitter_ms: float = 0.0,
     seed: int = 0,
     request_log: str | None = None,
+    workers: int = 1,
+    cache_entries: int = 0,
 ):
     """The FastAPI app. ``app.state.received`` keeps every prompt the server was sent (in memory;
-    also appended to ``request_log`` as JSON lines when given): what the cloud has seen."""
+    also appended to ``request_log`` as JSON lines when given): what the cloud has seen.
+    ``workers`` requests run on the model at once (threads sharing it); ``cache_entries`` > 0
+    keeps that many prompts' KV caches for prompts that extend them."""
     from fastapi import FastAPI
-    from starlette.concurrency import run_in_threadpool
 
+    check_load_options(workers, cache_entries)
     app = FastAPI(title="atoll cloud", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.received = []
     app.state.skipped = 0
-    model_lock = asyncio.Lock()
+    app.state.cache = cache = PrefixCache(cache_entries) if cache_entries > 0 else None
+    threads = torch.get_num_threads()
+    # the workers' own pool (not the event loop's default one), each thread on the server's torch threads
+    app.state.pool = pool = ThreadPoolExecutor(
+        workers, thread_name_prefix="cloud-worker", initializer=torch.set_num_threads, initargs=(threads,)
+    )
+    slots = asyncio.Semaphore(workers)
     log_lock = threading.Lock()
     delays = random.Random(seed)
     counter = iter(range(1, 1 << 62))
@@ -148,7 +283,7 @@ def build_app(
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": cloud.name}
+        return {"status": "ok", "model": cloud.name, "workers": workers, "cache": cache.stats() if cache else None}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -173,14 +308,16 @@ def build_app(
         delay = (delay_ms + delays.uniform(0, jitter_ms)) / 1000.0
         if delay > 0:
             await asyncio.sleep(delay)
-        async with model_lock:
+        async with slots:  # a free worker
             too_late = budget_s is not None and time.perf_counter() - arrived > budget_s
             if too_late or await request.is_disconnected():  # the client gave up (deadline): skip the work
                 app.state.skipped += 1
                 return _error("client disconnected", status=499)
+            loop = asyncio.get_running_loop()
             try:
                 results = [
-                    await run_in_threadpool(cloud.complete, p, max_tokens, logprobs, temperature, stop, request_seed) for p in prompts
+                    await loop.run_in_executor(pool, cloud.complete, p, max_tokens, logprobs, temperature, stop, request_seed, cache)
+                    for p in prompts
                 ]
             except RequestError as error:
                 return _error(str(error), error.param)
@@ -267,3 +404,6 @@ class BackgroundServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        pool = getattr(getattr(self.server.config.app, "state", None), "pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)

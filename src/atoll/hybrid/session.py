@@ -34,14 +34,26 @@ class Session:
     detector: PrivacyDetector
     decoder: HybridDecoder
     cloud_url: str | None
+    launched: "LaunchedCloud | None" = None
+
+    async def server_health(self) -> dict | None:
+        """The launched cloud's /health (workers, prefix-cache hits and misses); None for a cloud
+        given by URL (not every server has one)."""
+        if self.launched is None:
+            return None
+        import httpx
+
+        async with httpx.AsyncClient(timeout=30) as http:
+            return (await http.get(self.launched.url.removesuffix("/v1") + "/health")).json()
 
 
 class LaunchedCloud:
     """``atoll hybrid serve-cloud`` in a child process on a free loopback port; stopped by its PID."""
 
-    def __init__(self, model: str, delay_ms: float, jitter_ms: float, threads: int, seed: int):
+    def __init__(self, model: str, delay_ms: float, jitter_ms: float, threads: int, seed: int, workers: int = 1, cache_entries: int = 0):
         command = [sys.executable, "-m", "atoll", "hybrid", "serve-cloud", model, "--host", "127.0.0.1", "--port", "0"]
         command += ["--delay-ms", str(delay_ms), "--jitter-ms", str(jitter_ms), "--threads", str(threads), "--seed", str(seed)]
+        command += ["--workers", str(workers), "--cache-entries", str(cache_entries)]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.url = self._read_url()
 
@@ -97,6 +109,8 @@ async def open_session(config: HybridConfig):
                 config.cloud.serve_jitter_ms,
                 config.run.threads,
                 config.seed,
+                config.cloud.serve_workers,
+                config.cloud.serve_cache_entries,
             )
             url = launched.url
         if needs_cloud:
@@ -106,7 +120,7 @@ async def open_session(config: HybridConfig):
                 raise CloudError(f"the cloud at {url} returned no top log-probabilities", "the server must support logprobs")
             client.bytes_sent = client.bytes_received = client.requests = 0
         decoder = HybridDecoder(edge, vocab, client, config.fusion, config.cloud.deadline_ms)
-        yield Session(config, edge, vocab, client, detector, decoder, url if needs_cloud else None)
+        yield Session(config, edge, vocab, client, detector, decoder, url if needs_cloud else None, launched)
     finally:
         if client is not None:
             await client.aclose()

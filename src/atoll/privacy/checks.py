@@ -5,8 +5,8 @@ effective settings they imply.
 aggregation for an algorithm whose aggregation is not a weighted linear mean (the ``weighted_mean``
 capability: noise on a sum, or a sum the server cannot look inside, stand in for the individual
 updates only then), robust rules under secure aggregation except norm bounding, protections of a
-round's sum with paradigms that aggregate one update at a time, and (for now) any of them on
-Flower. :func:`effective_settings` returns the run's effective config: the noise multiplier solved
+round's sum with paradigms that aggregate one update at a time; :func:`check_on_flower` refuses
+what cannot work on the Flower engine. :func:`effective_settings` returns the run's effective config: the noise multiplier solved
 from a target ε (this alone imports opacus, and with it torch).
 """
 
@@ -21,6 +21,7 @@ from atoll.privacy.attacks.selection import choose_attackers
 
 MEAN_RULES = ("median", "trimmed-mean", "fltrust")  # robust rules that replace the mean with another vector
 COLLUDING_ATTACKS = ("alie", "min-max")  # need the honest updates of at least two colluders
+CRAFTED_FROM_COLLUDERS = ("alie", "ipm", "min-max")  # crafted from every colluder's honest update
 
 
 def sampled_clients(config: Config) -> int:
@@ -58,12 +59,8 @@ def check_protections(config: Config, spec: AlgorithmSpec, ranks: set[int]) -> N
     dp, secagg = privacy.dp, privacy.secagg
     capabilities = spec.capabilities
     aggregating = dp.enabled or secagg.enabled or robust.rule != "none"
-    if config.engine == "flower" and (aggregating or privacy.dpsgd.enabled or robust.validation.enabled or attack.kind != "none"
-                                      or attack.reconstruction.enabled or attack.membership.enabled):  # fmt: skip
-        raise ConfigError(
-            "privacy:, robust: and attack: are wired into the local and realistic engines, not yet into engine flower",
-            "use engine: local (or mode: realistic), or Flower's own flower.dp / flower.secagg",
-        )
+    if config.engine == "flower":
+        check_on_flower(config, spec)
     if aggregating and config.mode == "realistic" and config.realistic.paradigm != "sync":
         raise ConfigError(
             f"privacy.dp, privacy.secagg and robust.rule act on a round's set of updates; realistic.paradigm "
@@ -83,6 +80,83 @@ def check_protections(config: Config, spec: AlgorithmSpec, ranks: set[int]) -> N
             "robust.validation checks each update, but under privacy.secagg the server sees only their sum", "switch one of them off"
         )
     _check_attack(config)
+
+
+def check_on_flower(config: Config, spec: AlgorithmSpec) -> None:
+    """What ``privacy:``, ``robust:`` and ``attack:`` cannot do on ``engine: flower``, one line each.
+
+    On Flower the server-side stages run in the ServerApp and the client-side ones in each node's
+    ClientApp, which shares nothing with the server but the messages (see docs/security.md, "On
+    Flower"). Everything not refused here runs there as on the local engine."""
+    privacy, robust, attack, flower = config.privacy, config.robust, config.attack, config.flower
+    dp, secagg = privacy.dp, privacy.secagg
+    flower_dp, flower_secagg = flower.dp.mode != "none", flower.secagg.enabled
+    if secagg.enabled:
+        raise ConfigError(
+            "privacy.secagg runs atoll's own Bonawitz et al. protocol between clients in one process; on Flower the clients mask "
+            "with Flower's SecAgg+",
+            "use flower.secagg.enabled: true instead of privacy.secagg",
+        )
+    if dp.enabled and (flower_dp or flower_secagg):
+        which = "flower.dp adds its own clipping and noise" if flower_dp else "under flower.secagg the ServerApp sees only the mean"
+        raise ConfigError(
+            f"privacy.dp clips each update and adds noise to their sum on the server, and {which}",
+            "choose privacy.dp or flower.dp, without flower.secagg",
+        )
+    if dp.mode == "adaptive" and dp.clip_at == "client":
+        raise ConfigError(
+            "privacy.dp adaptive clipping at the client needs the bound the server moves every round, which the ClientApps are not sent",
+            "use privacy.dp.clip_at: server (or mode: fixed) on Flower",
+        )
+    if robust.rule != "none" and (flower_dp or flower_secagg):
+        which = "flower.secagg shows the ServerApp only the mean" if flower_secagg else "flower.dp's noise is calibrated to a plain mean"
+        raise ConfigError(
+            f"robust.rule {robust.rule} needs the individual updates in place of their mean, and {which}",
+            "switch off flower.secagg / flower.dp, or the robust rule",
+        )
+    if robust.validation.enabled and flower_secagg:
+        raise ConfigError(
+            "robust.validation checks each update, but under flower.secagg the ServerApp sees only their masked sum",
+            "switch off flower.secagg or robust.validation",
+        )
+    colluders = len(attackers(config)) if attack.kind != "none" else 0
+    if attack.kind in CRAFTED_FROM_COLLUDERS and colluders > 1:
+        if flower.node_data:
+            raise ConfigError(
+                f"attack {attack.kind} crafts each update from every colluder's honest update, and with flower.node_data a "
+                "ClientApp holds only its own client's data",
+                "drop flower.node_data (each ClientApp then rebuilds its colluders' updates) or use sign-flip or gaussian",
+            )
+        if spec.capabilities.client_state:
+            raise ConfigError(
+                f"attack {attack.kind} crafts each update from every colluder's honest update, and algorithm '{spec.name}' keeps "
+                "each client's private state on that client's own node, out of the attacker's ClientApp",
+                "use engine: local for this attack, or sign-flip or gaussian",
+            )
+    if attack.reconstruction.enabled and flower_secagg:
+        raise ConfigError(
+            "attack.reconstruction on Flower attacks individual updates, and under flower.secagg the ServerApp sees only their mean",
+            "switch off flower.secagg, or run the attack on the sum with privacy.secagg on engine: local",
+        )
+    if flower.node_data:
+        needs_data = {
+            "robust.rule fltrust": robust.rule == "fltrust",  # root data drawn from the clients' training pool
+            "attack.reconstruction": attack.reconstruction.enabled,  # scored against the victim's training text
+            "attack.membership": attack.membership.enabled,  # members are clients' training examples
+        }
+        for what, asked in needs_data.items():
+            if asked:
+                raise ConfigError(
+                    f"{what} needs the clients' data on the server, and with flower.node_data it stays on the nodes",
+                    "drop flower.node_data (the server then partitions data.source itself) or this setting",
+                )
+        targeted = attack.kind == "backdoor" or (attack.kind == "label-flip" and attack.label_flip.source is not None)
+        if targeted and not config.data.test_source:
+            raise ConfigError(
+                f"attack {attack.kind}'s success rate is measured on the server's global test set, and with flower.node_data "
+                "the server has one only from data.test_source",
+                "set data.test_source",
+            )
 
 
 def _check_dp(config: Config, spec: AlgorithmSpec) -> None:

@@ -50,6 +50,7 @@ def data_party_dir(party: int) -> str:
 
 
 def build_defenses(config: SplitConfig, setup: SplitSetup, party: int, model: PartyModel) -> DefenseStack:
+    corpus = corpus_reader(setup, party)
     context = DefenseContext(
         party=party,
         seed=config.seed,
@@ -59,7 +60,8 @@ def build_defenses(config: SplitConfig, setup: SplitSetup, party: int, model: Pa
         num_labels=setup.num_labels,
         word_embeddings=model.family.word_embeddings().weight.detach().clone(),
         tokenizer=setup.tokenizer,
-        token_counts=corpus_counter(setup, party),
+        token_counts=corpus_counter(setup, corpus),
+        corpus=corpus,
     )
     defenses = []
     for index, item in enumerate(config.defenses):
@@ -68,18 +70,34 @@ def build_defenses(config: SplitConfig, setup: SplitSetup, party: int, model: Pa
     return DefenseStack(defenses)
 
 
-def corpus_counter(setup: SplitSetup, party: int) -> Callable[[], np.ndarray]:
-    """Token counts of data party ``party``'s own training examples, computed once on first use."""
+def corpus_reader(setup: SplitSetup, party: int) -> Callable[[], list[np.ndarray]]:
+    """The token ids of data party ``party``'s own training examples, read once on first use."""
+    cached: list[list[np.ndarray]] = []
+
+    def sequences() -> list[np.ndarray]:
+        if not cached:
+            data = setup.data
+            cached.append(
+                [
+                    np.asarray(data.data.sequence(index) if isinstance(data, TokenizedData) else data.data.input_ids[index], dtype=np.int64)
+                    for index in setup.party_indices[party]
+                ]
+            )
+        return cached[0]
+
+    return sequences
+
+
+def corpus_counter(setup: SplitSetup, read: Callable[[], list[np.ndarray]]) -> Callable[[], np.ndarray]:
+    """Token counts of the training examples ``read()`` gives, computed once on first use."""
     cached: list[np.ndarray] = []
 
     def counts() -> np.ndarray:
         if not cached:
-            data = setup.data
             size = setup.vocabulary.size
             total = np.zeros(size, dtype=np.int64)
-            for index in setup.party_indices[party]:
-                ids = data.data.sequence(index) if isinstance(data, TokenizedData) else np.asarray(data.data.input_ids[index])
-                np.add.at(total, np.asarray(ids, dtype=np.int64) % size, 1)
+            for ids in read():
+                np.add.at(total, ids % size, 1)
             cached.append(total)
         return cached[0]
 

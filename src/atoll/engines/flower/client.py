@@ -57,7 +57,8 @@ def federation_for(context):
             client_id, path = client_id_of(node_config, config.federation.clients), node_data_file(node_config)
         else:
             client_id, path = -1, None
-        _EXPERIMENTS[key] = Federation(build(run, loaded=node_cache.node_data(config, client_id, path)))
+        # the client-side protection stages and attack behaviours (the ServerApp builds the server's)
+        _EXPERIMENTS[key] = Federation(build(run, loaded=node_cache.node_data(config, client_id, path)), side="client")
     return _EXPERIMENTS[key]
 
 
@@ -106,6 +107,35 @@ def save_private_state(store, state) -> None:
         store.discard(client_id)
 
 
+MEMORY_PREFIX = "atoll.memory."
+
+
+def recall_memory(federation, client_id: int, state) -> None:
+    """Hand ``client_id``'s behaviour what it kept on this node (a stale free rider's last download)."""
+    from atoll.engines.flower.codec import state_from_records
+
+    memory = {}
+    for key, record in state.array_records.items():
+        if key.startswith(MEMORY_PREFIX):
+            name = key[len(MEMORY_PREFIX) :]
+            memory[name] = state_from_records(record, state.config_records.get(key + ".scales", {}))
+    federation.stages.recall(client_id, memory)
+
+
+def keep_memory(federation, client_id: int, state) -> None:
+    """Store what ``client_id``'s behaviour keeps between its rounds in the node's state (replacing the old)."""
+    from flwr.app import ConfigRecord
+
+    from atoll.engines.flower.codec import state_to_records
+
+    for key in [k for k in list(state.array_records) + list(state.config_records) if k.startswith(MEMORY_PREFIX)]:
+        del state[key]
+    for name, kept in federation.stages.memory(client_id).items():
+        arrays, scales = state_to_records(kept)
+        state[MEMORY_PREFIX + name] = arrays
+        state[MEMORY_PREFIX + name + ".scales"] = ConfigRecord(scales)
+
+
 def _check_client(federation, context, claimed: int) -> int:
     client_id = client_id_of(context.node_config, federation.config.federation.clients)
     if claimed != client_id:
@@ -115,10 +145,12 @@ def _check_client(federation, context, claimed: int) -> int:
 
 def run_client(federation, context, client_id: int, round: int, download):
     """The federation's client-side step (behaviour, training, stages before upload) with the
-    node's private state loaded before and saved after (on success)."""
+    node's private state (the client's ClientStore entry, its behaviour's memory) loaded before
+    and saved after (on success)."""
     _check_client(federation, context, client_id)
     store = federation.experiment.store
     load_private_state(store, context.state)
+    recall_memory(federation, client_id, context.state)
     try:
         update = federation.train(round, client_id, download)
     except BaseException:
@@ -126,6 +158,7 @@ def run_client(federation, context, client_id: int, round: int, download):
             store.discard(stale)
         raise
     save_private_state(store, context.state)
+    keep_memory(federation, client_id, context.state)
     return update
 
 

@@ -49,8 +49,8 @@ class NodeDataFederation(Federation):
     and test example counts are what its node reported (:meth:`report_counts`), and algorithms
     without a global model get no global metrics (the nodes hold no global test set)."""
 
-    def __init__(self, experiment, stages=None):
-        super().__init__(experiment, stages)
+    def __init__(self, experiment, stages=None, side: str = "server"):
+        super().__init__(experiment, stages, side)
         self.counts: dict[int, tuple[int, int]] = {}
 
     def report_counts(self, client_id: int, train: int, test: int) -> None:
@@ -65,7 +65,8 @@ class NodeDataFederation(Federation):
 
 
 def make_federation(experiment) -> Federation:
-    """The federation of a built experiment: a :class:`NodeDataFederation` in a node-data run."""
+    """The ServerApp's federation of a built experiment (the server-side protection stages): a
+    :class:`NodeDataFederation` in a node-data run."""
     if experiment.config.flower.node_data:
         return NodeDataFederation(experiment)
-    return Federation(experiment)
+    return Federation(experiment, side="server")

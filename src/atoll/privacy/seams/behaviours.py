@@ -11,8 +11,11 @@ attack's paper and math are in :mod:`atoll.privacy.attacks`:
 - ``alie``, ``ipm``, ``min-max``: crafted from the colluders' honest changes (each colluder's
   training from the same download; partial knowledge: the attackers see their own data only);
 - ``free-ride-zero``, ``-noise``, ``-stale`` (Fraboni et al., AISTATS 2021): the upload's model
-  part is the client's start, unchanged, plus noise, or plus the global model's last change; none
-  of its own training is sent (the algorithm's client still runs, for its own bookkeeping).
+  part is the client's start, unchanged, plus noise, or plus the global model's last change as the
+  free rider saw it (its download minus the download of its previous round: a free rider knows
+  only what it is sent); none of its own training is sent (the algorithm's client still runs, for
+  its own bookkeeping). That previous download is the behaviour's memory, which a Flower
+  ClientApp keeps in its node's state.
 
 Client-side protections (clipping before upload) do not bind an attacker: it controls its device.
 """
@@ -43,7 +46,7 @@ class Coalition:
         self.seed = experiment.config.seed
         self._honest: dict[tuple[int, int], torch.Tensor] = {}
         self._poisoned: dict[int, tuple] = {}
-        self.downloads: dict[int, AdapterState] = {}  # round -> the download attackers saw (free-ride-stale)
+        self.last_downloads: dict[int, AdapterState] = {}  # client -> the download of its previous round (free-ride-stale)
 
     def honest_change(self, round: int, client_id: int, download: AdapterState) -> torch.Tensor:
         """The change ``client_id`` would upload from ``download`` (trained once per round and process)."""
@@ -161,10 +164,18 @@ class AttackingClient(ClientBehaviour):
                       for k, t in message.model_tensors().items()}  # fmt: skip
             message = applied(message, message, change)
         elif kind == "free-ride-stale":
-            earlier = [r for r in coalition.downloads if r < round]
-            previous = coalition.downloads[max(earlier)] if earlier else None
+            previous = coalition.last_downloads.get(client_id)
             if previous is not None and previous.model_tensors().keys() == download.model_tensors().keys():
                 message = applied(message, message, model_delta(download, previous, client_id))  # the global model's last change
-            coalition.downloads = {r: d for r, d in coalition.downloads.items() if r >= round - 1}
-            coalition.downloads.setdefault(round, download.clone())
+            coalition.last_downloads[client_id] = download.clone()
         return Update(client_id, update.num_examples, message, {})
+
+    def memory(self, client_id: int) -> dict[str, AdapterState]:
+        previous = self.coalition.last_downloads.get(client_id)
+        return {"last-download": previous} if previous is not None else {}
+
+    def recall(self, client_id: int, memory: dict[str, AdapterState]) -> None:
+        if "last-download" in memory:
+            self.coalition.last_downloads[client_id] = memory["last-download"]
+        else:
+            self.coalition.last_downloads.pop(client_id, None)

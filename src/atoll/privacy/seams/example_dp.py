@@ -14,12 +14,16 @@ Accounting: a step samples B of the client's n examples, q = B/n. The loop draws
 shuffling, not by Poisson sampling, so the RDP accountant's ε (which assumes Poisson sampling) is
 the usual approximation, not a proof (Chua et al., "How Private are DP-SGD Implementations?",
 ICML 2024). The round record carries ``dpsgd_epsilon``: the largest ε over clients of one that took
-part in every round so far, an upper bound for every client.
+part in every round so far, an upper bound for every client. The clients' sizes are read when a
+round is recorded (the server's context): in a Flower run with node-local data they are what the
+nodes reported.
 """
 
 from __future__ import annotations
 
 import torch
+
+from typing import Callable
 
 from atoll.errors import AlgorithmError
 from atoll.fl.base import local_steps
@@ -34,15 +38,13 @@ class ExampleLevelDP(Stage):
 
     name = "dp-sgd"
 
-    def __init__(self, workbench, settings, config, client_sizes: list[int], seed: int):
+    def __init__(self, workbench, settings, config, client_sizes: Callable[[], list[int]], seed: int):
         self.workbench = workbench
         self.settings = settings
         self.seed = seed
-        train = config.train
-        per_step = train.batch_size * train.grad_accum
-        self.grad_accum = train.grad_accum
-        # (q, steps per round) of every client: the worst one bounds everyone's epsilon
-        self.schedules = sorted({(min(1.0, per_step / max(1, n)), local_steps(train, n)) for n in client_sizes if n > 0})
+        self.train = config.train
+        self.grad_accum = config.train.grad_accum
+        self.client_sizes = client_sizes
         self.rounds = 0
         self._hooks = None
         self._handle = None
@@ -129,15 +131,22 @@ class ExampleLevelDP(Stage):
             param.grad_sample = None
 
     # -- records ------------------------------------------------------------------------------------------
+    def schedules(self) -> list[tuple[float, int]]:
+        """(q, steps per round) of every client with training data: the worst one bounds everyone's ε."""
+        train = self.train
+        per_step = train.batch_size * train.grad_accum
+        return sorted({(min(1.0, per_step / max(1, n)), local_steps(train, n)) for n in self.client_sizes() if n > 0})
+
     def after_aggregate(self, round: int, server) -> None:
         self.rounds = round
 
     def round_metrics(self, round: int) -> dict[str, float]:
         metrics = {"dpsgd_noise_multiplier": float(self.settings.noise_multiplier), "dpsgd_clip": float(self.settings.max_grad_norm)}
         sigma = self.settings.noise_multiplier
-        if sigma > 0 and round > 0 and self.schedules:
+        schedules = self.schedules() if sigma > 0 and round > 0 else []
+        if schedules:
             metrics["dpsgd_epsilon"] = max(
-                epsilon_after(sigma, q, steps * round, self.settings.delta, self.settings.accountant) for q, steps in self.schedules
+                epsilon_after(sigma, q, steps * round, self.settings.delta, self.settings.accountant) for q, steps in schedules
             )
             metrics["dpsgd_delta"] = float(self.settings.delta)
         return metrics

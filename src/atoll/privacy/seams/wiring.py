@@ -18,8 +18,13 @@ attack.reconstruction  ReconstructionObserver                      on_receive, o
 attack.membership      MembershipObserver                          round_metrics (final round)
 =====================  ==========================================  ============================
 
-On Flower these sections are refused by the resolve step for now (Flower's own ``flower.dp`` and
-``flower.secagg`` remain); :func:`protection_stages` returns the base stages there.
+On Flower the ServerApp and every ClientApp build their own federation from the same resolved run:
+``side`` "server" builds what acts on the server (receive, aggregate, records, stop) and "client"
+what acts on a client's device (training hooks, before upload, behaviours); the local and
+realistic engines build both in one process ("both"). The pieces are the same objects either way;
+what Flower cannot do is refused by :func:`atoll.privacy.checks.check_on_flower`. There the
+membership attack on the victim's own model needs the victim's personal state, which stays on its
+node: for personalized algorithms only the global model is attacked.
 """
 
 from __future__ import annotations
@@ -44,21 +49,26 @@ from atoll.privacy.seams.validation_stage import UpdateValidation
 from atoll.seeding import numpy_rng
 
 
-def protection_stages(experiment, base: Stages) -> Stages:
+SIDES = ("both", "server", "client")
+
+
+def protection_stages(experiment, base: Stages, side: str = "both") -> Stages:
     """``base`` (the default stages and ``federation.behaviours``) with the protections and attacks
-    of the config added (see the module docstring)."""
+    of the config added, for the server, the clients or ``both`` (see the module docstring)."""
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, not {side!r}")
     config = experiment.config
-    if config.engine == "flower":  # not wired there yet (the resolve step refuses these sections on Flower)
-        return base
     privacy, robust, attack = config.privacy, config.robust, config.attack
     check_task(experiment)
     server = experiment.server
+    serving, training = side in ("both", "server"), side in ("both", "client")
     stages = list(base.stages)
     behaviours = dict(base.behaviours)
-    if robust.validation.enabled:
+    if robust.validation.enabled and serving:
         stages = [UpdateValidation(server, robust.validation.max_norm) if isinstance(s, FiniteUpdates) else s for s in stages]
     if privacy.dpsgd.enabled:
-        stages.append(ExampleLevelDP(experiment.workbench, privacy.dpsgd, config, experiment.splits.client_sizes(), config.seed))
+        sizes = experiment.server.context.client_sizes  # a node-data run's server fills them in as the nodes report
+        stages.append(ExampleLevelDP(experiment.workbench, privacy.dpsgd, config, lambda: list(sizes), config.seed))
     sampled = sampled_clients(config)
     dp = ClientLevelDP(privacy.dp, sampled, config.federation.clients) if privacy.dp.enabled else None
     secure = SecureRound(privacy.secagg, lambda n: secagg_threshold(config, n), config.seed) if privacy.secagg.enabled else None
@@ -75,21 +85,24 @@ def protection_stages(experiment, base: Stages) -> Stages:
             secure,
             rule,
             frozenset(chosen),
-            root_change_of(experiment) if robust.rule == "fltrust" else None,
+            root_change_of(experiment) if robust.rule == "fltrust" and serving else None,
         )
         stages.append(aggregation)
     if attack.kind != "none":
-        coalition = Coalition(experiment, attack, chosen, sampled)
-        behaviours.update({client_id: AttackingClient(coalition) for client_id in chosen})
-        if attack.kind == "backdoor" or (attack.kind == "label-flip" and attack.label_flip.source is not None):
+        if training:
+            coalition = Coalition(experiment, attack, chosen, sampled)
+            behaviours.update({client_id: AttackingClient(coalition) for client_id in chosen})
+        if serving and (attack.kind == "backdoor" or (attack.kind == "label-flip" and attack.label_flip.source is not None)):
             stages.append(AttackSuccess(experiment, attack))
+    if not serving:
+        return Stages(stages, behaviours)
     if attack.reconstruction.enabled:
         observer = ReconstructionObserver(experiment, attack.reconstruction, sees_individual_updates=not privacy.secagg.enabled)
         stages.append(observer)
         if aggregation is not None:
             aggregation.listeners.append(observer.on_release)
     if attack.membership.enabled:
-        stages.append(MembershipObserver(experiment, attack.membership, personal_state_here=True))
+        stages.append(MembershipObserver(experiment, attack.membership, personal_state_here=config.engine != "flower"))
     return Stages(stages, behaviours)
 
 

@@ -4,7 +4,7 @@ model party never receives an unprotected tensor.
 A defense overrides only the hooks it needs. In one training step of a data party they run in
 this order (``phase`` is "train", "eval" or "generate"; inference is protected too):
 
-1. ``protect_tokens(batch)``: text level, before the head (SanText, CusText, RanText replace ids).
+1. ``protect_tokens(batch)``: text level, before the head (SanText, CusText, RanText replace words).
 2. ``protect_embeddings(embeddings, mask)``: on the head's word embeddings (d_χ-privacy).
 3. the head runs; ``protect_activations(activations, mask)`` transforms what is sent
    (Gaussian/Laplace noise, MID's bottleneck, TextObfuscator, Split-and-Denoise's noise).
@@ -55,6 +55,9 @@ class DefenseContext:
     # token id -> count in this data party's own training text (an int array of the vocabulary's
     # size), computed on first call; for defenses that need the corpus vocabulary or word rarity
     token_counts: Callable[[], Any] | None = None
+    # the token ids of this data party's own training examples (a list of int arrays), read on
+    # first call; for the text-level defenses' corpus vocabulary of words
+    corpus: Callable[[], list[Any]] | None = None
 
 
 @dataclass

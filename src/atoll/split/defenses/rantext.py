@@ -1,11 +1,14 @@
-"""RanText (InferDPT's random adjacency): for each token x, Laplace noise (scale Δf/ε per
-coordinate, Δf the range of the embedding table's values) is added to its embedding; the distance
-r of the noisy point from e_x sets a random adjacency list, the tokens within distance r of x
-(itself included); the replacement is drawn from that list by the exponential mechanism with
-utility 1 − ‖e_x − e_y‖/r: P(y | x) ∝ exp(ε·u/2) (Tong, Zhang, Mo, Cao, Wang and others,
-"InferDPT: Privacy-Preserving Inference for Black-box Large Language Models", arXiv 2310.12214,
-2023; VFLAIR-LLM's RanText). InferDPT's local "extraction" model that repairs the server's answer
-is not part of this defense. Applied in training, evaluation and generation.
+"""RanText (InferDPT's random adjacency): for each word x, Laplace noise of scale Δf/ε per
+coordinate (Δf the range of the word-embedding values) is added to its embedding; the distance r
+of the noisy point from e_x sets a random adjacency list, the corpus words within distance r of x
+(and always x's nearest corpus word: x itself when it is one), so a smaller ε gives longer lists;
+the replacement is drawn from that list by the exponential mechanism with utility
+u = 1 − ‖e_x − e_y‖/r: P(y | x) ∝ exp(ε·u/2) (Tong, Zhang, Mo, Cao, Wang and others, "InferDPT:
+Privacy-Preserving Inference for Black-box Large Language Models", arXiv 2310.12214, 2023;
+VFLAIR-LLM's RanText). InferDPT's local "extraction" model that repairs the server's answer is not
+part of this defense. Words, the corpus vocabulary, word embeddings and the one deviation (the list
+holds only corpus words of x's form: the same number of sub-tokens, leading space and kind of
+characters) are in ``words.py``. Applied in training, evaluation and generation.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from atoll.split.defenses.base import Defense, DefenseParams
-from atoll.split.defenses.token_sampling import candidate_ids, replace_tokens, sample_rows
+from atoll.split.defenses.words import CorpusWords, by_form, sample_rows
 
 
 class RanTextParams(DefenseParams):
@@ -23,48 +26,65 @@ class RanTextParams(DefenseParams):
 class RanText(Defense):
     name = "rantext"
     paper = "Tong et al., InferDPT (RanText), arXiv 2310.12214 (2023)"
-    summary = "replace each token from a random adjacency list (radius from Laplace noise) by the exponential mechanism"
+    summary = "replace each word from a random adjacency list (radius from Laplace noise) by the exponential mechanism"
     Params = RanTextParams
 
     def __init__(self, params: RanTextParams, context):
         super().__init__(params, context)
-        self.candidates = candidate_ids(context)
-        self.table = context.word_embeddings.float()
-        self.range = float(self.table.max() - self.table.min())
-        self.special = set(getattr(context.tokenizer, "all_special_ids", None) or [])
+        self.vocabulary = CorpusWords(context)
+        table = self.vocabulary.embeddings
+        self.range = float(table.max() - table.min()) if len(table) else 1.0
         self.calls = 0
         self.replaced = 0.0
         self.mean_list = 0.0
 
-    def protect_tokens(self, batch, step, phase):
+    def radii(self, count: int, generator):
+        """``count`` random radii: the norm of a vector of Laplace(Δf/ε) coordinates."""
         import torch
 
+        uniform = torch.rand(count, self.vocabulary.embeddings.shape[1], generator=generator, dtype=torch.float64) - 0.5
+        noise = -(self.range / self.params.epsilon) * torch.sign(uniform) * torch.log1p(-2 * uniform.abs().clamp(max=0.5 - 1e-12))
+        return noise.norm(dim=-1).float().clamp_min(1e-12)
+
+    def logits(self, distances, radius):
+        """The exponential mechanism's log-weights over one form's candidates ([n, C]) given each
+        occurrence's distances and radius ([n, 1]): −inf outside the adjacency list."""
+        import torch
+
+        nearest = distances == distances.min(dim=-1, keepdim=True).values
+        inside = (distances <= radius) | nearest
+        utility = 1 - distances / radius
+        return torch.where(inside, 0.5 * self.params.epsilon * utility, torch.full_like(utility, float("-inf"))), inside
+
+    def choose(self, words, generator):
+        import torch
+
+        vocabulary = self.vocabulary
+        out = list(words)
+        sizes = []
+        for form, positions in by_form(words, vocabulary).items():
+            if form is None:
+                for i in positions:
+                    out[i] = vocabulary.fallback(words[i])
+                continue
+            candidates = vocabulary.groups[form]
+            points = torch.stack([vocabulary.embedding_of(words[i]) for i in positions])
+            distances = torch.cdist(points, vocabulary.embeddings[candidates])
+            logits, inside = self.logits(distances, self.radii(len(positions), generator).unsqueeze(-1))
+            picked = candidates[sample_rows(logits, generator)]
+            sizes += inside.sum(-1).tolist()
+            for i, j in zip(positions, picked.tolist()):
+                out[i] = vocabulary.words[j]
+        self.mean_list = sum(sizes) / len(sizes) if sizes else 0.0
+        return out
+
+    def protect_tokens(self, batch, step, phase):
         from atoll.seeding import torch_generator
 
         self.calls += 1
         generator = torch_generator(self.context.seed, self.name, self.context.party, phase, step, self.calls)
-        scale = self.range / self.params.epsilon
-        candidate_table = self.table[self.candidates]
-
-        def choose(ids):
-            uniform = torch.rand(len(ids), self.table.shape[1], generator=generator, dtype=torch.float64) - 0.5
-            noise = -scale * torch.sign(uniform) * torch.log1p(-2 * uniform.abs().clamp(max=0.5 - 1e-12))
-            radius = noise.norm(dim=-1).float().unsqueeze(-1)
-            unique, inverse = ids.unique(return_inverse=True)
-            distances = torch.cdist(self.table[unique], candidate_table)[inverse]
-            inside = distances <= radius
-            utility = torch.where(inside, 1 - distances / radius, torch.full_like(distances, float("-inf")))
-            # x is always adjacent to itself: one extra column, and its candidate column (if any) dropped
-            self_column = self.candidates.unsqueeze(0) == ids.unsqueeze(-1)
-            utility = torch.where(self_column, torch.full_like(utility, float("-inf")), utility)
-            utility = torch.cat([utility, torch.ones_like(utility[:, :1])], dim=-1)
-            picked = sample_rows(0.5 * self.params.epsilon * utility, generator)
-            out = torch.where(picked == len(self.candidates), ids, self.candidates[picked.clamp(max=len(self.candidates) - 1)])
-            self.replaced = float((out != ids).float().mean())
-            self.mean_list = float(inside.sum(-1).float().mean())
-            return out
-
-        return replace_tokens(batch, choose, self.special)
+        batch, self.replaced = self.vocabulary.sanitize(batch, lambda words: self.choose(words, generator))
+        return batch
 
     def report(self) -> dict[str, float]:
         return {"replaced_share": self.replaced, "mean_adjacency": self.mean_list}

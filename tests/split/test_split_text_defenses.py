@@ -1,0 +1,256 @@
+"""The word-level text sanitisers (SanText+, CusText, RanText): they emit only words of the data
+party's own corpus, re-tokenising their output gives the ids they send, their ε moves how many
+words change in the documented direction, one word's replacement follows the mechanism's formula
+on a constructed vocabulary (a chi-square check), CusText's output sets have K members, and on
+atoll's pretrained atoll-edge a smaller ε lowers the white-box inversion's token recall."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from atoll.split.defenses.base import DefenseContext
+from atoll.split.defenses.custext import CusText, CusTextParams
+from atoll.split.defenses.rantext import RanText, RanTextParams
+from atoll.split.defenses.santext import SanText, SanTextParams
+from atoll.split.runner import connect, corpus_reader, run_attacks
+
+from .helpers import ATOLL_EDGE, reconfigured
+
+DEFENSES = {"santext": (SanText, SanTextParams), "custext": (CusText, CusTextParams), "rantext": (RanText, RanTextParams)}
+
+
+def build(name: str, context: DefenseContext, **params):
+    cls, params_cls = DEFENSES[name]
+    return cls(params_cls(**params), context)
+
+
+def context_of(setup) -> DefenseContext:
+    table = setup.model.get_input_embeddings().weight.detach().clone()
+    return DefenseContext(
+        0, 0, "head-tail", setup.head, table.shape[1], setup.num_labels, table, setup.tokenizer, None, corpus_reader(setup, 0)
+    )
+
+
+# -- a constructed vocabulary: WordPiece, 2-d embeddings chosen by hand ---------------------------
+TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "b", "c", "d", "e", "f", "##x", "##y", ","]
+ANGLES = {"a": 0, "b": 10, "c": 30, "d": 90, "e": 100, "f": 180}  # degrees
+LENGTHS = {"a": 1.0, "b": 1.5, "c": 0.8, "d": 2.0, "e": 1.2, "f": 1.0}
+# the corpus: word -> count (a most frequent); "ax" = a + ##x, a word of two sub-tokens
+CORPUS = {"a": 9, "b": 8, "c": 7, "d": 6, "e": 5, "f": 4, "ax": 3, "by": 2, "cx": 2, ",": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(tokenizer, embedding table, corpus sequences, id of each token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    ids = {t: i for i, t in enumerate(TOKENS)}
+    backend = Tokenizer(models.WordPiece(ids, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+    table = torch.zeros(len(TOKENS), 2)
+    for word, angle in ANGLES.items():
+        table[ids[word]] = LENGTHS[word] * torch.tensor([math.cos(math.radians(angle)), math.sin(math.radians(angle))])
+    table[ids["##x"]] = torch.tensor([0.5, 0.5])
+    table[ids["##y"]] = torch.tensor([-1.0, 0.0])
+    table[ids[","]] = torch.tensor([5.0, 5.0])
+    text = " ".join(w for w, n in CORPUS.items() for _ in range(n))
+    corpus = [np.array(tokenizer(text)["input_ids"])]
+    return tokenizer, table, corpus, ids
+
+
+def tiny_context(tiny) -> DefenseContext:
+    tokenizer, table, corpus, _ = tiny
+    return DefenseContext(0, 0, "head-tail", "classification", 2, 2, table, tokenizer, None, lambda: corpus)
+
+
+def draws(defense, tokenizer, word: str, count: int) -> list[str]:
+    """``count`` sanitisations of ``word`` (each occurrence draws on its own): the words sent."""
+    ids = tokenizer(" ".join([word] * count))["input_ids"]
+    batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    out = defense.protect_tokens(batch, 1, "train")["input_ids"][0].tolist()
+    return tokenizer.decode(out, skip_special_tokens=True).split()
+
+
+def assert_matches(observed: list[str], expected: dict[str, float]) -> None:
+    """Pearson's chi-square test of the observed words against the expected probabilities: fails
+    when the statistic exceeds its 0.1 % critical value (Wilson-Hilferty approximation)."""
+    assert set(observed) <= set(expected), set(observed) - set(expected)
+    n = len(observed)
+    statistic = sum((observed.count(w) - n * p) ** 2 / (n * p) for w, p in expected.items())
+    df = len(expected) - 1
+    critical = df * (1 - 2 / (9 * df) + 3.09 * math.sqrt(2 / (9 * df))) ** 3
+    assert statistic < critical, (statistic, critical, {w: observed.count(w) / n for w in expected}, expected)
+
+
+def embedding(tiny, word: str) -> torch.Tensor:
+    tokenizer, table, _, ids = tiny
+    return table[tokenizer(word, add_special_tokens=False)["input_ids"]].mean(0)
+
+
+def softmax(values: dict[str, float]) -> dict[str, float]:
+    top = max(values.values())
+    weights = {w: math.exp(v - top) for w, v in values.items()}
+    total = sum(weights.values())
+    return {w: x / total for w, x in weights.items()}
+
+
+def test_santext_draws_by_the_exponential_mechanism_over_word_distances(tiny):
+    """SanText+: P(y | x) ∝ exp(−ε·‖e_x − e_y‖/2) over the corpus words of x's form, e the mean of
+    the sub-tokens' embeddings: for a one-token word, a two-token word, and one not in the corpus."""
+    tokenizer = tiny[0]
+    epsilon = 2.0
+    santext = build("santext", tiny_context(tiny), epsilon=epsilon, sensitive=1.0)
+    for word, group in (("a", "abcdef"), ("ax", ["ax", "by", "cx"]), ("dy", ["ax", "by", "cx"])):
+        expected = softmax({y: -0.5 * epsilon * float((embedding(tiny, word) - embedding(tiny, y)).norm()) for y in group})
+        assert_matches(draws(santext, tokenizer, word, 3000), expected)
+
+
+def test_santext_keeps_non_sensitive_words_with_probability_one_minus_p(tiny):
+    """SanText+: the rarest share of the vocabulary is always sanitised, the others with probability
+    p: at a tiny ε a sanitised word is uniform over its 6 candidates."""
+    tokenizer = tiny[0]
+    santext = build("santext", tiny_context(tiny), epsilon=1e-6, sensitive=0.0, p=0.3)
+    observed = draws(santext, tokenizer, "a", 3000)
+    assert_matches(observed, {y: (0.7 if y == "a" else 0.0) + 0.3 / 6 for y in "abcdef"})
+
+
+def test_custext_output_sets_have_k_members_and_draws_follow_the_mechanism(tiny):
+    """CusText: the most frequent word and its K − 1 most similar unmapped words form one output set,
+    shared by every member; P(y | x) ∝ exp(ε·u/2), u the cosine similarity min-max normalised in
+    the set."""
+    tokenizer, _, _, _ = tiny
+    epsilon = 3.0
+    custext = build("custext", tiny_context(tiny), epsilon=epsilon, top_k=3)
+    words = custext.vocabulary.words
+    sets = [sorted(tokenizer.decode(list(words[j])).replace(" ", "") for j in members.tolist()) for members in custext.sets]
+    assert sorted(sets) == [[","], ["a", "b", "c"], ["ax", "by", "cx"], ["d", "e", "f"]]
+    assert all(len(s) == 3 for s in sets if s != [","])
+    similarity = {y: math.cos(math.radians(ANGLES[y] - ANGLES["b"])) for y in "abc"}
+    low, high = min(similarity.values()), max(similarity.values())
+    expected = softmax({y: 0.5 * epsilon * (s - low) / (high - low) for y, s in similarity.items()})
+    assert_matches(draws(custext, tokenizer, "b", 3000), expected)
+
+
+def test_rantext_draws_from_a_random_adjacency_list(tiny):
+    """RanText: the radius r is the norm of a Laplace(Δf/ε) noise vector; the list holds the words
+    within r (and the nearest, x itself); P(y | x, r) ∝ exp(ε·(1 − d/r)/2) there. The expected
+    distribution is the average over 200,000 radii drawn here with numpy."""
+    tokenizer = tiny[0]
+    epsilon = 3.0
+    rantext = build("rantext", tiny_context(tiny), epsilon=epsilon)
+    words = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in CORPUS]
+    values = torch.stack([tiny[1][w].mean(0) for w in words])
+    spread = float(values.max() - values.min())
+    distance = {y: float((embedding(tiny, "b") - embedding(tiny, y)).norm()) for y in "abcdef"}
+    rng = np.random.default_rng(1)
+    radii = np.linalg.norm(rng.laplace(0, spread / epsilon, size=(200_000, 2)), axis=1)
+    d = np.array([distance[y] for y in "abcdef"])
+    inside = (d[None] <= radii[:, None]) | (d[None] == d.min())
+    weights = np.where(inside, np.exp(0.5 * epsilon * (1 - d[None] / radii[:, None])), 0.0)
+    expected = dict(zip("abcdef", (weights / weights.sum(1, keepdims=True)).mean(0), strict=True))
+    assert_matches(draws(rantext, tokenizer, "b", 3000), expected)
+
+
+@pytest.mark.parametrize("name", sorted(DEFENSES))
+def test_a_word_of_a_form_the_corpus_lacks_becomes_unk_tokens(tiny, name):
+    """ "axy" (three sub-tokens: no corpus word has three) is sent as three unk tokens, never as it
+    was; the other words of the line become corpus words of their own form."""
+    tokenizer = tiny[0]
+    defense = build(name, tiny_context(tiny), epsilon=1.0)
+    ids = tokenizer("axy b cx ,")["input_ids"]
+    batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    sent = tokenizer.convert_ids_to_tokens(defense.protect_tokens(batch, 1, "eval")["input_ids"][0].tolist())
+    assert sent[:3] == ["[UNK]"] * 3
+    assert sent[3] in set("abcdef")
+    assert sent[4] in {"a", "b", "c"} and sent[5] in {"##x", "##y"}
+    assert sent[6] == ","
+
+
+def test_words_of_a_byte_level_bpe_whose_vocabulary_has_a_hash_pair(tmp_path):
+    """A byte-level BPE with a "##" token (as GPT-2's has) is not mistaken for WordPiece: words start
+    at the space marker and where the kind of character changes."""
+    from atoll.models.registry import train_bpe_tokenizer
+    from atoll.split.defenses.words import TokenFacts
+
+    tokenizer = train_bpe_tokenizer(["## title ##", "hello ## world", "hello, world"] * 20, 300, tmp_path)
+    assert "##" in tokenizer.get_vocab()
+    facts = TokenFacts(tokenizer, len(tokenizer), set(tokenizer.all_special_ids))
+    assert not facts.wordpiece
+    ids = tokenizer("hello ## world, hello")["input_ids"]
+    assert [tokenizer.decode(ids[a:b]) for a, b in facts.spans(ids)] == ["hello", " ##", " world", ",", " hello"]
+
+
+# -- atoll-edge's tokenizer and embeddings, Shakespeare lines --------------------------------------
+# (defense, large ε, small ε, fixed parameters)
+SETTINGS = [("santext", 1000.0, 0.1, {"sensitive": 1.0}), ("custext", 1000.0, 0.1, {}), ("rantext", 1000.0, 1.0, {})]
+
+
+@pytest.mark.parametrize("name,large,small,fixed", SETTINGS, ids=[s[0] for s in SETTINGS])
+def test_sanitised_text_is_corpus_words_and_epsilon_sets_how_many_change(atoll_edge_setup, name, large, small, fixed):
+    """On 16 training lines: every word sent is a word of the data party's corpus; re-tokenising the
+    sanitised text gives exactly the ids sent (same length, same alignment); at a large ε almost
+    every word is kept, at a small ε most are replaced."""
+    setup = atoll_edge_setup
+    context = context_of(setup)
+    batch = next(iter(setup.data.eval_batches(setup.party_indices[0][:16], 16)))
+    special = set(setup.tokenizer.all_special_ids)
+    share = {}
+    for epsilon in (large, small):
+        defense = build(name, context, epsilon=epsilon, **fixed)
+        sent = defense.protect_tokens(batch, 1, "train")
+        share[epsilon] = defense.report()["replaced_share"]
+        vocabulary = defense.vocabulary
+        for ids, keep in zip(sent["input_ids"].tolist(), sent["attention_mask"].tolist(), strict=True):
+            for a, b in vocabulary.facts.spans(ids, keep):
+                assert tuple(ids[a:b]) in vocabulary.index
+            real = [t for t, k in zip(ids, keep, strict=True) if k and t not in special]
+            text = setup.tokenizer.decode(real)
+            assert setup.tokenizer(text, add_special_tokens=False)["input_ids"] == real
+    assert share[large] <= 0.05
+    assert share[small] >= 0.6
+
+
+def test_custext_output_sets_on_a_real_corpus_have_k_members(atoll_edge_setup):
+    """Every output set has K words but, per form, the last one built (fewer words were left)."""
+    custext = build("custext", context_of(atoll_edge_setup), top_k=5)
+    sizes = [len(members) for members in custext.sets]
+    assert sum(sizes) == len(custext.vocabulary.words)
+    assert sum(size < 5 for size in sizes) <= len(custext.vocabulary.groups)
+    assert max(sizes) == 5 and sizes.count(5) >= 0.8 * len(sizes)
+
+
+INVERSION = "{name: white-box-inversion, steps: 60, lr: 0.1, batches: 1}"
+
+
+def edge_inversion(setup, root, defense: str | None) -> float:
+    """The white-box inversion's token recall on atoll-edge's first training batch (8 lines)."""
+    overrides = {**ATOLL_EDGE, "attacks": f"[{INVERSION}]", "record.limit": 1, "train.batch_size": 8}
+    if defense:
+        overrides["defenses"] = f"[{defense}]"
+    session = connect(reconfigured(setup, root, overrides), None)
+    session.parties[0].train_step()
+    return run_attacks(session)["white-box-inversion"]["token_recall"]
+
+
+def test_a_smaller_epsilon_lowers_the_inversion_on_atoll_edge(atoll_edge_setup, tmp_path):
+    """The trade-off's privacy side on atoll's pretrained LM: without a defense the white-box
+    inversion (the public head known, 60 steps) reads about half the tokens of the lines (measured
+    0.53); each sanitiser leaves it there at ε 1000 (0.53 for all three) and lowers it at a small ε
+    (SanText ε 0.1: 0.067, CusText ε 0.1: 0.068, RanText ε 1: 0.056)."""
+    baseline = edge_inversion(atoll_edge_setup, tmp_path, None)
+    assert baseline >= 0.4
+    for name, large, small, fixed in SETTINGS:
+        extra = "".join(f", {k}: {v}" for k, v in fixed.items())
+        weak = edge_inversion(atoll_edge_setup, tmp_path, f"{{name: {name}, epsilon: {large}{extra}}}")
+        strong = edge_inversion(atoll_edge_setup, tmp_path, f"{{name: {name}, epsilon: {small}{extra}}}")
+        assert weak >= baseline - 0.1, name
+        assert strong <= 0.5 * weak, name
