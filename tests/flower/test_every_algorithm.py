@@ -125,6 +125,9 @@ def test_algorithm_runs_unchanged_on_the_flower_engine(tmp_path, reference_runs,
     for got, expected in zip(flower, local_records, strict=True):
         assert_close(got, expected, f"{name} round {expected['round']}")
     assert (tmp_path / "flower" / "summary.json").is_file()
+    if name == "fedex-lora":  # from round 2 on, downloads carry round 1's residual: a dense matrix per adapted module
+        assert flower[2]["bytes_down"] > 2 * flower[1]["bytes_down"]
+        assert (tmp_path / "flower" / "adapter" / "base_delta.safetensors").is_file()
 
 
 MEAN_ALGORITHMS = [n for n in algorithm_names() if n != "centralized" and aggregates_by_weighted_mean(n)]

@@ -187,6 +187,88 @@ def test_flowers_client_side_clipping_clips_the_attackers_too(tmp_path):
     assert any(not torch.allclose(got[k], without_attack[k], rtol=0, atol=1e-7) for k in got), "the attacker changed nothing"
 
 
+def test_flowers_client_side_clipping_gives_the_mean_of_the_clipped_updates(tmp_path):
+    """Flower's ``fixedclipping_mod`` in the ClientApps and its client-side fixed-clipping wrapper in
+    the ServerApp, a bound far below every update's norm and no noise: after one round the global
+    adapter is the initial one plus the equal-weight mean of the clipped updates, computed here."""
+    from helpers import clipped_round_one
+
+    clip = 1e-3
+    settings = {
+        "federation.rounds": 1,
+        "flower.dp.mode": "client-fixed",
+        "flower.dp.clipping_norm": clip,
+        "flower.dp.noise_multiplier": 0.0,
+    }
+    flower = on_flower(tmp_path, **settings)
+    assert read_summary(flower)["engine"]["dp"] == "client-fixed"
+    config = config_with(tiny_overrides(tmp_path / "roots", **{**QUICK, **settings, "engine": "flower"}))
+    expected = clipped_round_one(config, clip, tmp_path / "computed")
+    assert len(expected.update_norms) == 4 and min(expected.update_norms) > 10 * clip, "the bound must clip every update"
+    got = adapter(flower)
+    want = load_file(str(expected.expected_adapter / "adapter_model.safetensors"))
+    initial = load_file(str(expected.initial_adapter / "adapter_model.safetensors"))
+    assert set(got) == set(want) == set(initial)
+    for key in want:
+        assert torch.allclose(got[key], want[key], rtol=0, atol=TOLERANCE), key
+    moved = torch.sqrt(sum(((got[key] - initial[key]) ** 2).sum() for key in got))
+    # the mean of updates clipped to the bound moves the global by at most the bound (less where the
+    # clients' directions differ: 0.45 of it here, with one local step)
+    assert clip / 10 < float(moved) <= clip * (1 + 1e-4), "the clipped mean moved the global adapter by more than the bound, or not at all"
+
+
+def test_dp_sgd_and_an_attacker_under_flowers_secagg_match_the_local_engine(tmp_path, reference_runs):
+    """DP-SGD in every ClientApp and a sign-flipping attacker under Flower's SecAgg+, so the ServerApp
+    sees only the masked sum: every round agrees with the local engine's run without SecAgg+ to
+    1e-4 (SecAgg+ quantizes each upload), DP-SGD's ε is the same, and the attacker moved the model
+    (masking hides who attacked, not the attack)."""
+    dpsgd = {**QUICK, "privacy.dpsgd.enabled": "true", "privacy.dpsgd.noise_multiplier": 0.5}
+    attack = {"attack.kind": "sign-flip", "attack.clients": "[3]", "attack.byzantine.scale": 3}
+    local = reference_runs.get(**dpsgd, **attack)
+    flower = on_flower(tmp_path, **dpsgd, **attack, **{"flower.secagg.enabled": "true"})
+    assert read_summary(flower)["engine"]["secagg"] is True
+    got, expected = records(flower), records(local)
+    assert_same_length(got, expected, "metrics records")
+    assert [r["round"] for r in got] == [0, 1, 2]
+    for flower_record, local_record in zip(got[1:], expected[1:], strict=True):
+        if flower_record["round"] == 1:
+            assert flower_record["train"] == local_record["train"]  # before any aggregation: identical
+        assert flower_record["global"]["loss"] == pytest.approx(local_record["global"]["loss"], abs=1e-4)
+        assert flower_record["bytes_up"] == local_record["bytes_up"]
+        assert flower_record["protection"]["dpsgd_epsilon"] == pytest.approx(local_record["protection"]["dpsgd_epsilon"], rel=1e-9)
+        assert flower_record["protection"]["dpsgd_epsilon"] > 0
+    got_adapter, local_adapter = adapter(flower), adapter(local)
+    for key in local_adapter:
+        assert torch.allclose(got_adapter[key], local_adapter[key], rtol=0, atol=1e-4), key
+    honest = adapter(reference_runs.get(**dpsgd))
+    assert any(not torch.allclose(got_adapter[k], honest[k], rtol=0, atol=1e-3) for k in honest), "the attacker changed nothing"
+
+
+def test_the_servers_text_reconstruction_on_flower_is_the_local_engines(tmp_path, reference_runs):
+    """The ServerApp's DAGER-style span test on each individual upload (tiny-llama, one SGD step on
+    one 16-token sequence): it rebuilds the client's text on Flower exactly as on the local engine
+    (records and adapter to 1e-6)."""
+    settings = {
+        **QUICK,
+        "model.name": "tiny-llama",
+        "data.source": "synthetic-sft",
+        "data.max_examples": 200,
+        "partition.name": "iid",
+        "model.max_length": 16,
+        "model.lora.rank": 32,
+        "federation.rounds": 1,
+        "train.batch_size": 1,
+        "train.optimizer": "sgd",
+        "train.lr": 0.1,
+        "eval.max_examples": 16,
+        "attack.reconstruction.enabled": "true",
+    }
+    flower = on_flower(tmp_path, **settings)
+    assert_same_run(flower, reference_runs.get(**settings))
+    protection = records(flower)[1]["protection"]  # round 1's upload
+    assert protection["reconstruction_individual_update"] == 1.0 and protection["reconstruction_rougeL"] > 0.8
+
+
 @pytest.mark.slow
 def test_protections_and_a_backdoor_with_node_local_data_match_the_local_engine(tmp_path):
     """flower.node_data: each node reads only its own file (its attacker poisons only its own rows),
