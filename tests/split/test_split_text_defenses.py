@@ -481,3 +481,32 @@ def test_every_candidate_of_a_first_word_retokenises_at_the_start_of_a_text(sent
             assert tokenizer(tokenizer.decode(sent), add_special_tokens=False)["input_ids"] == sent
             checked += 1
     assert checked >= 20
+
+
+def test_a_split_setup_on_a_local_llama_with_a_sentencepiece_tokenizer(tmp_path):
+    """The tokenizer as the split code receives it: a local Llama directory (random init) holding
+    the in-memory LlamaTokenizer, loaded by atoll (AutoTokenizer), synthetic topic texts cut at 24
+    tokens. Its words are read with the "▁" marker, and each sanitiser at a small ε sends corpus
+    words that re-tokenise to the ids sent, on 16 training lines (truncated ones included)."""
+    from atoll.split.config import split_config_with
+    from atoll.split.defenses.words import TokenFacts
+    from atoll.split.setup import prepare
+
+    from .helpers import save_causal_lm, split_overrides
+
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    directory = save_causal_lm(tmp_path / "model", build_sentencepiece_tokenizer("llama"), "llama", sizes)
+    setup = prepare(split_config_with(split_overrides(tmp_path / "runs", **{"model.name": str(directory), "data.max_examples": 80})))
+    tokenizer = setup.tokenizer
+    assert TokenFacts(tokenizer, len(tokenizer), set(tokenizer.all_special_ids)).marker == "▁"
+    batch = next(iter(setup.data.eval_batches(setup.party_indices[0][:16], 16)))
+    special = set(tokenizer.all_special_ids)
+    for name, _, small, fixed in SETTINGS:
+        defense = build(name, context_of(setup), epsilon=small, **fixed)
+        sent = defense.protect_tokens(batch, 1, "train")
+        assert defense.report()["replaced_share"] >= 0.5
+        for ids, keep in zip(sent["input_ids"].tolist(), sent["attention_mask"].tolist(), strict=True):
+            for a, b in defense.vocabulary.facts.spans(ids, keep):
+                assert tuple(ids[a:b]) in defense.vocabulary.index
+            real = [t for t, k in zip(ids, keep, strict=True) if k and t not in special]
+            assert tokenizer(tokenizer.decode(real), add_special_tokens=False)["input_ids"] == real, name
