@@ -291,7 +291,10 @@ def unfaithful_words(tokenizer, words: list[tuple[int, ...]], special: set[int])
     if not words:
         return []
     anchor = [t for t in tokenizer("a", add_special_tokens=False)["input_ids"] if t not in special]
-    if not anchor or tokenizer(tokenizer.decode(anchor), add_special_tokens=False)["input_ids"] != anchor:
+    if (
+        not anchor
+        or tokenizer(tokenizer.decode(anchor, clean_up_tokenization_spaces=False), add_special_tokens=False)["input_ids"] != anchor
+    ):
         return []
     texts = tokenizer.batch_decode([anchor + list(word) for word in words], clean_up_tokenization_spaces=False)
     again = tokenizer(texts, add_special_tokens=False)["input_ids"]
