@@ -261,9 +261,10 @@ def test_a_smaller_epsilon_lowers_the_inversion_on_atoll_edge(atoll_edge_setup, 
 # library's SentencePieceBPETokenizer (Metaspace, "▁" prepended to every text, split at every
 # "▁", NFKC) and SentencePieceUnigramTokenizer (with byte fallback added); transformers'
 # LlamaTokenizer (Metaspace prepended to the first section only, no split, BPE with byte fallback,
-# a "▁▁" piece merged first as Llama's vocabulary has); and Llama-2's tokenizer.json layout (no
-# pre-tokeniser; the normaliser prepends "▁" and replaces spaces by it). In the byte-fallback
-# ones, every non-ASCII character is spelled as <0xNN> byte tokens.
+# a "▁▁" piece merged first as Llama's vocabulary has); Llama-2's tokenizer.json layout (no
+# pre-tokeniser; the normaliser prepends "▁" and replaces spaces by it); and Gemma's (the
+# normaliser replaces spaces, nothing is prepended: a text's first word has no "▁"). In the
+# byte-fallback ones, every non-ASCII character is spelled as <0xNN> byte tokens.
 SP_LINES = [
     "The cat sat on the mat, and the dog sat on the log.",
     "A cat and a dog met 12 birds in 2024; the birds flew away!",
@@ -284,8 +285,9 @@ SP_LINES = [
 SP_UNSEEN = ["Hello again, cat!", "The fox  ran 7 miles to Tokyo; 東京 is far.", "Rainy days, naïve dogs."]
 SP_SPECIALS = ["<unk>", "<s>", "</s>"]
 SP_BYTES = [f"<0x{b:02X}>" for b in range(256)]
-SP_VARIANTS = ["sp-bpe", "sp-unigram-bytes", "llama", "llama2-normalizer"]
-SP_KEEPS_DOUBLE_SPACES = {"sp-bpe", "llama", "llama2-normalizer"}  # the Unigram's normaliser folds them
+SP_VARIANTS = ["sp-bpe", "sp-unigram-bytes", "llama", "llama2-normalizer", "gemma-normalizer"]
+SP_KEEPS_DOUBLE_SPACES = {"sp-bpe", "llama", "llama2-normalizer", "gemma-normalizer"}  # the Unigram's normaliser folds them
+SP_NOTHING_PREPENDED = {"gemma-normalizer"}
 
 
 def ascii_only(piece: str) -> bool:
@@ -347,10 +349,16 @@ def build_sentencepiece_tokenizer(variant: str):
         tokenizer = LlamaTokenizer(vocab=vocab, merges=merges)
         tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
-    assert variant == "llama2-normalizer"
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    if variant == "llama2-normalizer":
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        backend.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+    else:
+        assert variant == "gemma-normalizer"
+        backend.normalizer = normalizers.Replace(" ", "▁")
+        backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     return PreTrainedTokenizerFast(tokenizer_object=backend, **names)
 
 
@@ -372,7 +380,7 @@ def sp_context(sentencepiece, seed: int = 0, corpus=None) -> DefenseContext:
 
 def test_the_sentencepiece_marker_is_read_from_the_tokenizer_pipeline(sentencepiece, tiny, tmp_path):
     """SentencePiece style is told from the pre-tokeniser or normaliser, never from the vocabulary:
-    the four tokenizers have it, the WordPiece and a byte-level BPE have none."""
+    the SentencePiece-style tokenizers have it, the WordPiece and a byte-level BPE have none."""
     from atoll.models.registry import train_bpe_tokenizer
     from atoll.split.defenses.words import sentencepiece_marker
 
@@ -385,7 +393,8 @@ def test_sentencepiece_words_are_the_words_of_the_text(sentencepiece):
     """A word is what lies between spaces, punctuation attached ("world," is one word: the pieces
     of "▁world," are chosen together, so a kind change is no boundary); the BOS token is no part
     of one; byte-fallback tokens stay inside their word; the leading form counts the markers (1,
-    the prepended one, for the first word; 2 after a double space)."""
+    the prepended one, for the first word, 0 where nothing is prepended; 2 after a double
+    space)."""
     from atoll.split.defenses.words import TokenFacts
 
     variant, tokenizer = sentencepiece[:2]
@@ -398,7 +407,8 @@ def test_sentencepiece_words_are_the_words_of_the_text(sentencepiece):
         byte_tokens += sum(p.startswith("<0x") for p in pieces)
         spans = facts.spans(ids)
         assert [tokenizer.decode(ids[a:b]).strip() for a, b in spans] == text.split(), pieces
-        expected = [1] + [2 if "  " + w in text and variant in SP_KEEPS_DOUBLE_SPACES else 1 for w in text.split()[1:]]
+        first = 0 if variant in SP_NOTHING_PREPENDED else 1
+        expected = [first] + [2 if "  " + w in text and variant in SP_KEEPS_DOUBLE_SPACES else 1 for w in text.split()[1:]]
         assert [facts.leading(tuple(ids[a:b])) for a, b in spans] == expected, pieces
     assert (byte_tokens > 0) == (variant != "sp-bpe")
 
@@ -441,23 +451,25 @@ def test_sentencepiece_sanitisers_send_corpus_words_of_the_same_form_that_retoke
 
 def test_a_sentencepiece_corpus_leaves_out_words_that_would_not_retokenise(sentencepiece):
     """Training lines cut by truncation leave a last word that is not what the tokenizer gives for
-    its text (bytes ending inside "é", or the first pieces of a longer word): such a word is no
-    candidate (never sent), while the whole words are."""
+    its text (with byte fallback: "▁caf" "<0xC3>", bytes ending inside "é"): such a word is no
+    candidate (never sent), while the whole words are; every candidate, read as it stands (a word
+    with a marker after another word, one without as a text's start), re-tokenises to itself."""
     from atoll.split.defenses.words import CorpusWords
 
     variant, tokenizer = sentencepiece[:2]
-    cut_lines = []
-    for text in ("the naïve café", "the wheel turned"):
-        ids = tokenizer(text)["input_ids"]
-        cut_lines += [np.array(ids), np.array(ids[:-1])]
-    vocabulary = CorpusWords(sp_context(sentencepiece, corpus=cut_lines))
-    words = {tokenizer.decode(list(w)) for w in vocabulary.words}
-    assert {"the", "naïve", "café", "wheel", "turned"} <= words
+    special = set(tokenizer.all_special_ids)
+    whole = [tokenizer(text)["input_ids"] for text in ("the naïve café", "the wheel turned")]
+    vocabulary = CorpusWords(sp_context(sentencepiece, corpus=[np.array(ids) for ids in whole] + [np.array(ids[:-1]) for ids in whole]))
+    assert {"the", "naïve", "café", "wheel", "turned"} <= {tokenizer.decode(list(w)).strip() for w in vocabulary.words}
+    anchor = [t for t in tokenizer("a", add_special_tokens=False)["input_ids"] if t not in special]
     for word in vocabulary.words:
-        text = tokenizer.decode([vocabulary.words[0][0]] + list(word))
-        assert tokenizer(text, add_special_tokens=False)["input_ids"] == [vocabulary.words[0][0]] + list(word)
-    if variant != "sp-bpe":  # "café" is spelled with bytes: cut inside the "é"
-        assert "caf\ufffd" not in words
+        ids = anchor + list(word) if vocabulary.facts.leading(word) else list(word)
+        assert tokenizer(tokenizer.decode(ids), add_special_tokens=False)["input_ids"] == ids, tokenizer.convert_ids_to_tokens(ids)
+    if variant != "sp-bpe":  # "café" is spelled with bytes (sp-bpe: one token): cut inside the "é"
+        cut = tuple(whole[0][vocabulary.facts.spans(whole[0])[-1][0] : -1])
+        assert cut in {tuple(whole[0][a:b]) for a, b in vocabulary.facts.spans(whole[0][:-1])}
+        assert tokenizer.decode(list(cut)).strip() == "caf\ufffd"
+        assert cut not in vocabulary.index
 
 
 def test_every_candidate_of_a_first_word_retokenises_at_the_start_of_a_text(sentencepiece):

@@ -192,7 +192,7 @@ class CorpusWords:
             for a, b in self.facts.spans(sequence):
                 counts[tuple(int(t) for t in sequence[a:b])] += 1
         if self.facts.marker is not None:
-            for word in unfaithful_words(context.tokenizer, list(counts), special):
+            for word in unfaithful_words(context.tokenizer, self.facts, list(counts), special):
                 del counts[word]
         self.words: list[tuple[int, ...]] = sorted(counts, key=lambda w: (-counts[w], w))  # most frequent first
         self.index = {word: i for i, word in enumerate(self.words)}
@@ -283,22 +283,28 @@ def sentencepiece_marker(tokenizer) -> str | None:
     return found[0][0] if found else None
 
 
-def unfaithful_words(tokenizer, words: list[tuple[int, ...]], special: set[int]) -> list[tuple[int, ...]]:
-    """The corpus words whose text the tokenizer does not turn back into them, each read after an
-    anchor word (a word cut by truncation, bytes that end inside a character); SentencePiece
-    style only. The anchor is the tokenizer's own ids for "a" (any word would do that it gives
-    back itself); without one, no word is checked."""
+def unfaithful_words(tokenizer, facts: TokenFacts, words: list[tuple[int, ...]], special: set[int]) -> list[tuple[int, ...]]:
+    """The corpus words whose text the tokenizer does not turn back into them (a word cut by
+    truncation, bytes that end inside a character, a piece with no marker where the tokenizer
+    would put one); SentencePiece style only. A word that opens with a marker is read after an
+    anchor word, the tokenizer's own ids for "a" (without one, such words are not checked); a
+    word without one is read as a whole text, the only place it can stand."""
     if not words:
         return []
+
+    def encoded(ids_list: list[list[int]]) -> list[list[int]]:
+        if not ids_list:
+            return []
+        texts = tokenizer.batch_decode(ids_list, clean_up_tokenization_spaces=False)
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
     anchor = [t for t in tokenizer("a", add_special_tokens=False)["input_ids"] if t not in special]
-    if (
-        not anchor
-        or tokenizer(tokenizer.decode(anchor, clean_up_tokenization_spaces=False), add_special_tokens=False)["input_ids"] != anchor
-    ):
-        return []
-    texts = tokenizer.batch_decode([anchor + list(word) for word in words], clean_up_tokenization_spaces=False)
-    again = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [word for word, ids in zip(words, again) if ids != anchor + list(word)]
+    anchored = bool(anchor) and encoded([anchor])[0] == anchor
+    bare = [w for w in words if not facts.leading(w)]
+    marked = [w for w in words if facts.leading(w)] if anchored else []
+    unfaithful = [w for w, ids in zip(bare, encoded([list(w) for w in bare])) if ids != list(w)]
+    unfaithful += [w for w, ids in zip(marked, encoded([anchor + list(w) for w in marked])) if ids != anchor + list(w)]
+    return unfaithful
 
 
 def corpus_sequences(context: DefenseContext) -> list:
