@@ -31,10 +31,12 @@ Whitespace-only runs are not words and are never replaced.
   which draw from the whole vocabulary. A word with no corpus word of its form becomes as many
   ``unk`` tokens (it is never sent as it was). With a SentencePiece-style tokenizer the leading
   form is the number of ``▁`` markers the word opens with (1 for a word after one space, 2 after
-  two; a decoded text drops the first word's first space and re-encoding puts one back, so only a
-  word of one marker may stand first), and a corpus word is a candidate only if the tokenizer
-  gives its ids back from its own text (a word cut by truncation, or one whose byte-fallback
-  bytes end inside a character, is left out: its text would not re-tokenise to it).
+  two, 0 for a text's first word where the tokenizer prepends nothing; a decoded text drops the
+  first word's first space and re-encoding puts one back, so a word of two markers must never
+  stand first), and a corpus word is a candidate only if the tokenizer gives its ids back from
+  its own text, read where it can stand (a word cut by truncation, one whose byte-fallback bytes
+  end inside a character, or one without a marker where the tokenizer always prepends one, is
+  left out: its text would not re-tokenise to it).
 """
 
 from __future__ import annotations
