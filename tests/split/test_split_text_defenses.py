@@ -2,7 +2,9 @@
 party's own corpus, re-tokenising their output gives the ids they send, their ε moves how many
 words change in the documented direction, one word's replacement follows the mechanism's formula
 on a constructed vocabulary (a chi-square check), CusText's output sets have K members, and on
-atoll's pretrained atoll-edge a smaller ε lowers the white-box inversion's token recall."""
+atoll's pretrained atoll-edge a smaller ε lowers the white-box inversion's token recall. On
+SentencePiece-style tokenizers (the "▁" marker of Llama's and Gemma's, trained here in memory):
+words are the text's words, and what each sanitiser sends re-tokenises to the ids sent."""
 
 from __future__ import annotations
 
@@ -257,7 +259,7 @@ def test_a_smaller_epsilon_lowers_the_inversion_on_atoll_edge(atoll_edge_setup, 
 
 
 # -- SentencePiece-style tokenizers (the "▁" word-start marker, as Llama's) ------------------------
-# Four tokenizers trained here in memory on SP_LINES (nothing downloaded): the `tokenizers`
+# Five tokenizers trained here in memory on SP_LINES (nothing downloaded): the `tokenizers`
 # library's SentencePieceBPETokenizer (Metaspace, "▁" prepended to every text, split at every
 # "▁", NFKC) and SentencePieceUnigramTokenizer (with byte fallback added); transformers'
 # LlamaTokenizer (Metaspace prepended to the first section only, no split, BPE with byte fallback,
