@@ -2,10 +2,20 @@
 vocabulary of words, word embeddings, and the replacement of whole words in a batch.
 
 The papers sanitise words; the model reads sub-word tokens. Here a **word** is a run of tokens the
-tokenizer's pre-tokenisation keeps together, read back from the token ids: a new word starts at a
-token that carries the leading-space marker (byte-level BPE ``Ġ``, SentencePiece ``▁``), at a
-token without WordPiece's ``##`` continuation prefix, or where the kind of character changes
-(letter, digit, other; a lone space token joins the word after it), and at every special token.
+tokenizer's pre-tokenisation keeps together, read back from the token ids, and special tokens
+always split words:
+
+- WordPiece: a word starts at every token without the ``##`` continuation prefix.
+- Byte-level BPE (GPT-2 style, atoll's own models): at a token with the leading-space marker
+  ``Ġ`` and where the kind of character changes (letter, digit, other: the pre-tokeniser's regex
+  splits there); a lone space token joins the word after it.
+- SentencePiece style (a ``Metaspace`` pre-tokeniser, or the normaliser that prepends ``▁`` and
+  replaces spaces by it, as Llama's tokenizers have; BPE or Unigram, with or without byte
+  fallback): a word starts only at a token that begins with the ``▁`` marker, and a token made of
+  markers only (``▁``, ``▁▁``: extra spaces) joins the word after it. A kind change is no
+  boundary here (the pieces of ``▁word,`` are chosen together), so ``▁word,`` is one word.
+  Byte-fallback tokens (``<0xE4>``) are ordinary tokens of their word.
+
 Whitespace-only runs are not words and are never replaced.
 
 - The **corpus vocabulary** is the set of words of the data party's own training texts, with their
@@ -19,7 +29,14 @@ Whitespace-only runs are not words and are never replaced.
   gives (the pre-tokeniser splits the text at the same places, and each piece is tokenised on its
   own; a test checks this on real texts). This restriction is the one deviation from the papers,
   which draw from the whole vocabulary. A word with no corpus word of its form becomes as many
-  ``unk`` tokens (it is never sent as it was).
+  ``unk`` tokens (it is never sent as it was). With a SentencePiece-style tokenizer the leading
+  form is the number of ``▁`` markers the word opens with (1 for a word after one space, 2 after
+  two, 0 for a text's first word where the tokenizer prepends nothing; a decoded text drops the
+  first word's first space and re-encoding puts one back, so a word of two markers must never
+  stand first), and a corpus word is a candidate only if the tokenizer gives its ids back from
+  its own text, read where it can stand (a word cut by truncation, one whose byte-fallback bytes
+  end inside a character, or one without a marker where the tokenizer always prepends one, is
+  left out: its text would not re-tokenise to it).
 """
 
 from __future__ import annotations
@@ -63,10 +80,14 @@ class TokenFacts:
         model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
         self.wordpiece = type(model).__name__ == "WordPiece" or hasattr(tokenizer, "wordpiece_tokenizer")
         prefix = getattr(model, "continuing_subword_prefix", None) or "##"
+        # SentencePiece style: the word-start marker ("▁"), or None
+        self.marker = None if self.wordpiece else sentencepiece_marker(tokenizer)
         self.size = size
-        self.lead = np.zeros(size, dtype=bool)  # starts with a space
+        self.lead = np.zeros(size, dtype=bool)  # starts with a space (SentencePiece: with the marker)
         self.lone_space = np.zeros(size, dtype=bool)  # exactly one space
         self.continuation = np.zeros(size, dtype=bool)  # WordPiece "##"
+        self.markers = np.zeros(size, dtype=np.int16)  # SentencePiece: how many markers it opens with
+        self.blank = np.zeros(size, dtype=bool)  # SentencePiece: markers only ("▁", "▁▁")
         self.first = np.full(size, OTHER, dtype=np.int8)
         self.last = np.full(size, OTHER, dtype=np.int8)
         for i, (string, text) in enumerate(zip(strings, texts)):
@@ -74,9 +95,17 @@ class TokenFacts:
             if self.wordpiece:
                 self.continuation[i] = string.startswith(prefix)
                 text = string[len(prefix) :] if self.continuation[i] else string
+            elif self.marker is not None:
+                body = string.lstrip(self.marker)
+                self.markers[i] = len(string) - len(body)
+                self.blank[i] = bool(string) and not body
+                # the decoder drops a text's first space: put the token's own spaces back
+                text = " " * int(self.markers[i]) + text.lstrip(" ") if self.markers[i] else text
+                self.lead[i] = self.markers[i] > 0
             elif string.startswith(SPACE_MARKERS):
                 text = " " + string[1:] if not text[:1].isspace() else text
-            self.lead[i] = text[:1].isspace()
+            if self.marker is None:
+                self.lead[i] = text[:1].isspace()
             self.lone_space[i] = text == " "
             core = text.strip()
             self.first[i] = char_kind(core[0]) if core else SPACE
@@ -95,6 +124,9 @@ class TokenFacts:
         previous, current = ids[:-1], ids[1:]
         if self.wordpiece:
             start[1:] = ~self.continuation[current]
+            return start
+        if self.marker is not None:  # at the marker; markers-only tokens join the word after them
+            start[1:] = self.lead[current] & ~self.blank[previous]
             return start
         before, after = self.last[previous], self.first[current]
         kinds_differ = (before != after) & (before != UNKNOWN) & (after != UNKNOWN)
@@ -129,10 +161,22 @@ class TokenFacts:
             position = end
         return spans
 
-    def form(self, word: tuple[int, ...]) -> tuple[int, bool, int, int]:
-        """(sub-tokens, leading space, kind of the first character, kind of the last)."""
+    def form(self, word: tuple[int, ...]) -> tuple[int, bool | int, int, int]:
+        """(sub-tokens, leading space, kind of the first character, kind of the last); with a
+        SentencePiece-style tokenizer the leading space is the number of markers the word opens
+        with (0, 1, 2, ...)."""
         inner = [t for t in word if self.first[t] != SPACE] or list(word)
-        return len(word), bool(self.lead[word[0]]), int(self.first[inner[0]]), int(self.last[inner[-1]])
+        return len(word), self.leading(word), int(self.first[inner[0]]), int(self.last[inner[-1]])
+
+    def leading(self, word: tuple[int, ...]) -> bool | int:
+        if self.marker is None:
+            return bool(self.lead[word[0]])
+        count = 0
+        for t in word:
+            count += int(self.markers[t])
+            if not self.blank[t]:
+                break
+        return count
 
 
 class CorpusWords:
@@ -149,6 +193,9 @@ class CorpusWords:
         for sequence in corpus_sequences(context):
             for a, b in self.facts.spans(sequence):
                 counts[tuple(int(t) for t in sequence[a:b])] += 1
+        if self.facts.marker is not None:
+            for word in unfaithful_words(context.tokenizer, self.facts, list(counts), special):
+                del counts[word]
         self.words: list[tuple[int, ...]] = sorted(counts, key=lambda w: (-counts[w], w))  # most frequent first
         self.index = {word: i for i, word in enumerate(self.words)}
         self.counts = torch.tensor([counts[w] for w in self.words], dtype=torch.long)
@@ -201,6 +248,65 @@ class CorpusWords:
                 changed += 1
                 new_ids[row, a:b] = torch.tensor(new, dtype=ids.dtype)
         return {**batch, "input_ids": new_ids}, changed / len(words)
+
+
+def sentencepiece_marker(tokenizer) -> str | None:
+    """The word-start marker of a SentencePiece-style tokenizer (``▁``), read from its
+    pre-tokeniser (``Metaspace``) or normaliser (``Prepend``, or ``Replace`` of the space), or None
+    (WordPiece, byte-level BPE, a tokenizer without a ``tokenizers`` backend)."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    found: list[str] = []
+
+    def walk(node) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+        elif isinstance(node, dict):
+            kind = node.get("type")
+            if kind == "Metaspace" and node.get("replacement"):
+                found.append(node["replacement"])
+            elif kind == "Prepend" and node.get("prepend", "").strip():
+                found.append(node["prepend"])
+            elif kind == "Replace" and node.get("pattern") == {"String": " "} and node.get("content", "").strip():
+                found.append(node["content"])
+            for value in node.values():
+                walk(value)
+
+    for part in ("pre_tokenizer", "normalizer"):
+        component = getattr(backend, part, None)
+        if component is None:
+            continue
+        try:
+            walk(json.loads(component.__getstate__()))
+        except (TypeError, ValueError, AttributeError):
+            continue
+    return found[0][0] if found else None
+
+
+def unfaithful_words(tokenizer, facts: TokenFacts, words: list[tuple[int, ...]], special: set[int]) -> list[tuple[int, ...]]:
+    """The corpus words whose text the tokenizer does not turn back into them (a word cut by
+    truncation, bytes that end inside a character, a piece with no marker where the tokenizer
+    would put one); SentencePiece style only. A word that opens with a marker is read after an
+    anchor word, the tokenizer's own ids for "a" (without one, such words are not checked); a
+    word without one is read as a whole text, the only place it can stand."""
+    if not words:
+        return []
+
+    def encoded(ids_list: list[list[int]]) -> list[list[int]]:
+        if not ids_list:
+            return []
+        texts = tokenizer.batch_decode(ids_list, clean_up_tokenization_spaces=False)
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    anchor = [t for t in tokenizer("a", add_special_tokens=False)["input_ids"] if t not in special]
+    anchored = bool(anchor) and encoded([anchor])[0] == anchor
+    bare = [w for w in words if not facts.leading(w)]
+    marked = [w for w in words if facts.leading(w)] if anchored else []
+    unfaithful = [w for w, ids in zip(bare, encoded([list(w) for w in bare])) if ids != list(w)]
+    unfaithful += [w for w, ids in zip(marked, encoded([anchor + list(w) for w in marked])) if ids != anchor + list(w)]
+    return unfaithful
 
 
 def corpus_sequences(context: DefenseContext) -> list:
