@@ -416,3 +416,23 @@ def lora_scales(config) -> dict[int, float]:
         return {rank: next(iter(experiment.workbench.initial_state(rank).lora.values())).scale for rank in ranks}
     finally:
         experiment.close()
+
+
+# -- the server's text reconstruction from one individual upload ----------------------------------------------
+
+# tiny-llama on synthetic instructions, client 0 takes SGD steps on single 16-token sequences: the
+# case in which the DAGER-style span test rebuilds a client's text from its plain upload
+RECONSTRUCTION_CASE = {
+    "model.name": "tiny-llama",
+    "data.source": "synthetic-sft",
+    "data.max_examples": 200,
+    "partition.name": "iid",
+    "model.max_length": 16,
+    "model.lora.rank": 32,
+    "federation.rounds": 1,
+    "train.batch_size": 1,
+    "train.optimizer": "sgd",
+    "train.lr": 0.1,
+    "eval.max_examples": 16,
+    "attack.reconstruction.enabled": "true",
+}

@@ -161,6 +161,10 @@ def test_a_nan_update_is_dropped_and_recorded_on_flower_and_the_run_goes_on(tmp_
     assert all(bool(torch.isfinite(t).all()) for t in adapter(flower).values())
 
 
+# Flower's client-side fixed clipping at a bound far below every update's norm, no noise, one round
+CLIENT_CLIP = {"federation.rounds": 1, "flower.dp.mode": "client-fixed", "flower.dp.clipping_norm": 1e-3, "flower.dp.noise_multiplier": 0.0}
+
+
 def test_flowers_client_side_clipping_clips_the_attackers_too(tmp_path):
     """Flower's clipping mod runs in every ClientApp, an attacker's included (docs/flower.md): with
     flower.dp client-fixed at a bound far below every update and no noise, a client uploading
@@ -168,13 +172,8 @@ def test_flowers_client_side_clipping_clips_the_attackers_too(tmp_path):
     honest clients' clipped mean alone would be another adapter)."""
     from helpers import clipped_round_one
 
-    clip = 1e-3
-    settings = {
-        "federation.rounds": 1,
-        "flower.dp.mode": "client-fixed",
-        "flower.dp.clipping_norm": clip,
-        "flower.dp.noise_multiplier": 0.0,
-    }
+    clip = CLIENT_CLIP["flower.dp.clipping_norm"]
+    settings = CLIENT_CLIP
     attack = {"attack.kind": "sign-flip", "attack.clients": "[3]", "attack.byzantine.scale": 1000}
     flower = on_flower(tmp_path, **settings, **attack)
     config = config_with(tiny_overrides(tmp_path / "roots", **{**QUICK, **settings, "engine": "flower"}))
@@ -193,13 +192,8 @@ def test_flowers_client_side_clipping_gives_the_mean_of_the_clipped_updates(tmp_
     adapter is the initial one plus the equal-weight mean of the clipped updates, computed here."""
     from helpers import clipped_round_one
 
-    clip = 1e-3
-    settings = {
-        "federation.rounds": 1,
-        "flower.dp.mode": "client-fixed",
-        "flower.dp.clipping_norm": clip,
-        "flower.dp.noise_multiplier": 0.0,
-    }
+    clip = CLIENT_CLIP["flower.dp.clipping_norm"]
+    settings = CLIENT_CLIP
     flower = on_flower(tmp_path, **settings)
     assert read_summary(flower)["engine"]["dp"] == "client-fixed"
     config = config_with(tiny_overrides(tmp_path / "roots", **{**QUICK, **settings, "engine": "flower"}))
@@ -248,21 +242,9 @@ def test_the_servers_text_reconstruction_on_flower_is_the_local_engines(tmp_path
     """The ServerApp's DAGER-style span test on each individual upload (tiny-llama, one SGD step on
     one 16-token sequence): it rebuilds the client's text on Flower exactly as on the local engine
     (records and adapter to 1e-6)."""
-    settings = {
-        **QUICK,
-        "model.name": "tiny-llama",
-        "data.source": "synthetic-sft",
-        "data.max_examples": 200,
-        "partition.name": "iid",
-        "model.max_length": 16,
-        "model.lora.rank": 32,
-        "federation.rounds": 1,
-        "train.batch_size": 1,
-        "train.optimizer": "sgd",
-        "train.lr": 0.1,
-        "eval.max_examples": 16,
-        "attack.reconstruction.enabled": "true",
-    }
+    from helpers import RECONSTRUCTION_CASE
+
+    settings = {**QUICK, **RECONSTRUCTION_CASE}
     flower = on_flower(tmp_path, **settings)
     assert_same_run(flower, reference_runs.get(**settings))
     protection = records(flower)[1]["protection"]  # round 1's upload

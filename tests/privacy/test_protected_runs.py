@@ -256,20 +256,9 @@ def test_the_server_rebuilds_a_clients_text_from_its_update_and_not_under_dp_sgd
     """tiny-llama on synthetic instructions, client 0 takes one SGD step on one 16-token sequence:
     from the plain upload the server's DAGER span test rebuilds it (all but the last token, which
     no loss reads); with DP-SGD's noise added in the client it rebuilds almost nothing of it."""
-    settings = {
-        "model.name": "tiny-llama",
-        "data.source": "synthetic-sft",
-        "data.max_examples": 200,
-        "partition.name": "iid",
-        "model.max_length": 16,
-        "model.lora.rank": 32,
-        "federation.rounds": 1,
-        "train.batch_size": 1,
-        "train.optimizer": "sgd",
-        "train.lr": 0.1,
-        "eval.max_examples": 16,
-        "attack.reconstruction.enabled": "true",
-    }
+    from helpers import RECONSTRUCTION_CASE
+
+    settings = RECONSTRUCTION_CASE
     _, records, _ = run(tmp_path / "plain", **settings)
     plain = records[0]["protection"]
     assert plain["reconstruction_individual_update"] == 1.0 and plain["reconstruction_sequences"] == 1.0
