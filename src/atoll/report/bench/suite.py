@@ -41,6 +41,7 @@ class Task(_Strict):
     overrides: dict[str, list[str]] = Field(
         default_factory=dict, description="algorithm -> config overrides of its runs only (printed with the table)"
     )
+    notes: list[str] = Field(default_factory=list, description="paragraphs printed under the task's heading (what the numbers cannot say)")
 
     @property
     def lower_is_better(self) -> bool:

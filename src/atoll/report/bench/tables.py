@@ -140,6 +140,20 @@ def budget(runs_config: dict, summary: dict, learning_rates: dict[str, float]) -
     )
 
 
+def _partition_budget(overrides: list[str], rows: list[Row], task_config: dict | None) -> list[str]:
+    """The settings that make this partition, and its rounds when they differ from the task's budget paragraph."""
+    if not overrides:
+        return []
+    text = f"This partition's runs set {', '.join(f'`{x}`' for x in overrides)}."
+    run = next((r for row in rows for r in row.results.values()), None)
+    if run is not None and task_config is not None:
+        config = yaml.safe_load((Path(run.summary["run_dir"]) / "config.yaml").read_text())
+        rounds, decay = config["federation"]["rounds"], config["train"]["round_decay"]
+        if rounds != task_config["federation"]["rounds"]:
+            text += f" It runs {rounds} rounds: the last trains at {decay ** (rounds - 1):.2f} of the peak learning rate."
+    return [text, ""]
+
+
 def _held_out(size: float) -> str:
     return f"{int(size):,} examples" if size >= 1 else f"{size:.0%} of the data"
 
@@ -308,11 +322,14 @@ def document(record: dict, rows: dict[tuple[str, str], list[Row]], plots: dict[s
             lines += [budget(config, first.summary, _family_rates(record, task)), ""]
         for algorithm, settings in task_spec.get("overrides", {}).items():
             lines += [f"{algorithm}'s runs also set {', '.join(f'`{x}`' for x in settings)}.", ""]
+        lines += [note for paragraph in task_spec.get("notes", []) for note in (paragraph, "")]
         sweep = sweep_table(record.get("sweep", {}), task, _families(record, task))
         if sweep:
             lines += ["Validation metric of each family's representative per peak learning rate (**chosen**):", "", *sweep, ""]
         for partition in spec["partitions"]:
-            lines += [f"### {task} / {partition}", "", *partition_table(record, task, rows[(task, partition)]), ""]
+            lines += [f"### {task} / {partition}", ""]
+            lines += _partition_budget(task_spec["partitions"].get(partition, []), rows[(task, partition)], config if first else None)
+            lines += [*partition_table(record, task, rows[(task, partition)]), ""]
             lines += findings(record, task, partition, rows[(task, partition)]) + [""]
         if task in plots:
             lines += [f"![{task}: global {label(task_spec['metric'])} against rounds and megabytes sent]({plots[task]})", ""]
