@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -106,12 +107,24 @@ def hybrid_eval(root: Path, name: str, tree: dict) -> dict:
     return json.loads((directory / "summary.json").read_text())
 
 
-def render(results: dict[str, dict], federated: dict, client: int, command: str, when: str) -> str:
+def cloud_description(model: str) -> str:
+    """What the cloud model is, from its card (atoll's shipped models and `atoll pretrain` outputs have one)."""
+    from atoll.models.registry import SHIPPED_MODELS, shipped_model_path
+
+    path = shipped_model_path(model) if model in SHIPPED_MODELS else Path(model)
+    card = path / "atoll_card.json"
+    if not card.is_file():
+        return f"`{model}`"
+    numbers = json.loads(card.read_text())
+    return f"{numbers['name']} ({numbers['parameters'] / 1e6:.1f}M parameters, {numbers['steps']:,} training steps, {numbers['tokens_seen'] / 1e6:.1f}M tokens seen)"
+
+
+def render(results: dict[str, dict], federated: dict, client: int, command: str, when: str, cloud: str) -> str:
     lines = [
         BEGIN,
-        f"Made by `{command}` on {when} on the shared 2-core machine (other sessions running; one torch thread per process). "
+        f"Made by `{command}` on {when} on a 2-core machine, one torch thread per process. "
         f"Edge: atoll-edge + client {client}'s clustered-lora adapter from a {federated['clients']}-client, "
-        f"{federated['rounds']}-round run (ranks 4/8); cloud: atoll-cloud (the shipped one, 800 steps) served on loopback, top-5. "
+        f"{federated['rounds']}-round run (ranks 4/8); cloud: {cloud} served on loopback, top-5. "
         "Metric: next-token accuracy along the reference (teacher-forced, edge tokens, EOS included). Privacy policy `off` "
         "(every method sees the same prompts) except in the `privacy edge_only` row.",
         "",
@@ -135,8 +148,10 @@ def main() -> None:
     parser.add_argument("--root", default="runs/hybrid-bench", help="where runs go (resumes from what is there)")
     parser.add_argument("--examples", type=int, default=25, help="examples per task")
     parser.add_argument("--client", type=int, default=0, help="the client whose edge is evaluated")
+    parser.add_argument("--cloud", default="atoll-cloud", help="the served cloud model: a registry name or a local HF directory")
     parser.add_argument("--no-doc", action="store_true", help="print the table instead of writing docs/hybrid.md")
     args = parser.parse_args()
+    started_load = os.getloadavg()[0]
     root = Path(args.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
 
@@ -144,7 +159,7 @@ def main() -> None:
     general = general_task(root, args.examples)
     common = {
         "edge": {"run": str(federated), "client": args.client},
-        "cloud": {"model": "atoll-cloud", "serve": True, "top_k": 5, "deadline_ms": 250},
+        "cloud": {"model": args.cloud, "serve": True, "top_k": 5, "deadline_ms": 250},
         "fusion": {"methods": METHODS, "edge_weight": 0.5, "alpha": 1.0},
         "privacy": {"policy": "off"},
     }
@@ -213,7 +228,12 @@ def main() -> None:
     }
     summary = json.loads((federated / "summary.json").read_text())
     command = "nice -n 15 python benchmarks/hybrid_bench.py" + (f" --examples {args.examples}" if args.examples != 25 else "")
-    table = render(results, summary, args.client, command, time.strftime("%Y-%m-%d", time.gmtime()))
+    command += f" --cloud {args.cloud}" if args.cloud != "atoll-cloud" else ""
+    when = (
+        time.strftime("%Y-%m-%d", time.gmtime())
+        + f" (1-minute load average {started_load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)"
+    )
+    table = render(results, summary, args.client, command, when, cloud_description(args.cloud))
     if args.no_doc:
         print(table)
         return

