@@ -227,7 +227,8 @@ def main() -> None:
         ),
     }
     summary = json.loads((federated / "summary.json").read_text())
-    command = "nice -n 15 python benchmarks/hybrid_bench.py" + (f" --examples {args.examples}" if args.examples != 25 else "")
+    command = "python benchmarks/hybrid_bench.py" + (f" --root {args.root}" if args.root != "runs/hybrid-bench" else "")
+    command += f" --examples {args.examples}" if args.examples != 25 else ""
     command += f" --cloud {args.cloud}" if args.cloud != "atoll-cloud" else ""
     when = (
         time.strftime("%Y-%m-%d", time.gmtime())
