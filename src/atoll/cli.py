@@ -156,6 +156,8 @@ def list_(
 
 def algorithm_table(specs: dict):
     """Every algorithm's declared capabilities, one row each, with a header (fits 100 columns)."""
+    import textwrap
+
     from rich import box
     from rich.table import Table
 
@@ -164,18 +166,19 @@ def algorithm_table(specs: dict):
 
     table = Table(title="algorithms (`atoll list NAME`: paper and parameters)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("name", "mixed ranks", "async", "mean", "personal", "export", "global", "parameters"):
-        table.add_column(column, overflow="fold", no_wrap=column != "parameters")
+        table.add_column(column, no_wrap=True)
     for spec in specs.values():
         caps = spec.capabilities
         table.add_row(
             spec.name,
             caps.mixed_ranks,
-            mark(caps.asynchronous) + (", any rank" if caps.asynchronous and caps.async_mixed_ranks else ""),
+            ("any rank" if caps.async_mixed_ranks else "yes") if caps.asynchronous else "-",
             mark(caps.weighted_mean),
             mark(caps.personal),
             mark(caps.personal_export),
-            mark(caps.global_model) + (" pooled" if caps.pooled_data else ""),
-            ", ".join(spec.Params.model_fields) or "-",
+            ("pooled" if caps.pooled_data else "yes") if caps.global_model else "-",
+            # broken into lines here, at commas: the other columns and the gaps take 78 of the 100 columns
+            "\n".join(textwrap.wrap(", ".join(spec.Params.model_fields), width=20, break_long_words=False)) or "-",
         )
     return table
 

@@ -66,6 +66,10 @@ def test_list_algorithms_is_a_table_with_a_header_within_100_columns():
     for name, spec in algorithms.specs().items():
         row = next(line for line in lines if line.split()[:1] == [name])
         assert spec.capabilities.mixed_ranks in row
+        # every parameter name is whole on some line (the column wraps at commas, never inside a name)
+        for parameter in spec.Params.model_fields:
+            assert any(parameter in line.split() or f"{parameter}," in line.split() for line in lines), (name, parameter)
+    assert "…" not in result.output
 
 
 def test_the_algorithms_whose_clients_keep_state_declare_it():
