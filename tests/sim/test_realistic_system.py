@@ -3,6 +3,7 @@ device tier and by memory budget, deterministic draws, the cost model's geometry
 
 from __future__ import annotations
 
+import math
 from itertools import pairwise
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from atoll.cli import app
 from atoll.config import config_with, load_config
 from atoll.resolve import check, resolve
 from atoll.errors import ConfigError, DataError
-from atoll.sim.realistic.availability import DailyWindows, generate_trace, read_trace, write_trace
+from atoll.sim.realistic.availability import DailyWindows, TraceWindows, generate_trace, read_trace, write_trace
 from atoll.sim.realistic.draws import Draws
 from atoll.sim.realistic.system import (
     BUILTIN_GEOMETRY,
@@ -216,6 +217,66 @@ def test_daily_windows_repeat_with_jitter_and_skip_absent_days():
         clock = (start / 3600 + 12) % 24
         assert min(abs(clock - 22), abs(clock + 24 - 22)) <= 1.0 + 1e-9
     assert all(a[1] <= b[0] for a, b in pairwise(windows))
+
+
+def per_client_windows(model, ids) -> dict[int, list[tuple[float, float]]]:
+    """Every client's windows through the reference path, next(client, cursor)."""
+    found = {}
+    for client in ids:
+        cursor, windows = 0, []
+        while (window := model.next(int(client), cursor)) is not None:
+            start, end, cursor = window
+            windows.append((start, end))
+        found[int(client)] = windows
+    return found
+
+
+def windows_by_chunks(model, ids) -> dict[int, list[tuple[float, float]]]:
+    """The same, read in bulk chunk by chunk, checking each chunk's lower bound."""
+    found = {int(client): [] for client in ids}
+    chunk, bound = 0, model.chunk_start(0)
+    while bound < math.inf:
+        owners, starts, ends = model.windows_of_chunk(chunk, np.asarray(ids))
+        assert len(owners) == len(starts) == len(ends)
+        assert (starts >= bound).all() and (starts >= 0.0).all() and (ends > starts).all()
+        for client, start, end in zip(owners.tolist(), starts.tolist(), ends.tolist(), strict=True):
+            found[client].append((start, end))
+        chunk += 1
+        following = model.chunk_start(chunk)
+        assert following >= bound  # bounds never go back
+        bound = following
+    return found
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        DailySpec(start_hour=22, hours=8, jitter_hours=1, presence=0.5, clock_start_hour=12),  # yesterday's window open at 0
+        DailySpec(start_hour=1, hours=20, jitter_hours=1.5, presence=1.0, clock_start_hour=0),
+        DailySpec(start_hour=9, hours=3, jitter_hours=0, presence=0.8, clock_start_hour=10),  # no jitter: ties
+    ],
+)
+def test_daily_windows_in_bulk_are_exactly_the_per_client_windows(spec):
+    """The simulation reads windows a day of every client at a time; the chunks hold exactly
+    the windows next() gives, the same floats, each client's in order."""
+    ids = np.arange(0, 300, 3)
+    model = DailyWindows(spec, Draws(7), horizon_seconds=5 * 86400, clients=300)
+    reference = per_client_windows(DailyWindows(spec, Draws(7), horizon_seconds=5 * 86400, clients=300), ids)
+    assert sum(map(len, reference.values())) > 100
+    assert windows_by_chunks(model, ids) == reference
+
+
+def test_trace_windows_in_bulk_are_exactly_the_per_client_windows():
+    rows = generate_trace(40, 5, seed=2)
+    windows: dict[int, list[tuple[float, float]]] = {}
+    for client, start, end in rows:
+        windows.setdefault(client, []).append((start, end))
+    for mapping, clients in (("id", 30), ("modulo", 70)):
+        model = TraceWindows(windows, clients, mapping, offset=3600.0)
+        ids = np.arange(clients)
+        reference = per_client_windows(model, ids)
+        assert sum(map(len, reference.values())) > 100
+        assert windows_by_chunks(model, ids) == reference
 
 
 def test_ranks_by_device_tier_reach_the_server_and_the_clients(tmp_path):

@@ -1,8 +1,12 @@
 """When devices are online: always, daily windows, or a recorded trace.
 
-A model yields each client's windows [start, end) in virtual seconds, in order and without
-overlap, one at a time (``first`` then ``next``), so a week of 100,000 clients never sits in
-memory. Dropout is not a window: it cuts a job inside a window (see the engine).
+A model gives each client's windows [start, end) in virtual seconds, in order and without
+overlap, two ways: one client at a time (``first`` then ``next``: the reference, and what the
+tests compare against), and in bulk, a *chunk* of every client's windows at once
+(``windows_of_chunk``: a day of daily windows, the windows starting on one day of a trace), as
+numpy arrays, which is how the simulation reads them. Chunks are read in order and only when the
+simulation's clock nears them (``chunk_start``), so a week of 100,000 clients never sits in memory
+as events. Dropout is not a window: it cuts a job inside a window (see the engine).
 
 Trace files are CSV with a header ``client,start,end``: a client id (integer >= 0) and a window in
 seconds from the start of the trace. Lines starting with ``#`` and blank lines are skipped; any
@@ -42,12 +46,28 @@ class Availability:
     def next(self, client: int, cursor: int):  # pragma: no cover - interface
         raise NotImplementedError
 
+    # -- in bulk: chunk 0, 1, 2, ... in order ---------------------------------------------------------
+    def chunk_start(self, chunk: int) -> float:  # pragma: no cover - interface
+        """A lower bound on the start of every window of ``chunk`` and of every later chunk (starts
+        as ``next`` returns them, never below 0); infinity when no window is left."""
+        raise NotImplementedError
+
+    def windows_of_chunk(self, chunk: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover
+        """The windows of ``chunk`` of the clients ``ids``: (client ids, starts, ends), the same
+        windows as ``next`` gives (start clamped to 0, windows ending at or before 0 left out).
+        Every window of a client is in exactly one chunk, and its chunks come in the order of
+        its windows."""
+        raise NotImplementedError
+
 
 class AlwaysOn(Availability):
     always_on = True
 
     def next(self, client: int, cursor: int):
         return (0.0, INFINITY, 1) if cursor == 0 else None
+
+    def chunk_start(self, chunk: int) -> float:
+        return INFINITY  # online from the start and never offline: no window events at all
 
 
 class DailyWindows(Availability):
@@ -73,7 +93,7 @@ class DailyWindows(Availability):
         if self.clients is not None and 0 <= client < self.clients:
             starts = self._days.get(day)
             if starts is None:
-                starts = self._days[day] = self._starts_of_day(day)
+                starts = self._days[day] = self._starts_of_day(day).tolist()
             start = starts[client]
             return None if start != start else (start, start + self.length)  # nan: absent
         if self.presence < 1.0 and unit(self._presence_base, client, day + 1) >= self.presence:
@@ -82,16 +102,42 @@ class DailyWindows(Availability):
         start = day * DAY + self.start + shift - self.clock
         return start, start + self.length
 
-    def _starts_of_day(self, day: int) -> list[float]:
-        """Every client's window start of one day at once (the same draws as the scalar path)."""
-        ids = np.arange(self.clients)
-        shift = np.zeros(self.clients)
+    def _starts_of_day(self, day: int, ids: np.ndarray | None = None) -> np.ndarray:
+        """The window start of every client (or of ``ids``) on one day at once, nan where absent:
+        the same draws and the same order of operations as the scalar path, so the same floats."""
+        if ids is None:
+            ids = np.arange(self.clients)
+        shift = np.zeros(len(ids))
         if self.jitter:
             shift = (2.0 * self.draws.uniforms("daily-jitter", ids, day + 1) - 1.0) * self.jitter
-        starts = (day * DAY + self.start + shift) - self.clock  # the scalar path's order of operations
+        starts = (day * DAY + self.start + shift) - self.clock
         if self.presence < 1.0:
             starts[self.draws.uniforms("daily-presence", ids, day + 1) >= self.presence] = np.nan
-        return starts.tolist()
+        return starts
+
+    # chunk c is day c - 1: "yesterday"'s window may still be open at time 0
+    def _last_day(self) -> float:
+        return self.horizon + self.clock + DAY  # the same limit as ``next``
+
+    def chunk_start(self, chunk: int) -> float:
+        day = chunk - 1
+        if day * DAY > self._last_day():
+            return INFINITY
+        # the earliest start a jitter allows, computed in the same order as the starts themselves
+        # (rounding is monotonic, so it cannot exceed any of them), less a second for good measure
+        earliest = (day * DAY + self.start + -self.jitter) - self.clock - 1.0
+        return earliest if earliest > 0.0 else 0.0
+
+    def windows_of_chunk(self, chunk: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        day = chunk - 1
+        ids = np.asarray(ids, dtype=np.int64)
+        if day * DAY > self._last_day():
+            return ids[:0], np.zeros(0), np.zeros(0)
+        starts = self._starts_of_day(day, ids)
+        ends = starts + self.length
+        present = ends > 0.0  # false for nan (absent that day) and for windows over before time 0
+        starts, ends = starts[present], ends[present]
+        return ids[present], np.maximum(starts, 0.0), ends
 
     def next(self, client: int, cursor: int):
         # cursor encodes the next day to look at, offset by one so a window of "yesterday"
@@ -103,7 +149,7 @@ class DailyWindows(Availability):
             while day * DAY <= limit:
                 starts = days.get(day)
                 if starts is None:
-                    starts = days[day] = self._starts_of_day(day)
+                    starts = days[day] = self._starts_of_day(day).tolist()
                 start = starts[client]
                 day += 1
                 if start != start or start + length <= 0.0:  # nan: absent that day
@@ -135,6 +181,14 @@ class TraceWindows(Availability):
             shifted = [(max(0.0, s - offset), e - offset) for s, e in rows if e - offset > 0.0]
             self.table.append(shifted)
         self.unused = sum(1 for k in ids if mapping == "id" and k >= clients)
+        # in bulk: every window as flat arrays sorted by start (stable: a client's windows stay in
+        # order); chunk c holds the windows starting on day c
+        owner = [client for client, rows in enumerate(self.table) for _ in rows]
+        starts = np.array([start for rows in self.table for start, _ in rows], dtype=np.float64)
+        ends = np.array([end for rows in self.table for _, end in rows], dtype=np.float64)
+        order = np.argsort(starts, kind="stable")
+        self._owner, self._starts, self._ends = np.asarray(owner, dtype=np.int64)[order], starts[order], ends[order]
+        self._chunks = int(self._starts[-1] // DAY) + 1 if len(self._starts) else 0
 
     def next(self, client: int, cursor: int):
         rows = self.table[client]
@@ -142,6 +196,15 @@ class TraceWindows(Availability):
             start, end = rows[cursor]
             return start, end, cursor + 1
         return None
+
+    def chunk_start(self, chunk: int) -> float:
+        return chunk * DAY if chunk < self._chunks else INFINITY
+
+    def windows_of_chunk(self, chunk: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        low, high = np.searchsorted(self._starts, [chunk * DAY, (chunk + 1) * DAY], side="left")
+        owner = self._owner[low:high]
+        wanted = np.isin(owner, np.asarray(ids, dtype=np.int64))
+        return owner[wanted], self._starts[low:high][wanted], self._ends[low:high][wanted]
 
     def clients_without_windows(self) -> int:
         return sum(1 for rows in self.table if not rows)

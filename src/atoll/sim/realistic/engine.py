@@ -71,11 +71,8 @@ class SimClient:
         "state",
         "token",
         "job",
-        "window_id",
-        "window_cursor",
         "window_start",
         "window_end",
-        "pending_end",
         "available_seconds",
         "train_seconds",
         "transfer_seconds",
@@ -108,11 +105,8 @@ class SimClient:
         self.state = IDLE
         self.token = 0  # changes whenever a job starts or ends: its pending events become stale
         self.job: Job | None = None
-        self.window_id = 0
-        self.window_cursor = 0
         self.window_start = -1.0  # start of the current online stretch (-1: not online)
-        self.window_end = -INF
-        self.pending_end = -INF
+        self.window_end = -INF  # end of the current window: also the token of its events
         self.available_seconds = 0.0
         self.train_seconds = 0.0
         self.transfer_seconds = 0.0
@@ -582,13 +576,17 @@ class Simulation:
                     position += 1
             elif heap:
                 item = pop(heap)
-            elif keys:
+            elif keys or queue.pending_source():
                 digest.update(times)
                 digest.update(keys_of)
                 digest.update(array("q", (events, stale)))
                 del times[:], keys_of[:]
                 queue.position = position
-                item = queue_pop()  # opens the next bucket
+                try:
+                    item = queue_pop()  # the source releases what the next bucket may hold; it opens
+                except IndexError:  # the source had nothing left after all
+                    self.stop("no_events")
+                    break
                 run, position = queue.run, queue.position
             else:
                 self.stop("no_events")
@@ -605,9 +603,7 @@ class Simulation:
                     stale += 1
                     continue
             elif kind == opens:
-                if not open_window(index, token, time):
-                    stale += 1
-                    continue
+                open_window(index, token, time)  # never stale: every window opens once
                 if not self.wake_pending:
                     self.now = time
                     if wants_wake():

@@ -6,10 +6,15 @@ pops in the same order. ``token`` lets a handler recognise events that belong to
 that no longer exists (they are popped and ignored, not searched for).
 
 The queue is a binary heap for the near future plus hourly buckets for the far future (a
-two-level calendar queue): a week of 100,000 devices keeps one pending window event per device,
-and a heap of all of them would make every pop walk a deep, cache-cold tree. An event whose bucket
-is not yet open waits in its bucket; a bucket joins the heap when the heap holds nothing earlier
-than the bucket's start. The pop order is exactly that of a single heap.
+two-level calendar queue): a day of 100,000 devices holds hundreds of thousands of pending window
+events, and a heap of all of them would make every pop walk a deep, cache-cold tree. An event
+whose bucket is not yet open waits in its bucket; a bucket joins the heap when the heap holds
+nothing earlier than the bucket's start. The pop order is exactly that of a single heap.
+
+A queue may have a *source* (the availability process): an object with ``next_time``, a lower
+bound on the time of every event it has not given yet, and ``release()``, which pushes its next
+batch of events (``push_many``). Before a bucket opens, the source releases every batch that could
+hold an event of that bucket, so a pop still returns the earliest event there is.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from operator import itemgetter
 from enum import IntEnum
+from operator import itemgetter
+
+import numpy as np
 
 
 class EventKind(IntEnum):
@@ -52,11 +59,13 @@ class EventQueue:
     sorted in bulk instead of sifting through a deep heap one by one. The pop order is exactly
     that of a single heap over (time, sequence)."""
 
-    __slots__ = ("heap", "next_sequence", "width", "front", "buckets", "keys", "run", "position")
+    __slots__ = ("heap", "counter", "next_sequence", "width", "front", "buckets", "keys", "run", "position", "source")
 
     def __init__(self, width: float = 3600.0) -> None:
         self.heap: list[tuple[float, int, int, int, int]] = []
-        self.next_sequence = itertools.count(1).__next__  # 1, 2, 3, ... (a C call, no Python frame)
+        self.counter = itertools.count(1)
+        self.next_sequence = self.counter.__next__  # 1, 2, 3, ... (a C call, no Python frame)
+        self.source = None  # see the module docstring
         self.width = float(width)
         # buckets are keyed by ``time // width`` as a float (no int() call per push); those with a
         # key <= front are open (their events go to the heap)
@@ -81,15 +90,56 @@ class EventQueue:
         else:
             waiting.append(item)
 
-    def _open_next_bucket(self) -> None:
+    def push_many(self, times, kinds, clients, tokens) -> None:
+        """Push a batch at once: numpy arrays sorted by time, equal times in the order they
+        should pop (each event gets the next sequence number in the order given). Finite times."""
+        count = len(times)
+        if not count:
+            return
+        if not np.isfinite(times).all() or (times[1:] < times[:-1]).any():
+            raise ValueError("a batch of events needs finite times in sorted order")
+        first = next(self.counter)
+        if count > 1:
+            next(itertools.islice(self.counter, count - 2, None))  # reserve first + 1 .. first + count - 1
+        items = list(zip(times.tolist(), range(first, first + count), kinds.tolist(), clients.tolist(), tokens.tolist()))
+        buckets = np.floor_divide(times, self.width)
+        edges = [0, *(np.flatnonzero(np.diff(buckets)) + 1).tolist(), count]
+        heap, waiting_buckets, keys, front = self.heap, self.buckets, self.keys, self.front
+        for low, high in zip(edges, edges[1:]):
+            bucket = float(buckets[low])
+            if bucket <= front:
+                for item in items[low:high]:
+                    heapq.heappush(heap, item)
+                continue
+            waiting = waiting_buckets.get(bucket)
+            if waiting is None:
+                waiting_buckets[bucket] = items[low:high]
+                heapq.heappush(keys, bucket)
+            else:
+                waiting.extend(items[low:high])
+
+    def _open_next_bucket(self) -> bool:
         """Called only when the run and the heap are exhausted (every heap event belongs to an
-        earlier bucket than any waiting one)."""
-        bucket = heapq.heappop(self.keys)
+        earlier bucket than any waiting one): let the source release what the next bucket could
+        hold, then open it. False when nothing is left at all."""
+        source, keys, width = self.source, self.keys, self.width
+        while source is not None and source.next_time < INF and (not keys or source.next_time < (keys[0] + 1.0) * width):
+            source.release()
+            if self.heap:  # released into a bucket that is already open
+                return True
+        if not keys:
+            return False
+        bucket = heapq.heappop(keys)
         items = self.buckets.pop(bucket)
         self.front = bucket
         items.sort(key=_TIME)
         self.run = items
         self.position = 0
+        return True
+
+    def pending_source(self) -> bool:
+        """Whether the source has events it has not released yet."""
+        return self.source is not None and self.source.next_time < INF
 
     def pop(self) -> tuple[float, int, int, int, int]:
         """The earliest event (IndexError when empty)."""
@@ -103,9 +153,8 @@ class EventQueue:
                 return item
             if heap:
                 return heapq.heappop(heap)
-            if not self.keys:
+            if not self._open_next_bucket():
                 raise IndexError("pop from an empty event queue")
-            self._open_next_bucket()
 
     def peek_time(self) -> float | None:
         while True:
@@ -114,15 +163,17 @@ class EventQueue:
                 return min(first, self.heap[0][0]) if self.heap else first
             if self.heap:
                 return self.heap[0][0]
-            if not self.keys:
+            if not self._open_next_bucket():
                 return None
-            self._open_next_bucket()
 
     def __len__(self) -> int:
+        """Events pushed and not popped (a source's unreleased events are not counted)."""
         return len(self.heap) + sum(map(len, self.buckets.values())) + len(self.run) - self.position
 
     def __bool__(self) -> bool:  # a bucket exists only while it holds an event
-        return bool(self.heap) or bool(self.keys) or self.position < len(self.run)
+        if self.heap or self.keys or self.position < len(self.run):
+            return True
+        return self.pending_source() and self.peek_time() is not None  # the source may have nothing left to give
 
 
 INF = math.inf

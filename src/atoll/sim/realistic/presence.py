@@ -3,19 +3,23 @@
 :class:`AvailabilityProcess` owns everything about presence: each client's windows (drawn one at
 a time from an :class:`~atoll.sim.realistic.availability.Availability` model: always on, daily
 windows or a trace), the pool of online idle clients, going offline on a dropout and rejoining
-later, and the online-time accounting. It schedules its own events (WINDOW_OPEN, WINDOW_CLOSE,
-REJOIN) into the simulation's queue and handles them; the simulation handles jobs and the server.
+later, and the online-time accounting. It feeds its own events (WINDOW_OPEN, WINDOW_CLOSE, REJOIN) into
+the simulation's queue and handles them; the simulation handles jobs and the server.
 
 Window events are nearly all the events of a long run (one opening and one closing per device per
-day, against a handful per job), so :meth:`AvailabilityProcess.window_handlers` returns the two
-handlers as closures over local names (the pool's arrays, the queue's heap and buckets): the event
-loop calls them directly, without attribute lookups or method dispatch. They are the only code
-for window events.
+day, against a handful per job), so they cost as little as possible twice over. They are made in
+bulk: the process is the queue's *source* (see :mod:`atoll.sim.realistic.events`), and when the
+clock nears the next chunk of windows (a day), it reads every client's windows of that chunk from
+the availability model as arrays and pushes their openings and closings in one batch, sorted by
+time, closings before openings at one time, then by start and client. And they are handled by
+two closures over local names (:meth:`AvailabilityProcess.window_handlers`) that the event loop
+calls directly: an opening or a closing touches its client and the pool and pushes nothing. They
+are the only code for window events. A window event's token is the window's end time, which tells a client's windows apart
+(they never overlap) and is what a rejoin after a dropout checks against.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 from typing import Callable
 
@@ -67,9 +71,9 @@ class AvailablePool:
 class AvailabilityProcess:
     """Presence of ``clients`` (SimClient objects, index = position) under ``availability``.
 
-    A client's presence fields (``window_id``, ``window_cursor``, ``window_start``, ``window_end``,
-    ``pending_end``, ``available_seconds``) are written only here. ``timeline`` receives the
-    "online" segments of clients with index < ``timeline_limit``."""
+    A client's presence fields (``window_start``, ``window_end``, ``available_seconds``) are
+    written only here. ``timeline`` receives the "online" segments of clients with index <
+    ``timeline_limit``. ``next_time`` and ``release`` make it the queue's source of window events."""
 
     def __init__(self, clients, availability: Availability, queue: EventQueue, rejoin_seconds: float, timeline: list, timeline_limit: int):
         self.clients = clients
@@ -79,11 +83,16 @@ class AvailabilityProcess:
         self.timeline = timeline
         self.timeline_limit = timeline_limit
         self.pool = AvailablePool(len(clients))
+        self.next_time = INF  # the earliest an unreleased window event can be (the queue source's bound)
+        self.chunk = 0
+        self._ids = np.zeros(0, dtype=np.int64)
+        self._index_of_id = np.zeros(0, dtype=np.int64)
 
     # -- the start and the end of a run ---------------------------------------------------------------
     def start(self) -> None:
         """Every client's first window (always-on clients are online from time 0)."""
         always = self.availability.always_on
+        members = []
         for client in self.clients:
             if client.pooled:  # the server's own client: always there, never in the pool
                 client.state = AVAILABLE
@@ -94,7 +103,39 @@ class AvailabilityProcess:
                 client.window_end = INF
                 self.pool.add(client.index)
             else:
-                self._schedule_next_window(client, 0.0)
+                members.append(client)
+        if not members:
+            return
+        self._ids = np.array([client.id for client in members], dtype=np.int64)
+        self._index_of_id = np.full(int(self._ids.max()) + 1, -1, dtype=np.int64)
+        self._index_of_id[self._ids] = [client.index for client in members]
+        self.chunk = 0
+        self.next_time = self.availability.chunk_start(0)
+        queue = self.queue
+        queue.source = self
+        # the first bucket is open from the start: everything that could fall in it goes in now
+        while self.next_time < queue.width:
+            self.release()
+
+    def release(self) -> None:
+        """Push the openings and closings of the next chunk of windows into the queue."""
+        availability = self.availability
+        ids, starts, ends = availability.windows_of_chunk(self.chunk, self._ids)
+        self.chunk += 1
+        self.next_time = availability.chunk_start(self.chunk)
+        if not len(ids):
+            return
+        # by start (equal starts by client), then closings before openings: one stable sort each,
+        # and the second is nearly free (closings of daily windows come in the order of their starts)
+        by_start = np.argsort(starts, kind="stable")
+        index, starts, ends = self._index_of_id[ids][by_start], starts[by_start], ends[by_start]
+        closes = np.isfinite(ends)  # a window that never ends has no closing
+        times = np.concatenate((ends[closes], starts))
+        kinds = np.concatenate((np.full(int(closes.sum()), WINDOW_CLOSE), np.full(len(starts), WINDOW_OPEN)))
+        clients = np.concatenate((index[closes], index))
+        tokens = np.concatenate((ends[closes], ends))
+        order = np.argsort(times, kind="stable")  # by time; at one time closings first
+        self.queue.push_many(times[order], kinds[order], clients[order], tokens[order])
 
     def finish(self, client, now: float) -> None:
         """Account the online time of ``client`` if it is still online when the run ends."""
@@ -133,12 +174,12 @@ class AvailabilityProcess:
         client.state = IDLE
         self.pool.remove(client.index)
         if now + self.rejoin_seconds < client.window_end:
-            self.queue.push(now + self.rejoin_seconds, REJOIN, client.index, client.window_id)
+            self.queue.push(now + self.rejoin_seconds, REJOIN, client.index, client.window_end)
 
-    def rejoin(self, index: int, token: int, now: float) -> bool:
+    def rejoin(self, index: int, token: float, now: float) -> bool:
         """A dropped device is back (False: the event is stale)."""
         client = self.clients[index]
-        if token != client.window_id or client.state != IDLE or now >= client.window_end:
+        if token != client.window_end or client.state != IDLE or now >= token:
             return False
         client.state = AVAILABLE
         client.window_start = now
@@ -150,58 +191,29 @@ class AvailabilityProcess:
         if client.index < self.timeline_limit:
             self.timeline.append((client.id, "online", start, end, "ok"))
 
-    def _schedule_next_window(self, client, now: float) -> None:
-        window = self.availability.next(client.id, client.window_cursor)
-        if window is None:
-            return
-        start, end, client.window_cursor = window
-        client.window_id += 1
-        client.pending_end = end
-        self.queue.push(start if start > now else now, WINDOW_OPEN, client.index, client.window_id)
-
-    def window_handlers(self, lose: Callable) -> tuple[Callable[[int, int, float], bool], Callable[[int, int, float], bool]]:
+    def window_handlers(self, lose: Callable) -> tuple[Callable[[int, float, float], bool], Callable[[int, float, float], bool]]:
         """(open_window, close_window): handlers of WINDOW_OPEN and WINDOW_CLOSE events, called as
         ``handler(client index, token, time)``; False for a stale event. ``lose(client, time)``
         is how a closing window ends the job of a busy client (the simulation owns jobs)."""
         clients = self.clients
         pool = self.pool
         in_pool, pool_items, pool_mask = pool.position, pool.items, pool.mask
-        next_window = self.availability.next
         timeline, timeline_limit = self.timeline, self.timeline_limit
-        queue = self.queue
-        heap, buckets, keys, width = queue.heap, queue.buckets, queue.keys, queue.width
-        next_sequence = queue.next_sequence
-        heappush = heapq.heappush
-        infinity = INF
 
-        def open_window(index: int, token: int, time: float) -> bool:
+        def open_window(index: int, token: float, time: float) -> bool:
             client = clients[index]
-            if token != client.window_id:
-                return False
             client.state = AVAILABLE
             client.window_start = time
-            client.window_end = close = client.pending_end
+            client.window_end = token  # the token is the window's end
             if in_pool[index] < 0:  # AvailablePool.add
                 in_pool[index] = len(pool_items)
                 pool_items.append(index)
                 pool_mask[index] = 1
-            if close < infinity:  # EventQueue.push, inlined (the hottest path of a long run)
-                new = (close, next_sequence(), WINDOW_CLOSE, index, token)
-                bucket = close // width
-                if bucket <= queue.front:
-                    heappush(heap, new)
-                else:
-                    waiting = buckets.get(bucket)
-                    if waiting is None:
-                        buckets[bucket] = [new]
-                        heappush(keys, bucket)
-                    else:
-                        waiting.append(new)
             return True
 
-        def close_window(index: int, token: int, time: float) -> bool:
+        def close_window(index: int, token: float, time: float) -> bool:
             client = clients[index]
-            if token != client.window_id:
+            if token != client.window_end:
                 return False
             if client.state >= DOWNLOADING:  # busy: the job in progress is lost
                 lose(client, time)
@@ -220,23 +232,6 @@ class AvailabilityProcess:
                     in_pool[last] = where
                 in_pool[index] = -1
                 pool_mask[index] = 0
-            window = next_window(client.id, client.window_cursor)
-            if window is not None:
-                start, client.pending_end, client.window_cursor = window
-                client.window_id = window_id = token + 1
-                if start < time:
-                    start = time
-                new = (start, next_sequence(), WINDOW_OPEN, index, window_id)  # EventQueue.push, inlined
-                bucket = start // width
-                if bucket <= queue.front:
-                    heappush(heap, new)
-                else:
-                    waiting = buckets.get(bucket)
-                    if waiting is None:
-                        buckets[bucket] = [new]
-                        heappush(keys, bucket)
-                    else:
-                        waiting.append(new)
             return True
 
         return open_window, close_window
