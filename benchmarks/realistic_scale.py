@@ -1,6 +1,7 @@
 """Realistic-mode scale: prints figures, asserts nothing (the machine is shared; see the targets).
 
-1. The bare event loop (pop + push, no handlers): the ceiling for handler code on this machine.
+1. The bare event loop (pop + push, no handlers): the ceiling for handler code on this machine,
+   measured before each dry run (the two take turns); the ratio of their medians has a target.
 2. A system-only dry run (cost model, no data, no model, no training) of 100,000 clients over a
    simulated week (configs/sys/scale-week.yaml: nightly windows, dropout, ranks by device tier):
    wall seconds end to end (config load, run, outputs) and events per second of the event loop.
@@ -171,12 +172,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="dry runs; this shared VM's speed varies by up to 1.5x between runs")
     args = parser.parse_args()
     print(f"load average before: {load()} (2 cores shared)")
-    wall_rate, cpu_rate = bench_queue()
-    print(
-        f"bare event loop (pop + push, no handlers, 100,000 pending): {wall_rate:,.0f} events per wall second ({cpu_rate:,.0f} per CPU second)"
-    )
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [bench_dry_run(args.clients, args.hours, Path(tmp) / f"dry{i}") for i in range(args.repeats)]
+        # the bare loop and the dry runs take turns, so a drift of the shared machine's speed
+        # touches both sides of the ratio alike
+        bare, runs = [], []
+        for i in range(args.repeats):
+            bare.append(bench_queue())
+            runs.append(bench_dry_run(args.clients, args.hours, Path(tmp) / f"dry{i}"))
+        for wall_rate, cpu_rate in bare:
+            print(
+                f"bare event loop (pop + push, no handlers, 100,000 pending): {wall_rate:,.0f} events per wall second ({cpu_rate:,.0f} per CPU second)"
+            )
+        wall_rate = sorted(rate for rate, _ in bare)[len(bare) // 2]
         for dry in runs:
             print(
                 f"dry run, {args.clients:,} clients, {args.hours:g} virtual hours: {dry['total_s']:.1f} s wall, {dry['total_cpu_s']:.1f} s CPU "
@@ -190,7 +197,10 @@ def main() -> None:
         slowest = max(d["total_s"] for d in runs)
         median = rates[len(rates) // 2]
         print(f"  events per second over {len(runs)} identical runs: best {rates[-1]:,.0f}, median {median:,.0f}, worst {rates[0]:,.0f}")
-        print(f"  the simulation's loop runs at {median / wall_rate:.0%} of the bare loop's rate (medians)")
+        print(
+            f"  the simulation's loop runs at {median / wall_rate:.0%} of the bare loop's rate (medians of {len(runs)} runs each, "
+            f"taking turns) -> {'met' if median / wall_rate >= 0.7 else 'MISSED'} (target >= 70 %)"
+        )
         print(
             f"  targets: < 60 s -> {'met' if slowest < 60 else 'MISSED'} (slowest run {slowest:.1f} s); "
             f">= 200,000 events/s -> best {'met' if rates[-1] >= 200_000 else 'MISSED'}, median {'met' if median >= 200_000 else 'MISSED'}"

@@ -8,6 +8,8 @@ trained parameters), i.e. 250,000 FLOPs: 10 s on a 2.5e-8 TFLOP/s "fast" device,
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import yaml
 
@@ -423,3 +425,64 @@ def test_the_bucketed_queue_pops_exactly_like_one_heap():
     while reference:
         assert queue.pop() == heapq.heappop(reference)
     assert not queue
+
+
+class ListSource:
+    """A queue source over a fixed sorted list of window events (time, signed client, end)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+        self.given = 0
+        self.releases = []
+        self.next_time = rows[0][0] if rows else math.inf
+
+    def release(self, until):
+        import numpy as np
+
+        high = self.given
+        while high < len(self.rows) and self.rows[high][0] < until:
+            high += 1
+        batch = self.rows[self.given : high]
+        self.given = high
+        self.next_time = self.rows[high][0] if high < len(self.rows) else math.inf
+        self.releases.append(until)
+        return (
+            np.array([r[0] for r in batch], dtype=float),
+            np.array([r[1] for r in batch], dtype=np.int64),
+            np.array([r[2] for r in batch], dtype=float),
+        )
+
+
+def test_the_queue_merges_its_source_stream_with_pushed_events_in_time_and_sequence_order():
+    """Window events come from a source an hour at a time, never as pushed tuples; pops merge
+    them with pushed events: every event once, by time, equal times by sequence number, and no
+    stream event is released before the clock is within an hour of it."""
+    import random
+
+    rng = random.Random(11)
+    rows = sorted(
+        (
+            (float(rng.randrange(0, 40 * 3600, 600)), rng.choice([1, -1]) * rng.randrange(1, 30), float(rng.randrange(10**6)))
+            for _ in range(3000)
+        ),
+        key=lambda row: row[0],
+    )
+    source = ListSource(rows)
+    queue = EventQueue()
+    queue.attach(source)
+    pushed, popped, now = [], [], 0.0
+    while queue:
+        if rng.random() < 0.4:
+            when = now + rng.choice([0.0, 600.0, 3600.0 * rng.random(), 7200.0 * rng.randrange(3)])
+            token = len(pushed)
+            queue.push(when, int(EventKind.DOWNLOAD_DONE), 99, token)
+            pushed.append((when, int(EventKind.DOWNLOAD_DONE), 99, token))
+            continue
+        item = queue.pop()
+        assert not popped or (item[0], item[1]) > (popped[-1][0], popped[-1][1]), "by time, then sequence"
+        assert all(until <= item[0] + 3600.0 for until in source.releases), "released at most an hour ahead"
+        popped.append(item)
+        now = item[0]
+    windows = [(t, int(EventKind.WINDOW_OPEN) if c >= 0 else int(EventKind.WINDOW_CLOSE), c if c >= 0 else ~c, e) for t, c, e in rows]
+    assert sorted(item[:1] + item[2:] for item in popped) == sorted(windows + pushed)
+    assert len({item[1] for item in popped}) == len(popped)  # sequence numbers are unique

@@ -532,17 +532,17 @@ class Simulation:
             self._on_server_wake,
         ]
         names = [kind.name for kind in EventKind]
-        # Window openings and closings are nearly all the events of a long run; the presence
-        # process hands its two handlers over as closures, and EventQueue.pop runs inlined over
-        # local names. Every other kind goes to its handler method.
+        # Window openings and closings are nearly all the events of a long run: they come from the
+        # queue's stream (never tuples), the presence process hands its two handlers over as
+        # closures, and EventQueue.pop runs inlined over local names. Every other kind goes to its
+        # handler method.
         open_window, close_window = self.presence.window_handlers(self._lose_at)
         clients = self.clients
         wants_wake = self.paradigm.wants_wake
         queue = self.queue
-        heap, keys = queue.heap, queue.keys
+        heap = queue.heap
         next_sequence = queue.next_sequence
         pop, heappush = heapq.heappop, heapq.heappush
-        queue_pop = queue.pop
         end = self.session_end
         limit = self.settings.max_events
         log = self.event_log
@@ -560,63 +560,91 @@ class Simulation:
         loop_started = wallclock.perf_counter()
         cpu_started = wallclock.process_time()
         backend_before = sum(self.wall.values())
-        run, position = queue.run, queue.position  # EventQueue.pop state, held locally
+        # EventQueue.pop's state, held locally: the open bucket's sorted run, and the stream of
+        # window events (times, signed clients, window ends; sequence numbers from stream_base)
+        run, position = queue.run, queue.position
+        run_length = len(run)
+        stream_times, stream_clients, stream_ends = queue.stream_times, queue.stream_clients, queue.stream_ends
+        stream_base, stream_position = queue.stream_base, queue.stream_position
+        stream_length = len(stream_times)
         time = last = self.now
         while not self.done:
             if events >= limit:
                 self.stop("max_events")
                 break
-            # EventQueue.pop: the next item of the open bucket's sorted run unless the heap holds
-            # an earlier one (handlers only push, so the run cannot change under us)
-            if position < len(run):
+            # EventQueue.pop, inlined: the earliest of the run, the heap and the stream by (time,
+            # sequence). Handlers only push, so the run and the stream cannot change under us.
+            from_heap = False
+            if position < run_length:
                 item = run[position]
                 if heap and heap[0] < item:
-                    item = pop(heap)
-                else:
-                    position += 1
+                    item, from_heap = heap[0], True
             elif heap:
-                item = pop(heap)
-            elif keys or queue.pending_source():
+                item, from_heap = heap[0], True
+            else:
+                item = None
+            if stream_position < stream_length:
+                time = stream_times[stream_position]
+                if item is None or time < item[0] or (time == item[0] and stream_base + stream_position < item[1]):
+                    # a window event: nearly all the events of a long run
+                    if time > end:
+                        self.now = end
+                        self.stop("session")
+                        break
+                    index = stream_clients[stream_position]
+                    token = stream_ends[stream_position]
+                    stream_position += 1
+                    events += 1
+                    # self.now is kept for handlers: the window handlers set it only before calling out
+                    if index < 0:  # a closing (~index)
+                        index = ~index
+                        if not close_window(index, token, time):
+                            stale += 1
+                            continue
+                        kind = closes
+                    else:
+                        open_window(index, token, time)  # never stale: every window opens once
+                        kind = opens
+                        if not self.wake_pending:
+                            self.now = time
+                            if wants_wake():
+                                self.wake_pending = True
+                                heappush(heap, (time, next_sequence(), wake, -1, 0))  # now: the open bucket
+                    last = time
+                    if log is not None:
+                        log.append((time, names[kind], clients[index].id))
+                    continue
+            if item is None:  # the run, the heap and the stream are exhausted: the next bucket opens
                 digest.update(times)
                 digest.update(keys_of)
                 digest.update(array("q", (events, stale)))
                 del times[:], keys_of[:]
-                queue.position = position
-                try:
-                    item = queue_pop()  # the source releases what the next bucket may hold; it opens
-                except IndexError:  # the source had nothing left after all
+                queue.position, queue.stream_position = position, stream_position
+                if not queue.advance():
                     self.stop("no_events")
                     break
                 run, position = queue.run, queue.position
+                run_length = len(run)
+                stream_times, stream_clients, stream_ends = queue.stream_times, queue.stream_clients, queue.stream_ends
+                stream_base, stream_position = queue.stream_base, queue.stream_position
+                stream_length = len(stream_times)
+                continue
+            if from_heap:
+                pop(heap)
             else:
-                self.stop("no_events")
-                break
+                position += 1
             time, _, kind, index, token = item
             if time > end:
                 self.now = end
                 self.stop("session")
                 break
             events += 1
-            # self.now is kept for handlers: the window handlers set it only before calling out
-            if kind == closes:
-                if not close_window(index, token, time):
-                    stale += 1
-                    continue
-            elif kind == opens:
-                open_window(index, token, time)  # never stale: every window opens once
-                if not self.wake_pending:
-                    self.now = time
-                    if wants_wake():
-                        self.wake_pending = True
-                        heappush(heap, (time, next_sequence(), wake, -1, 0))  # now: the open bucket
-            else:
-                self.now = time
-                if not handlers[kind](index, token):
-                    stale += 1
-                    continue
-                if kind > WINDOW_CLOSE:  # window events enter the digest through the counts only
-                    time_of(time)
-                    key_of(index * 16 + kind)
+            self.now = time
+            if not handlers[kind](index, token):
+                stale += 1
+                continue
+            time_of(time)  # window events enter the digest through the counts only
+            key_of(index * 16 + kind)
             last = time  # a handled event (stale ones continue above)
             if log is not None:
                 log.append((time, names[kind], clients[index].id if index >= 0 else -1))
@@ -627,7 +655,7 @@ class Simulation:
             # the last handled event: a stale one popped after it (the upload of a job already
             # lost, say) changes nothing and must not stretch the run
             self.now = last
-        queue.position = position
+        queue.position, queue.stream_position = position, stream_position
         self.events = events
         self.stale_events += stale
         self.loop_seconds = wallclock.perf_counter() - loop_started

@@ -6,15 +6,17 @@ pops in the same order. ``token`` lets a handler recognise events that belong to
 that no longer exists (they are popped and ignored, not searched for).
 
 The queue is a binary heap for the near future plus hourly buckets for the far future (a
-two-level calendar queue): a day of 100,000 devices holds hundreds of thousands of pending window
-events, and a heap of all of them would make every pop walk a deep, cache-cold tree. An event
-whose bucket is not yet open waits in its bucket; a bucket joins the heap when the heap holds
-nothing earlier than the bucket's start. The pop order is exactly that of a single heap.
+two-level calendar queue), so that many pending events do not make every pop walk a deep,
+cache-cold tree. An event whose bucket is not yet open waits in its bucket; a bucket joins the
+heap when the heap holds nothing earlier than the bucket's start. The pop order is exactly that of
+a single heap.
 
-A queue may have a *source* (the availability process): an object with ``next_time``, a lower
-bound on the time of every event it has not given yet, and ``release()``, which pushes its next
-batch of events (``push_many``). Before a bucket opens, the source releases every batch that could
-hold an event of that bucket, so a pop still returns the earliest event there is.
+A queue may also have a *source* of window events (the availability process), which are nearly
+all the events of a long run. They never become tuples: the source releases them an hour (one
+bucket) at a time as three flat lists (times, signed clients, window ends; see
+:meth:`EventQueue.attach`), the *stream*, whose events take consecutive sequence numbers, and
+``pop`` merges the stream with the heap and the open bucket by (time, sequence). Whenever a bucket
+opens, every stream event before its end has been released, so the merge is exact.
 """
 
 from __future__ import annotations
@@ -59,13 +61,28 @@ class EventQueue:
     sorted in bulk instead of sifting through a deep heap one by one. The pop order is exactly
     that of a single heap over (time, sequence)."""
 
-    __slots__ = ("heap", "counter", "next_sequence", "width", "front", "buckets", "keys", "run", "position", "source")
+    __slots__ = (
+        "heap",
+        "counter",
+        "next_sequence",
+        "width",
+        "front",
+        "buckets",
+        "keys",
+        "run",
+        "position",
+        "source",
+        "stream_times",
+        "stream_clients",
+        "stream_ends",
+        "stream_base",
+        "stream_position",
+    )
 
     def __init__(self, width: float = 3600.0) -> None:
         self.heap: list[tuple[float, int, int, int, int]] = []
         self.counter = itertools.count(1)
         self.next_sequence = self.counter.__next__  # 1, 2, 3, ... (a C call, no Python frame)
-        self.source = None  # see the module docstring
         self.width = float(width)
         # buckets are keyed by ``time // width`` as a float (no int() call per push); those with a
         # key <= front are open (their events go to the heap)
@@ -74,6 +91,37 @@ class EventQueue:
         self.keys: list[float] = []  # heap of bucket keys not yet opened
         self.run: list[tuple[float, int, int, int, int]] = []  # the open bucket, sorted
         self.position = 0  # next unread item of ``run``
+        # the stream: window events released through the end of the open bucket
+        self.source = None
+        self.stream_times: list[float] = []
+        self.stream_clients: list[int] = []  # client index for an opening, ~index (< 0) for a closing
+        self.stream_ends: list[float] = []  # the window's end: the events' token
+        self.stream_base = 0  # sequence number of stream item 0
+        self.stream_position = 0
+
+    def attach(self, source) -> None:
+        """Take window events from ``source``: an object with ``next_time`` (a lower bound on the
+        time of every event it has not released; infinity when none is left) and
+        ``release(until)``, which returns every unreleased event before ``until`` as numpy arrays
+        (times, signed clients, ends) sorted by time, equal times in the order they should pop."""
+        self.source = source
+        self._release()
+
+    def _release(self) -> None:
+        """Refill the (consumed) stream with the source's events up to the open bucket's end."""
+        source = self.source
+        if source is None or source.next_time >= (self.front + 1.0) * self.width:
+            self.stream_times, self.stream_clients, self.stream_ends, self.stream_position = [], [], [], 0
+            return
+        times, clients, ends = source.release((self.front + 1.0) * self.width)
+        count = len(times)
+        if count and (not np.isfinite(times).all() or (times[1:] < times[:-1]).any()):
+            raise ValueError("a source's events need finite times in sorted order")
+        self.stream_base = next(self.counter)
+        if count > 1:
+            next(itertools.islice(self.counter, count - 2, None))  # reserve base + 1 .. base + count - 1
+        self.stream_times, self.stream_clients, self.stream_ends = times.tolist(), clients.tolist(), ends.tolist()
+        self.stream_position = 0
 
     def push(self, time: float, kind: int, client: int = -1, token: int = 0) -> None:
         if not -INF < time < INF:  # also catches nan, which would corrupt the order silently
@@ -90,91 +138,93 @@ class EventQueue:
         else:
             waiting.append(item)
 
-    def push_many(self, times, kinds, clients, tokens) -> None:
-        """Push a batch at once: numpy arrays sorted by time, equal times in the order they
-        should pop (each event gets the next sequence number in the order given). Finite times."""
-        count = len(times)
-        if not count:
-            return
-        if not np.isfinite(times).all() or (times[1:] < times[:-1]).any():
-            raise ValueError("a batch of events needs finite times in sorted order")
-        first = next(self.counter)
-        if count > 1:
-            next(itertools.islice(self.counter, count - 2, None))  # reserve first + 1 .. first + count - 1
-        items = list(zip(times.tolist(), range(first, first + count), kinds.tolist(), clients.tolist(), tokens.tolist()))
-        buckets = np.floor_divide(times, self.width)
-        edges = [0, *(np.flatnonzero(np.diff(buckets)) + 1).tolist(), count]
-        heap, waiting_buckets, keys, front = self.heap, self.buckets, self.keys, self.front
-        for low, high in zip(edges, edges[1:]):
-            bucket = float(buckets[low])
-            if bucket <= front:
-                for item in items[low:high]:
-                    heapq.heappush(heap, item)
-                continue
-            waiting = waiting_buckets.get(bucket)
-            if waiting is None:
-                waiting_buckets[bucket] = items[low:high]
-                heapq.heappush(keys, bucket)
+    def advance(self) -> bool:
+        """Called only when the run, the heap and the stream are exhausted: open the next bucket
+        (or, when the next event is a window event, the bucket it falls in) with the stream
+        released through its end. False when nothing is left at all."""
+        keys, width, source = self.keys, self.width, self.source
+        while True:
+            waiting = keys[0] if keys else INF
+            released = source.next_time // width if source is not None and source.next_time < INF else INF
+            if waiting == INF and released == INF:
+                return False
+            if waiting <= released:
+                bucket = heapq.heappop(keys)
+                items = self.buckets.pop(bucket)
+                items.sort(key=_TIME)
+                self.run = items
             else:
-                waiting.extend(items[low:high])
-
-    def _open_next_bucket(self) -> bool:
-        """Called only when the run and the heap are exhausted (every heap event belongs to an
-        earlier bucket than any waiting one): let the source release what the next bucket could
-        hold, then open it. False when nothing is left at all."""
-        source, keys, width = self.source, self.keys, self.width
-        while source is not None and source.next_time < INF and (not keys or source.next_time < (keys[0] + 1.0) * width):
-            source.release()
-            if self.heap:  # released into a bucket that is already open
+                bucket = released  # only window events in it (so far)
+                self.run = []
+            self.front = bucket
+            self.position = 0
+            self._release()
+            if self.run or self.stream_times:
                 return True
-        if not keys:
-            return False
-        bucket = heapq.heappop(keys)
-        items = self.buckets.pop(bucket)
-        self.front = bucket
-        items.sort(key=_TIME)
-        self.run = items
-        self.position = 0
-        return True
 
-    def pending_source(self) -> bool:
-        """Whether the source has events it has not released yet."""
-        return self.source is not None and self.source.next_time < INF
+    def _stream_item(self) -> tuple[float, int, int, int, float]:
+        position = self.stream_position
+        client = self.stream_clients[position]
+        self.stream_position = position + 1
+        kind = WINDOW_OPEN if client >= 0 else WINDOW_CLOSE
+        return (
+            self.stream_times[position],
+            self.stream_base + position,
+            kind,
+            client if client >= 0 else ~client,
+            self.stream_ends[position],
+        )
+
+    def _head(self) -> tuple[float, int, int, int, int] | None:
+        """The earliest pushed event of the open bucket and the heap (None: both exhausted)."""
+        if self.position < len(self.run):
+            item = self.run[self.position]
+            return self.heap[0] if self.heap and self.heap[0] < item else item
+        return self.heap[0] if self.heap else None
+
+    def _stream_first(self, head) -> bool:
+        position = self.stream_position
+        if position >= len(self.stream_times):
+            return False
+        time = self.stream_times[position]
+        return head is None or time < head[0] or (time == head[0] and self.stream_base + position < head[1])
 
     def pop(self) -> tuple[float, int, int, int, int]:
-        """The earliest event (IndexError when empty)."""
+        """The earliest event (IndexError when empty); a window event comes as
+        ``(time, sequence, WINDOW_OPEN or WINDOW_CLOSE, client, window end)``."""
         while True:
-            run, position, heap = self.run, self.position, self.heap
-            if position < len(run):
-                item = run[position]
-                if heap and heap[0] < item:
-                    return heapq.heappop(heap)
-                self.position = position + 1
-                return item
-            if heap:
-                return heapq.heappop(heap)
-            if not self._open_next_bucket():
+            head = self._head()
+            if self._stream_first(head):
+                return self._stream_item()
+            if head is not None:
+                if self.heap and self.heap[0] is head:
+                    return heapq.heappop(self.heap)
+                self.position += 1
+                return head
+            if not self.advance():
                 raise IndexError("pop from an empty event queue")
 
     def peek_time(self) -> float | None:
         while True:
-            if self.position < len(self.run):
-                first = self.run[self.position][0]
-                return min(first, self.heap[0][0]) if self.heap else first
-            if self.heap:
-                return self.heap[0][0]
-            if not self._open_next_bucket():
+            head = self._head()
+            if self._stream_first(head):
+                return self.stream_times[self.stream_position]
+            if head is not None:
+                return head[0]
+            if not self.advance():
                 return None
 
     def __len__(self) -> int:
-        """Events pushed and not popped (a source's unreleased events are not counted)."""
-        return len(self.heap) + sum(map(len, self.buckets.values())) + len(self.run) - self.position
+        """Events pushed or released and not popped (a source's unreleased events are not counted)."""
+        pushed = len(self.heap) + sum(map(len, self.buckets.values())) + len(self.run) - self.position
+        return pushed + len(self.stream_times) - self.stream_position
 
     def __bool__(self) -> bool:  # a bucket exists only while it holds an event
-        if self.heap or self.keys or self.position < len(self.run):
+        if self.heap or self.keys or self.position < len(self.run) or self.stream_position < len(self.stream_times):
             return True
-        return self.pending_source() and self.peek_time() is not None  # the source may have nothing left to give
+        return self.source is not None and self.source.next_time < INF and self.peek_time() is not None
 
 
 INF = math.inf
+WINDOW_OPEN, WINDOW_CLOSE = int(EventKind.WINDOW_OPEN), int(EventKind.WINDOW_CLOSE)
 _TIME = itemgetter(0)  # sort key: an event's time (C, no Python call per item)

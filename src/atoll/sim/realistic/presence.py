@@ -1,20 +1,21 @@
 """Who is online: the availability process that feeds the event simulation.
 
-:class:`AvailabilityProcess` owns everything about presence: each client's windows (drawn one at
-a time from an :class:`~atoll.sim.realistic.availability.Availability` model: always on, daily
-windows or a trace), the pool of online idle clients, going offline on a dropout and rejoining
-later, and the online-time accounting. It feeds its own events (WINDOW_OPEN, WINDOW_CLOSE, REJOIN) into
-the simulation's queue and handles them; the simulation handles jobs and the server.
+:class:`AvailabilityProcess` owns everything about presence: each client's windows (from an
+:class:`~atoll.sim.realistic.availability.Availability` model: always on, daily windows or a
+trace), the pool of online idle clients, going offline on a dropout and rejoining later, and the
+online-time accounting. It feeds its own events (WINDOW_OPEN, WINDOW_CLOSE, REJOIN) into the
+simulation's queue and handles them; the simulation handles jobs and the server.
 
 Window events are nearly all the events of a long run (one opening and one closing per device per
 day, against a handful per job), so they cost as little as possible twice over. They are made in
-bulk: the process is the queue's *source* (see :mod:`atoll.sim.realistic.events`), and when the
-clock nears the next chunk of windows (a day), it reads every client's windows of that chunk from
-the availability model as arrays and pushes their openings and closings in one batch, sorted by
-time, closings before openings at one time, then by start and client. And they are handled by
-two closures over local names (:meth:`AvailabilityProcess.window_handlers`) that the event loop
-calls directly: an opening or a closing touches its client and the pool and pushes nothing. They
-are the only code for window events. A window event's token is the window's end time, which tells a client's windows apart
+bulk: the process is the queue's *source* (see :mod:`atoll.sim.realistic.events`). It reads every
+client's windows of a chunk (a day) at once from the availability model as arrays, sorts their
+openings and closings by time (closings before openings at one time, then by start and client),
+and hands them to the queue an hour at a time (:meth:`AvailabilityProcess.release`) as arrays that
+never become per-event tuples. And they are handled by two closures over local names
+(:meth:`AvailabilityProcess.window_handlers`) that the event loop calls directly: an opening or a
+closing touches its client and the pool and pushes nothing. They are the only code for window
+events. A window event's token is the window's end time, which tells a client's windows apart
 (they never overlap) and is what a rejoin after a dropout checks against.
 """
 
@@ -29,6 +30,7 @@ from atoll.sim.realistic.availability import Availability
 from atoll.sim.realistic.events import ClientState, EventKind, EventQueue
 
 INF = math.inf
+_NOTHING = (np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0))
 IDLE, AVAILABLE, DOWNLOADING = int(ClientState.IDLE), int(ClientState.AVAILABLE), int(ClientState.DOWNLOADING)
 WINDOW_OPEN, WINDOW_CLOSE, REJOIN = int(EventKind.WINDOW_OPEN), int(EventKind.WINDOW_CLOSE), int(EventKind.REJOIN)
 
@@ -85,6 +87,8 @@ class AvailabilityProcess:
         self.pool = AvailablePool(len(clients))
         self.next_time = INF  # the earliest an unreleased window event can be (the queue source's bound)
         self.chunk = 0
+        self._chunk_bound = INF
+        self._pending: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # read, not yet released
         self._ids = np.zeros(0, dtype=np.int64)
         self._index_of_id = np.zeros(0, dtype=np.int64)
 
@@ -110,32 +114,46 @@ class AvailabilityProcess:
         self._index_of_id = np.full(int(self._ids.max()) + 1, -1, dtype=np.int64)
         self._index_of_id[self._ids] = [client.index for client in members]
         self.chunk = 0
-        self.next_time = self.availability.chunk_start(0)
-        queue = self.queue
-        queue.source = self
-        # the first bucket is open from the start: everything that could fall in it goes in now
-        while self.next_time < queue.width:
-            self.release()
+        self._chunk_bound = self.availability.chunk_start(0)
+        self.next_time = self._chunk_bound
+        self.queue.attach(self)
 
-    def release(self) -> None:
-        """Push the openings and closings of the next chunk of windows into the queue."""
+    def release(self, until: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every window event before ``until`` not given yet, as arrays (times, signed clients,
+        ends) sorted by time: a client's index for an opening, ``~index`` for a closing. Reads
+        chunks from the availability model until none can hold an event before ``until``."""
         availability = self.availability
-        ids, starts, ends = availability.windows_of_chunk(self.chunk, self._ids)
-        self.chunk += 1
-        self.next_time = availability.chunk_start(self.chunk)
-        if not len(ids):
-            return
-        # by start (equal starts by client), then closings before openings: one stable sort each,
-        # and the second is nearly free (closings of daily windows come in the order of their starts)
-        by_start = np.argsort(starts, kind="stable")
-        index, starts, ends = self._index_of_id[ids][by_start], starts[by_start], ends[by_start]
-        closes = np.isfinite(ends)  # a window that never ends has no closing
-        times = np.concatenate((ends[closes], starts))
-        kinds = np.concatenate((np.full(int(closes.sum()), WINDOW_CLOSE), np.full(len(starts), WINDOW_OPEN)))
-        clients = np.concatenate((index[closes], index))
-        tokens = np.concatenate((ends[closes], ends))
-        order = np.argsort(times, kind="stable")  # by time; at one time closings first
-        self.queue.push_many(times[order], kinds[order], clients[order], tokens[order])
+        pending = self._pending
+        while self._chunk_bound < until:
+            ids, starts, ends = availability.windows_of_chunk(self.chunk, self._ids)
+            self.chunk += 1
+            self._chunk_bound = availability.chunk_start(self.chunk)
+            if not len(ids):
+                continue
+            # by start (equal starts by client), then closings before openings at one time: the
+            # second sort is nearly free (closings of daily windows come in the order of starts)
+            by_start = np.argsort(starts, kind="stable")
+            index, starts, ends = self._index_of_id[ids][by_start], starts[by_start], ends[by_start]
+            closes = np.isfinite(ends)  # a window that never ends has no closing
+            times = np.concatenate((ends[closes], starts))
+            clients = np.concatenate((~index[closes], index))
+            tokens = np.concatenate((ends[closes], ends))
+            if pending is not None:  # events read earlier and not released come first at equal times
+                times = np.concatenate((pending[0], times))
+                clients = np.concatenate((pending[1], clients))
+                tokens = np.concatenate((pending[2], tokens))
+            order = np.argsort(times, kind="stable")
+            pending = (times[order], clients[order], tokens[order])
+        if pending is None:
+            self._pending = None
+            self.next_time = self._chunk_bound
+            return _NOTHING
+        cut = int(np.searchsorted(pending[0], until, side="left"))
+        released = (pending[0][:cut], pending[1][:cut], pending[2][:cut])
+        self._pending = (pending[0][cut:], pending[1][cut:], pending[2][cut:]) if cut < len(pending[0]) else None
+        first_pending = float(self._pending[0][0]) if self._pending is not None else INF
+        self.next_time = min(first_pending, self._chunk_bound)
+        return released
 
     def finish(self, client, now: float) -> None:
         """Account the online time of ``client`` if it is still online when the run ends."""
