@@ -9,14 +9,17 @@
      by either model; the same genre both saw in pretraining, which the edge's Shakespeare adapter
      pulls away from): the first words of a verse or gloss are the prompt, the rest the reference.
    Each is one `atoll hybrid eval` of edge, cloud, weighted, proxy and router, with the cloud
-   served on loopback; metric: next-token accuracy along the reference, in edge tokens.
-3. The deadline: the same shakespeare task with the cloud slowed on purpose (delay + jitter), a
-   deadline below the slow answers, so misses happen and p99 shows whether the deadline holds.
+   served on loopback; metric: next-token accuracy along the reference, in edge tokens. Every
+   fused method is compared with edge and cloud on the same examples: the difference and its 95 %
+   paired bootstrap interval over examples (teacher forcing scores every method on the same tokens).
+3. The deadline: the first examples of the shakespeare task with the cloud slowed on purpose
+   (delay + jitter), a deadline below the slow answers, so misses happen and p99 shows whether the
+   deadline holds.
 
 Every step whose summary.json exists is skipped, so a killed benchmark continues. The table goes
 between the markers in docs/hybrid.md.
 
-    nice -n 15 python benchmarks/hybrid_bench.py [--root runs/hybrid-bench] [--examples 25]
+    nice -n 15 python benchmarks/hybrid_bench.py [--root runs/hybrid-bench] [--examples 200] [--deadline-examples 25]
 """
 
 from __future__ import annotations
@@ -73,8 +76,9 @@ def federated_run(root: Path) -> Path:
     return directory
 
 
-def general_task(root: Path, count: int) -> Path:
-    """Held-out KJV verses and WordNet glosses (the pretraining split's held-out chunks)."""
+def general_task(root: Path) -> Path:
+    """Held-out KJV verses and WordNet glosses (the pretraining split's held-out chunks): every
+    line of at least 12 words (527 of them); the evaluation draws its examples from these."""
     path = root / "general.jsonl"
     if path.is_file():
         return path
@@ -90,7 +94,7 @@ def general_task(root: Path, count: int) -> Path:
     import random
 
     random.Random(0).shuffle(rows)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows[: 10 * count]))
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 
@@ -119,24 +123,58 @@ def cloud_description(model: str) -> str:
     return f"{numbers['name']} ({numbers['parameters'] / 1e6:.1f}M parameters, {numbers['steps']:,} training steps, {numbers['tokens_seen'] / 1e6:.1f}M tokens seen)"
 
 
-def render(results: dict[str, dict], federated: dict, client: int, command: str, when: str, cloud: str) -> str:
+def per_example_hits(summary: dict) -> dict[str, tuple[list[int], list[int]]]:
+    """Per method: correct tokens and scored tokens of every example, in example order."""
+    hits: dict[str, tuple[list[int], list[int]]] = {}
+    for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        correct, scored = hits.setdefault(row["method"], ([], []))
+        correct.append(round(row["value"] * row["tokens"]))
+        scored.append(row["tokens"])
+    return hits
+
+
+def paired_difference(method: tuple[list[int], list[int]], other: tuple[list[int], list[int]], resamples: int = 10000) -> str:
+    """Accuracy of ``method`` minus ``other`` on the same examples and tokens, with a 95 % paired
+    bootstrap interval over examples (tokens of one example are not independent; examples are)."""
+    import numpy as np
+
+    if method[1] != other[1]:
+        raise SystemExit("paired comparison of runs that scored different tokens")
+    a, b, n = (np.asarray(x, dtype=float) for x in (method[0], other[0], method[1]))
+    draws = np.random.default_rng(0).integers(0, len(n), size=(resamples, len(n)))
+    differences = (a[draws].sum(1) - b[draws].sum(1)) / n[draws].sum(1)
+    low, high = np.percentile(differences, [2.5, 97.5])
+    return f"{(a.sum() - b.sum()) / n.sum():+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def render(results: dict[str, dict], baselines: dict[str, str], federated: dict, client: int, command: str, when: str, cloud: str) -> str:
     lines = [
         BEGIN,
         f"Made by `{command}` on {when} on a 2-core machine, one torch thread per process. "
         f"Edge: atoll-edge + client {client}'s clustered-lora adapter from a {federated['clients']}-client, "
         f"{federated['rounds']}-round run (ranks 4/8); cloud: {cloud} served on loopback, top-5. "
         "Metric: next-token accuracy along the reference (teacher-forced, edge tokens, EOS included). Privacy policy `off` "
-        "(every method sees the same prompts) except in the `privacy edge_only` row.",
+        "(every method sees the same prompts) except in the `privacy edge_only` row. "
+        "`vs edge`, `vs cloud`: the fused method's accuracy minus theirs on the same examples and tokens, "
+        "with a 95 % paired bootstrap interval over examples (10,000 resamples).",
         "",
-        "| task | method | next-token acc. | p50 ms | p99 ms | deadline ms | fused | misses | kB sent | kept on device | fusion ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| task | method | next-token acc. | vs edge | vs cloud | p50 ms | p99 ms | deadline ms | fused | misses | kB sent | kept on device | fusion ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, summary in results.items():
+        hits = per_example_hits(summary)
+        reference = per_example_hits(results[baselines[name]]) if name in baselines else {}
         for r in summary["methods"]:
             lat = r["latency_ms"]
+            fused = r["method"] not in ("edge", "cloud")
+            versus = [
+                paired_difference(hits[r["method"]], reference[other]) if fused and other in reference else ""
+                for other in ("edge", "cloud")
+            ]
             lines.append(
-                f"| {name} ({r['examples']} ex., {r['tokens']} tok.) | {r['method']} | {r['next_token_accuracy']:.3f} | {lat['p50']:.1f} | "
-                f"{lat['p99']:.1f} | {summary['deadline_ms']:g} | {100 * r['fused_share']:.0f} % | {r['deadline_misses']} | "
+                f"| {name} ({r['examples']} ex., {r['tokens']} tok.) | {r['method']} | {r['next_token_accuracy']:.3f} | {versus[0]} | {versus[1]} | "
+                f"{lat['p50']:.1f} | {lat['p99']:.1f} | {summary['deadline_ms']:g} | {100 * r['fused_share']:.0f} % | {r['deadline_misses']} | "
                 f"{r['bytes_sent'] / 1000:.0f} | {r['prompts_kept_on_device']}/{r['examples']} | {r['fusion_ms']['mean']:.3f} |"
             )
     lines.append(END)
@@ -146,7 +184,8 @@ def render(results: dict[str, dict], federated: dict, client: int, command: str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="runs/hybrid-bench", help="where runs go (resumes from what is there)")
-    parser.add_argument("--examples", type=int, default=25, help="examples per task")
+    parser.add_argument("--examples", type=int, default=200, help="examples per task (accuracy rows)")
+    parser.add_argument("--deadline-examples", type=int, default=25, help="examples of the slowed-cloud and privacy rows")
     parser.add_argument("--client", type=int, default=0, help="the client whose edge is evaluated")
     parser.add_argument("--cloud", default="atoll-cloud", help="the served cloud model: a registry name or a local HF directory")
     parser.add_argument("--no-doc", action="store_true", help="print the table instead of writing docs/hybrid.md")
@@ -156,14 +195,15 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
 
     federated = federated_run(root)
-    general = general_task(root, args.examples)
+    general = general_task(root)
     common = {
         "edge": {"run": str(federated), "client": args.client},
-        "cloud": {"model": args.cloud, "serve": True, "top_k": 5, "deadline_ms": 250},
+        "cloud": {"model": args.cloud, "serve": True, "top_k": 5, "deadline_ms": 250, "serve_cache_entries": 64},
         "fusion": {"methods": METHODS, "edge_weight": 0.5, "alpha": 1.0},
         "privacy": {"policy": "off"},
     }
     shakespeare_task = {"source": "client-test", "max_examples": args.examples, "max_new_tokens": 24}
+    deadline_task = {**shakespeare_task, "max_examples": args.deadline_examples}  # the first of the same examples
     general_task_keys = {
         "source": str(general),
         "prompt_column": "prompt",
@@ -192,7 +232,7 @@ def main() -> None:
                 **common,
                 "cloud": {**common["cloud"], "serve_delay_ms": 0, "serve_jitter_ms": 300},
                 "fusion": {**common["fusion"], "methods": ["weighted", "router"]},
-                "task": shakespeare_task,
+                "task": deadline_task,
             },
         ),
         "shakespeare, cloud +100..400 ms": hybrid_eval(
@@ -202,7 +242,7 @@ def main() -> None:
                 **common,
                 "cloud": {**common["cloud"], "serve_delay_ms": 100, "serve_jitter_ms": 300},
                 "fusion": {**common["fusion"], "methods": ["weighted", "router"]},
-                "task": shakespeare_task,
+                "task": deadline_task,
             },
         ),
         "shakespeare, cloud +40..120 ms": hybrid_eval(
@@ -212,7 +252,7 @@ def main() -> None:
                 **common,
                 "cloud": {**common["cloud"], "serve_delay_ms": 40, "serve_jitter_ms": 80, "deadline_ms": 80},
                 "fusion": {**common["fusion"], "methods": ["weighted", "router"]},
-                "task": shakespeare_task,
+                "task": deadline_task,
             },
         ),
         "general, edge without adapter": hybrid_eval(
@@ -223,18 +263,25 @@ def main() -> None:
         "shakespeare, privacy edge_only": hybrid_eval(
             root,
             "shakespeare-edge-only-policy",
-            {**common, "privacy": {"policy": "edge_only"}, "fusion": {**common["fusion"], "methods": ["router"]}, "task": shakespeare_task},
+            {**common, "privacy": {"policy": "edge_only"}, "fusion": {**common["fusion"], "methods": ["router"]}, "task": deadline_task},
         ),
     }
     summary = json.loads((federated / "summary.json").read_text())
     command = "python benchmarks/hybrid_bench.py" + (f" --root {args.root}" if args.root != "runs/hybrid-bench" else "")
-    command += f" --examples {args.examples}" if args.examples != 25 else ""
+    command += f" --examples {args.examples}" if args.examples != 200 else ""
+    command += f" --deadline-examples {args.deadline_examples}" if args.deadline_examples != 25 else ""
     command += f" --cloud {args.cloud}" if args.cloud != "atoll-cloud" else ""
     when = (
         time.strftime("%Y-%m-%d", time.gmtime())
         + f" (1-minute load average {started_load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)"
     )
-    table = render(results, summary, args.client, command, when, cloud_description(args.cloud))
+    baselines = {
+        "shakespeare": "shakespeare",
+        "general": "general",
+        "shakespeare, support union": "shakespeare",
+        "general, support union": "general",
+    }
+    table = render(results, baselines, summary, args.client, command, when, cloud_description(args.cloud))
     if args.no_doc:
         print(table)
         return
